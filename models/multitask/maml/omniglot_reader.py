@@ -1,0 +1,303 @@
+"""Omniglot episode reader for MAML: N-way K-shot tasks from a two-level image tree.
+
+Data layout: data_dir/<group>/<character>/<image>.png (a group is an alphabet);
+every character folder is one class (four with hyper_parameters.rotations).
+The trainer passes file_list = sorted absolute paths of data_dir's entries.
+
+Each yielded item is one task [x_spt, y_spt, x_qry, y_qry]; the DataLoader
+batches tasks into [T, ...]. Task i of epoch e is drawn from its own RNG
+seeded with (seed, mode, e, i), so the tasks do not depend on iteration order,
+worker count or sharding.
+"""
+import hashlib
+import numbers
+import os
+from collections import namedtuple
+
+import numpy as np
+import paddle
+from PIL import Image
+from tqdm import tqdm
+
+# LANCZOS: the 105x105 1-bit drawings shrink ~4x to 28x28; a wide filter keeps
+# thin strokes as grey levels instead of dropping them (BILINEAR aliases).
+RESAMPLE = Image.LANCZOS
+OMNIGLOT_DRAWINGS = 20  # drawings per character in Omniglot
+ROTATIONS = 4  # 0/90/180/270 degrees when hyper_parameters.rotations is true
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+CACHE_VERSION = 1  # bump when the decoded format changes
+_MODES = {"train": 0, "infer": 1, "test": 1}  # "test": PaddleRec's name of the infer data
+
+# Which images (global indices into image_paths) and classes one task uses,
+# in the order of the yielded arrays.
+Episode = namedtuple("Episode", "spt_images spt_classes y_spt qry_images qry_classes y_qry")
+
+
+def _error(config, key, message):
+    """One-line user error naming the config key or data path."""
+    if hasattr(config, "error"):
+        return config.error(key, message)
+    return ValueError(f"{key}: {message}")
+
+
+def _positive_int(config, key, default=None):
+    value = config.get(key, default)
+    if value is None:
+        raise _error(config, key, "missing (a positive integer is required)")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise _error(config, key, f"must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class RecDataset(paddle.io.IterableDataset):
+    """Stream of N-way K-shot Omniglot tasks (see module docstring).
+
+    Public: set_epoch(e), shard(rank, world_size), episode(e, i), task(e, i),
+    attributes num_tasks / num_batches (this rank, per epoch), num_characters,
+    num_classes, image_paths, class_dirs, cache_path, cache_status.
+    """
+
+    def __init__(self, file_list, config, mode="train"):
+        super().__init__()
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
+        self.mode, self._mode_id, self._config = mode, _MODES[mode], config
+        self._read_options(config, mode)
+        self.class_dirs, self.image_paths, starts, counts = _scan(file_list, config, mode)
+        self._check_data(config, counts)
+        self._start, self._count = np.asarray(starts), np.asarray(counts)
+        self.num_characters = len(self.class_dirs)
+        self.num_classes = self.num_characters * (ROTATIONS if self.rotations else 1)
+        if self.n_way > self.num_classes:
+            extra = f" ({self.num_classes} classes with rotations)" if self.rotations else ""
+            raise _error(config, "hyper_parameters.n_way",
+                         f"n_way = {self.n_way} but {self.data_dir} has only "
+                         f"{self.num_characters} characters{extra}")
+        self._images, self.cache_path, self.cache_status = _load_images(
+            self.data_dir, self.image_paths, self.imgsize, config)
+        self.epoch = 0
+        self.shard(0, 1)
+
+    # ----- configuration -----
+    def _read_options(self, config, mode):
+        self.n_way = _positive_int(config, "hyper_parameters.n_way")
+        self.k_spt = _positive_int(config, "hyper_parameters.k_spt")
+        self.k_query = _positive_int(config, "hyper_parameters.k_query")
+        self.imgsize = _positive_int(config, "hyper_parameters.imgsize", 28)
+        if self.k_spt + self.k_query > OMNIGLOT_DRAWINGS:
+            raise _error(config, "hyper_parameters.k_query",
+                         f"hyper_parameters.k_spt + hyper_parameters.k_query = "
+                         f"{self.k_spt + self.k_query} exceeds the {OMNIGLOT_DRAWINGS} "
+                         "drawings of an Omniglot character")
+        seed = config.get("runner.seed", 2026)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise _error(config, "runner.seed", f"must be a non-negative integer, got {seed!r}")
+        self.seed = int(seed)
+        self.rotations = config.get("hyper_parameters.rotations", False)
+        if not isinstance(self.rotations, bool):
+            raise _error(config, "hyper_parameters.rotations",
+                         f"must be true or false, got {self.rotations!r}")
+        if mode == "train":
+            self._tasks_key, self._batch_key = "runner.tasks_per_epoch", "runner.train_batch_size"
+            # 3200 tasks per epoch: what PaddleRec's reader hard-codes
+            self.tasks_per_epoch = _positive_int(config, self._tasks_key, 3200)
+        else:
+            self._tasks_key, self._batch_key = "runner.infer_tasks", "runner.infer_batch_size"
+            self.tasks_per_epoch = _positive_int(config, self._tasks_key, 1000)
+        self.batch_size = _positive_int(config, self._batch_key, 32)
+
+    def _check_data(self, config, counts):
+        need = self.k_spt + self.k_query
+        for class_dir, count in zip(self.class_dirs, counts):
+            if count < need:
+                raise _error(config, class_dir,
+                             f"has {count} images, fewer than hyper_parameters.k_spt + "
+                             f"hyper_parameters.k_query = {need}")
+
+    @property
+    def data_dir(self):
+        return os.path.dirname(os.path.dirname(self.class_dirs[0]))
+
+    # ----- epochs and sharding -----
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def shard(self, rank, world_size):
+        """Keep, of every batch of batch_size tasks, this rank's contiguous slice.
+
+        One data-parallel step over world_size ranks then sees exactly the
+        tasks of one single-process step. Returns self.
+        """
+        if not (isinstance(world_size, numbers.Integral) and world_size >= 1
+                and isinstance(rank, numbers.Integral) and 0 <= rank < world_size):
+            raise ValueError(f"shard: need 0 <= rank < world_size, got rank={rank}, "
+                             f"world_size={world_size}")
+        if self.batch_size % world_size:
+            raise _error(self._config, self._batch_key,
+                         f"{self.batch_size} tasks per batch cannot be split evenly over "
+                         f"{world_size} ranks; use a multiple of {world_size}")
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.num_batches = -(-self.tasks_per_epoch // self.batch_size)
+        self.num_tasks = sum(hi - lo for lo, hi in self._slices())
+        return self
+
+    def _slices(self):
+        """[lo, hi) task numbers of this rank, one slice per batch."""
+        for start in range(0, self.tasks_per_epoch, self.batch_size):
+            size = min(self.batch_size, self.tasks_per_epoch - start)  # last may be partial
+            yield (start + self.rank * size // self.world_size,
+                   start + (self.rank + 1) * size // self.world_size)
+
+    def __iter__(self):
+        worker = paddle.io.get_worker_info()
+        for b, (lo, hi) in enumerate(self._slices()):
+            # DataLoader workers split whole batches so batches stay consecutive tasks.
+            if worker is not None and b % worker.num_workers != worker.id:
+                continue
+            for i in range(lo, hi):
+                yield self.task(self.epoch, i)
+
+    # ----- episodes -----
+    def episode(self, epoch, index):
+        """Which images/classes task `index` of `epoch` uses (no pixels)."""
+        rng = np.random.default_rng([self.seed, self._mode_id, int(epoch), int(index)])
+        classes = rng.choice(self.num_classes, self.n_way, replace=False)
+        labels = rng.permutation(self.n_way)  # class j of the episode gets labels[j]
+        per_class = ROTATIONS if self.rotations else 1
+        spt, qry = [], []
+        for cls in classes:
+            char = cls // per_class
+            # one draw without replacement keeps support and query disjoint
+            picks = rng.choice(self._count[char], self.k_spt + self.k_query, replace=False)
+            picks = picks + self._start[char]
+            spt.append(picks[:self.k_spt])
+            qry.append(picks[self.k_spt:])
+        spt_order = rng.permutation(self.n_way * self.k_spt)
+        qry_order = rng.permutation(self.n_way * self.k_query)
+        spt_cls = np.repeat(classes, self.k_spt)[spt_order]
+        qry_cls = np.repeat(classes, self.k_query)[qry_order]
+        return Episode(
+            np.concatenate(spt)[spt_order], spt_cls,
+            np.repeat(labels, self.k_spt)[spt_order].astype(np.int64),
+            np.concatenate(qry)[qry_order], qry_cls,
+            np.repeat(labels, self.k_query)[qry_order].astype(np.int64))
+
+    def task(self, epoch, index):
+        """[x_spt, y_spt, x_qry, y_qry] of task `index` of `epoch` as numpy arrays."""
+        ep = self.episode(epoch, index)
+        return [self._pixels(ep.spt_images, ep.spt_classes), ep.y_spt,
+                self._pixels(ep.qry_images, ep.qry_classes), ep.y_qry]
+
+    def _pixels(self, images, classes):
+        x = self._images[images]  # uint8 [n, H, W], a copy
+        if self.rotations:
+            turns = classes % ROTATIONS
+            for k in range(1, ROTATIONS):
+                if (turns == k).any():
+                    x[turns == k] = np.rot90(x[turns == k], k, axes=(1, 2))
+        # PaddleRec's normalisation: ink (0) -> -1, paper (255) -> 1
+        return (x.astype(np.float32) / 255.0 * 2.0 - 1.0)[:, None]
+
+
+# ----- scanning the tree -----
+def _visible(entry):
+    return not entry.name.startswith(".")
+
+
+def _scan(file_list, config, mode):
+    """Sorted class folders and their images; (class_dirs, paths, starts, counts)."""
+    class_dirs, paths, starts, counts = [], [], [], []
+    for group in sorted(file_list):
+        if os.path.basename(group).startswith(".") or not os.path.isdir(group):
+            continue
+        for char in sorted((e for e in os.scandir(group) if e.is_dir() and _visible(e)),
+                           key=lambda e: e.name):
+            images = sorted(e.path for e in os.scandir(char.path)
+                            if e.is_file() and _visible(e) and e.name.lower().endswith(IMAGE_EXTS))
+            class_dirs.append(char.path)
+            starts.append(len(paths))
+            counts.append(len(images))
+            paths.extend(images)
+    if not class_dirs:
+        if file_list:
+            where = os.path.dirname(os.path.abspath(sorted(file_list)[0]))
+        else:
+            where = "runner.train_data_dir" if mode == "train" else "runner.test_data_dir"
+        raise _error(config, where, "no character folders found (expected "
+                     "<data_dir>/<group>/<character>/<image>.png; see datasets/omniglot/readme.md)")
+    return class_dirs, paths, starts, counts
+
+
+# ----- decoding and the decode cache -----
+def _decode(path, size, config):
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L")
+            if img.size != (size, size):
+                img = img.resize((size, size), RESAMPLE)
+            return np.asarray(img, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise _error(config, path, f"cannot decode image ({exc})") from None
+
+
+def _fingerprint(data_dir, paths, size):
+    """Changes whenever an image is added, removed, renamed or rewritten."""
+    digest = hashlib.sha256(f"v{CACHE_VERSION} {size} {RESAMPLE}\n".encode())
+    for path in paths:
+        st = os.stat(path)
+        digest.update(f"{os.path.relpath(path, data_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _cache_candidates(data_dir, size):
+    """Next to the data first; a per-user cache when that folder is not writable."""
+    data_dir = os.path.abspath(data_dir)
+    name = f"{os.path.basename(data_dir)}-{size}px.npz"
+    user = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    tag = hashlib.sha256(data_dir.encode()).hexdigest()[:12]
+    return [os.path.join(os.path.dirname(data_dir), ".cache", name),
+            os.path.join(user, "paddlerec_maml", f"{tag}-{name}")]
+
+
+def _read_cache(path, fingerprint):
+    try:
+        with np.load(path) as cached:
+            if str(cached["fingerprint"]) == fingerprint:
+                return cached["images"]
+    except Exception:  # missing, truncated or foreign file: just rebuild
+        return None
+    return None
+
+
+def _write_cache(path, fingerprint, images):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, fingerprint=np.array(fingerprint), images=images)
+        os.replace(tmp, path)  # readers never see a half-written cache
+        return True
+    except OSError:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        return False
+
+
+def _load_images(data_dir, paths, size, config):
+    """uint8 [N, size, size] of all images; (images, cache_path, cache_status)."""
+    fingerprint = _fingerprint(data_dir, paths, size)
+    candidates = _cache_candidates(data_dir, size)
+    for path in candidates:
+        images = _read_cache(path, fingerprint)
+        if images is not None:
+            return images, path, "loaded"
+    images = np.empty((len(paths), size, size), dtype=np.uint8)
+    for i, path in enumerate(tqdm(paths, desc=f"decoding {os.path.basename(data_dir)}",
+                                  unit="img", leave=False)):
+        images[i] = _decode(path, size, config)
+    for path in candidates:
+        if _write_cache(path, fingerprint, images):
+            return images, path, "built"
+    return images, None, "disabled"
