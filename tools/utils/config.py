@@ -1,0 +1,237 @@
+"""Loading a PaddleRec-style YAML config into a flat dict of dotted keys.
+
+Model plugins read the config the PaddleRec way,
+`config.get("hyper_parameters.n_way")`, so every YAML leaf becomes one
+dotted key (lists are leaves). Tool-owned `runner.*` keys have defaults and
+types in RUNNER_DEFAULTS; a plugin may add its own defaults through a
+module-level CONFIG_DEFAULTS dict. This module must not import paddle: the
+entry points load the config before Paddle starts (see runtime.py).
+"""
+import difflib
+import os
+from collections import namedtuple
+
+import yaml
+
+from tools.utils.errors import UserError
+from tools.utils.overrides import convert_value, split_override
+
+RunnerKey = namedtuple("RunnerKey", ["default", "type", "doc"])
+
+# The runner.* keys the tools understand. `type` drives -o typing and the
+# load-time check of YAML values; a default of None means "no default" (the
+# tool that needs the key raises "missing required key") or, where the doc
+# says so, "derived from another key".
+RUNNER_DEFAULTS = {
+    "runner.use_gpu": RunnerKey(False, bool, "Run on a GPU when this Paddle build and the machine have one; else warn and use the CPU."),
+    "runner.epochs": RunnerKey(1, int, "Number of training epochs (counted from 0; a resumed run continues up to this number)."),
+    "runner.train_batch_size": RunnerKey(None, int, "Batch size of the training loader (required for training)."),
+    "runner.infer_batch_size": RunnerKey(None, int, "Batch size of the evaluation loader (required for infer)."),
+    "runner.print_interval": RunnerKey(10, int, "Log a line and a metrics record every this many batches."),
+    "runner.model_save_path": RunnerKey("output_model", str, "Folder that receives one checkpoint folder per epoch: <path>/<epoch>/rec.pdparams|rec.pdopt."),
+    "runner.model_init_path": RunnerKey("", str, "Checkpoint epoch folder to resume from (params + optimizer state); training continues at the next epoch. Empty: start fresh."),
+    "runner.infer_load_path": RunnerKey("", str, "Folder holding the epoch checkpoints to evaluate. Empty: runner.model_save_path."),
+    "runner.infer_start_epoch": RunnerKey(0, int, "First checkpoint epoch evaluated by infer."),
+    "runner.infer_end_epoch": RunnerKey(None, int, "Checkpoint epoch where infer stops (exclusive). Unset: runner.epochs."),
+    "runner.train_data_dir": RunnerKey(None, str, "Folder whose entries (sorted, absolute paths) are handed to the training reader."),
+    "runner.test_data_dir": RunnerKey(None, str, "Folder whose entries (sorted, absolute paths) are handed to the evaluation reader."),
+    "runner.train_reader_path": RunnerKey(None, str, "Reader module for training, relative to the config folder (importlib name, .py optional)."),
+    "runner.infer_reader_path": RunnerKey(None, str, "Reader module for evaluation, relative to the config folder (importlib name, .py optional)."),
+    "runner.seed": RunnerKey(2026, int, "Seed for random, numpy and paddle; each epoch reseeds from it so resumed runs match uninterrupted ones."),
+    "runner.deterministic": RunnerKey(True, bool, "Set FLAGS_cudnn_deterministic=1 before Paddle starts."),
+    "runner.num_threads": RunnerKey(0, int, "CPU threads for Paddle; 0 means all cores."),
+    "runner.metrics_path": RunnerKey("", str, "JSON-lines metrics file of a training run. Empty: <runner.model_save_path>/metrics.jsonl."),
+    "runner.use_fleet": RunnerKey(False, bool, "Data-parallel training; not implemented yet, so True is refused with an error."),
+    "runner.use_auc": RunnerKey(False, bool, "PaddleRec key, accepted and unused."),
+    "runner.tasks_per_epoch": RunnerKey(None, int, "Read by readers: training samples or tasks per epoch (reader's own default when unset)."),
+    "runner.infer_tasks": RunnerKey(None, int, "Read by readers: evaluation samples or tasks (reader's own default when unset)."),
+}
+
+# Keys the loader computes; never read from YAML or -o.
+COMPUTED_KEYS = ("config_abs_dir",)
+
+
+def type_name(value) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def check_type(value, type_):
+    """Return `value` if it fits `type_`, else raise ValueError.
+
+    bool is not accepted as an int (YAML `True` for an epoch count is a
+    mistake), while an int is accepted for a float and returned as float.
+    """
+    if type_ is None:
+        return value
+    if type_ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type_ in (int, float) and isinstance(value, bool):
+        raise ValueError(f"expected {type_.__name__}, got bool {value!r}")
+    if not isinstance(value, type_):
+        raise ValueError(f"expected {type_.__name__}, got {type_name(value)} {value!r}")
+    return value
+
+
+def suggest_keys(key, known, limit=3):
+    """Known keys close to a mistyped `key`, best first.
+
+    All keys share long prefixes ("runner.", "hyper_parameters."), which makes
+    many of them look similar; only keep those about as close as the best.
+    """
+    scored = [(difflib.SequenceMatcher(None, key, other).ratio(), other) for other in known]
+    scored = sorted((item for item in scored if item[0] >= 0.6), reverse=True)
+    if not scored:
+        return []
+    best = scored[0][0]
+    return [other for ratio, other in scored[:limit] if ratio >= best - 0.05]
+
+
+def flatten(mapping, prefix=""):
+    """{'a': {'b': 1, 'c': [1]}} -> {'a.b': 1, 'a.c': [1]}; lists are leaves."""
+    flat = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+class Config(dict):
+    """Flat dotted-key config; also knows its file for error messages."""
+
+    def __init__(self, values, path):
+        super().__init__(values)
+        self.path = path  # as given by the user, so messages read naturally
+        self.key_types = {}  # key -> type used to convert -o values
+        self["config_abs_dir"] = os.path.dirname(os.path.abspath(path))
+
+    @property
+    def config_dir(self) -> str:
+        return self["config_abs_dir"]
+
+    def error(self, key_or_path, message) -> UserError:
+        """A UserError '<config path>: <key_or_path>: <message>' to raise."""
+        return UserError(f"{self.path}: {key_or_path}: {message}")
+
+    def require(self, key, type_=None):
+        """The value of `key`, or a UserError if it is missing or mistyped."""
+        value = self.get(key)
+        if value is None:
+            raise self.error(key, "missing required key")
+        try:
+            return check_type(value, type_)
+        except ValueError as reason:
+            raise self.error(key, str(reason)) from None
+
+    def resolve_path(self, key, required=True):
+        """The path in `key` made absolute relative to the config's folder.
+
+        PaddleRec semantics: relative paths in a config are relative to the
+        config file, not to the current directory. An empty value counts as
+        unset: UserError when required, else None.
+        """
+        value = self.get(key)
+        if value in (None, ""):
+            if required:
+                raise self.error(key, "missing required key")
+            return None
+        value = os.path.expanduser(str(value))
+        return os.path.normpath(os.path.join(self.config_dir, value))
+
+    def known_keys(self):
+        return sorted(set(self.key_types) | (set(self) - set(COMPUTED_KEYS)))
+
+    def apply_override(self, item):
+        parsed = split_override(item)
+        if parsed is None or not parsed[0]:
+            raise self.error(f"-o {item}", "expected key=value")
+        key, text = parsed
+        if key not in self.key_types:
+            hint = suggest_keys(key, self.known_keys())
+            suffix = f" (did you mean {', '.join(hint)}?)" if hint else ""
+            raise self.error(f"-o {key}", f"unknown key{suffix}")
+        runner_key = RUNNER_DEFAULTS.get(key)
+        none_allowed = self.get(key) is None or (runner_key is not None and runner_key.default is None)
+        try:
+            self[key] = convert_value(text, self.key_types[key], none_allowed)
+        except ValueError as reason:
+            raise self.error(f"-o {key}", str(reason)) from None
+
+
+def read_yaml_mapping(path):
+    """The YAML file as a dict; every failure is a one-line UserError."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: config file not found")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder, expected a YAML config file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as reason:
+        detail = getattr(reason, "strerror", None) or str(reason)
+        raise UserError(f"{path}: cannot read config file: {detail}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as reason:
+        mark = getattr(reason, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(reason, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}: {where}YAML syntax error: {problem}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: top level must be a mapping of sections, got {type_name(data)}")
+    return data
+
+
+def _runner_value(config, key, spec):
+    """Check a YAML runner value against its declared type."""
+    value = config[key]
+    if value is None and spec.default in (None, ""):
+        return spec.default
+    try:
+        return check_type(value, spec.type)
+    except ValueError as reason:
+        raise config.error(key, str(reason)) from None
+
+
+def load_config(path, overrides=(), plugin_defaults=None) -> Config:
+    """Read `path`, merge defaults under it, then apply `-o key=value` items.
+
+    Precedence, lowest first: plugin CONFIG_DEFAULTS, runner defaults, YAML,
+    overrides. An override must name a key that exists in one of the first
+    three, so load the plugin's defaults first (see startup.py) when plugin
+    keys may be overridden. Types for -o come from RUNNER_DEFAULTS, else the
+    plugin default's type, else the YAML value's type.
+    """
+    yaml_values = flatten(read_yaml_mapping(path))
+    for key in COMPUTED_KEYS:
+        yaml_values.pop(key, None)
+
+    values = dict(plugin_defaults or {})
+    values.update({key: spec.default for key, spec in RUNNER_DEFAULTS.items()})
+    values.update(yaml_values)
+    config = Config(values, path)
+
+    for key, value in yaml_values.items():
+        config.key_types[key] = _type_of(value)
+    for key, default in (plugin_defaults or {}).items():
+        if default is not None:
+            config.key_types[key] = _type_of(default)
+        else:
+            config.key_types.setdefault(key, None)
+    for key, spec in RUNNER_DEFAULTS.items():
+        config.key_types[key] = spec.type
+        if key in yaml_values:
+            config[key] = _runner_value(config, key, spec)
+
+    for item in overrides:
+        config.apply_override(item)
+    return config
+
+
+def _type_of(value):
+    """The type an override of this value must have (None: parse as YAML)."""
+    if isinstance(value, (bool, int, float, str, list)):
+        return type(value)
+    return None
