@@ -1,0 +1,104 @@
+"""Building a DataLoader from the reader module a config names.
+
+Reader contract (PaddleRec's): the module defines
+`class RecDataset(paddle.io.IterableDataset)` built as
+`RecDataset(file_list, config)`, plus `mode=` when its constructor takes it.
+Optional hooks `set_epoch(epoch)` and `shard(rank, world_size)` are called
+only when the dataset defines them.
+"""
+import inspect
+import math
+import os
+
+from tools.utils.plugin import import_from_config_folder
+
+# mode -> (data dir key, batch size key, reader key)
+MODE_KEYS = {
+    "train": ("runner.train_data_dir", "runner.train_batch_size", "runner.train_reader_path"),
+    "infer": ("runner.test_data_dir", "runner.infer_batch_size", "runner.infer_reader_path"),
+}
+
+
+def list_data_files(config, dir_key):
+    """Sorted absolute paths of the entries of the data dir in `dir_key`.
+
+    Hidden entries (.gitkeep, .DS_Store) are skipped: a folder holding only
+    those is treated as empty.
+    """
+    folder = config.resolve_path(dir_key)
+    if not os.path.isdir(folder):
+        raise config.error(dir_key, f"data folder {folder} does not exist")
+    entries = sorted(name for name in os.listdir(folder) if not name.startswith("."))
+    if not entries:
+        raise config.error(dir_key, f"data folder {folder} is empty")
+    return [os.path.join(folder, name) for name in entries]
+
+
+def create_dataset(config, mode, rank=0, world_size=1, epoch=0):
+    """The reader's RecDataset for `mode`, with its optional hooks applied."""
+    if mode not in MODE_KEYS:
+        raise ValueError(f"mode must be one of {sorted(MODE_KEYS)}, got {mode!r}")
+    dir_key, _, reader_key = MODE_KEYS[mode]
+    file_list = list_data_files(config, dir_key)
+    reader = import_from_config_folder(config, reader_key)
+    dataset_class = getattr(reader, "RecDataset", None)
+    if dataset_class is None:
+        raise config.error(reader_key, f"{reader.__file__} defines no class RecDataset")
+    if "mode" in inspect.signature(dataset_class).parameters:
+        dataset = dataset_class(file_list, config, mode=mode)
+    else:
+        dataset = dataset_class(file_list, config)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    # Sharding only means something with several workers; single-process
+    # runs leave readers untouched.
+    if world_size > 1 and hasattr(dataset, "shard"):
+        dataset.shard(rank, world_size)
+    return dataset
+
+
+def create_data_loader(config, mode, rank=0, world_size=1, epoch=0):
+    """A paddle.io.DataLoader over the reader's RecDataset for `mode`."""
+    import paddle
+
+    _, batch_key, _ = MODE_KEYS.get(mode, (None, None, None))
+    if batch_key is None:
+        raise ValueError(f"mode must be one of {sorted(MODE_KEYS)}, got {mode!r}")
+    batch_size = config.require(batch_key, int)
+    if batch_size < 1:
+        raise config.error(batch_key, f"must be at least 1, got {batch_size}")
+    dataset = create_dataset(config, mode, rank, world_size, epoch)
+    # num_workers=0: readers generate episodes from seeded generators, and
+    # worker processes would make the order depend on scheduling.
+    return paddle.io.DataLoader(dataset, batch_size=batch_size, num_workers=0,
+                                return_list=True, drop_last=False)
+
+
+def expected_batches(loader):
+    """Number of batches the loader will give, or None when unknown.
+
+    Uses len(dataset) when the dataset has one, else a `num_batches`
+    attribute or method the reader may offer as a hint.
+    """
+    dataset = loader.dataset
+    hint = getattr(dataset, "num_batches", None)
+    if callable(hint):
+        hint = hint()
+    if isinstance(hint, int):
+        return hint
+    try:
+        return math.ceil(len(dataset) / loader.batch_size)
+    except (TypeError, AttributeError, NotImplementedError, ZeroDivisionError):
+        return None
+
+
+def count_samples(batch, fallback):
+    """Leading size of the first tensor in a batch (PaddleRec's batch size)."""
+    items = batch.values() if isinstance(batch, dict) else batch
+    if hasattr(items, "shape"):
+        items = [items]
+    for item in items:
+        shape = getattr(item, "shape", None)
+        if shape:
+            return int(shape[0])
+    return fallback
