@@ -1,0 +1,130 @@
+"""Evaluate the per-epoch checkpoints of a model plugin.
+
+    python tools/infer.py -m models/<...>/config.yaml [-o key=value ...]
+
+For each epoch in range(runner.infer_start_epoch, runner.infer_end_epoch)
+this loads <runner.infer_load_path>/<epoch>, runs the plugin's
+infer_forward over the evaluation loader, prints one summary line and
+appends an "infer" record to <runner.infer_load_path>/infer_metrics.jsonl.
+The tool does not call model.eval(): the plugin picks its own mode (MAML
+adapts with batch statistics at test time).
+"""
+import os
+import sys
+import time
+
+
+def _put_repo_root_on_path():
+    """Make `import tools.utils` work from any working directory.
+
+    Python puts the script's folder (tools/) first on sys.path, where
+    tools/utils would shadow a plugin's own `utils` module; swap it for the
+    repository root.
+    """
+    script_dir = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [entry for entry in sys.path if not entry or os.path.abspath(entry) != script_dir]
+    sys.path.insert(0, os.path.dirname(script_dir))
+
+
+_put_repo_root_on_path()
+
+# None of these import paddle at import time (see trainer.py).
+from tools.utils.checkpoint import PARAMS_FILE, load_checkpoint  # noqa: E402
+from tools.utils.cli import config_arg_parser, run_tool  # noqa: E402
+from tools.utils.console import format_infer_values, format_values, log, progress_bar, warn  # noqa: E402
+from tools.utils.data import count_samples, create_data_loader, expected_batches  # noqa: E402
+from tools.utils.device import select_device  # noqa: E402
+from tools.utils.metric_values import metric_results, scalar_dict  # noqa: E402
+from tools.utils.metrics_log import MetricsLog  # noqa: E402
+from tools.utils.plugin import load_model_plugin  # noqa: E402
+from tools.utils.runtime import seed_everything  # noqa: E402
+from tools.utils.startup import load_run_config  # noqa: E402
+
+INFER_METRICS_FILE = "infer_metrics.jsonl"
+RANGE_KEYS = "runner.infer_start_epoch/runner.infer_end_epoch"
+
+
+def checkpoint_folders(config):
+    """{epoch: folder} for the requested range, all checked before any work."""
+    load_dir = (config.resolve_path("runner.infer_load_path", required=False)
+                or config.resolve_path("runner.model_save_path"))
+    start = config.require("runner.infer_start_epoch", int)
+    end = config.get("runner.infer_end_epoch")
+    end = config.require("runner.epochs", int) if end is None else config.require("runner.infer_end_epoch", int)
+    if end <= start:
+        raise config.error(RANGE_KEYS, f"empty epoch range [{start}, {end})")
+    folders = {}
+    for epoch in range(start, end):
+        folder = os.path.join(load_dir, str(epoch))
+        if not os.path.isfile(os.path.join(folder, PARAMS_FILE)):
+            raise config.error(RANGE_KEYS, f"no checkpoint {os.path.join(folder, PARAMS_FILE)} "
+                               f"for epoch {epoch} of [{start}, {end})")
+        folders[epoch] = folder
+    return load_dir, folders
+
+
+def evaluate(context, epoch, loader):
+    """Run infer_forward over the loader; return (metric values, batches, samples)."""
+    model_obj, model, config = context["model_obj"], context["model"], context["config"]
+    metrics, names = model_obj.create_metrics()
+    batches = samples = 0
+    bar = progress_bar(expected_batches(loader), f"infer epoch {epoch}")
+    for batch_id, batch in enumerate(loader):
+        metrics, print_dict = model_obj.infer_forward(model, metrics, batch, config)
+        batches += 1
+        samples += count_samples(batch, context["batch_size"])
+        if batch_id % context["print_interval"] == 0:
+            values = {**scalar_dict(print_dict), **metric_results(metrics, names)}
+            log(f"epoch: {epoch}, batch_id: {batch_id}, {format_values(values)}")
+        bar.update(1)
+    bar.close()
+    if batches == 0:
+        warn(f"epoch {epoch}: the evaluation loader gave no batches")
+        return {}, 0, 0
+    return metric_results(metrics, names), batches, samples
+
+
+def infer(args):
+    config, _ = load_run_config(args.config, args.overrides)
+    load_dir, folders = checkpoint_folders(config)
+    print_interval = config.require("runner.print_interval", int)
+    if print_interval < 1:
+        raise config.error("runner.print_interval", f"must be at least 1, got {print_interval}")
+    seed = config.require("runner.seed", int)
+
+    select_device(config)
+    seed_everything(seed)
+    model_obj = load_model_plugin(config)
+    model = model_obj.create_model(config)
+    context = {"model_obj": model_obj, "model": model, "config": config, "print_interval": print_interval,
+               "batch_size": config.require("runner.infer_batch_size", int)}
+
+    # Built before the results file is opened, so a bad data folder or
+    # reader fails without touching it. Every checkpoint is evaluated on
+    # the same data (epoch 0 of the reader) with the same seed, so their
+    # results are comparable.
+    seed_everything(seed)
+    loader = create_data_loader(config, "infer", epoch=0)
+    results_path = os.path.join(load_dir, INFER_METRICS_FILE)
+    with MetricsLog(results_path, append=True) as results_log:
+        for index, (epoch, folder) in enumerate(folders.items()):
+            load_checkpoint(folder, model)
+            if index > 0:
+                seed_everything(seed)
+                loader = create_data_loader(config, "infer", epoch=0)
+            start = time.perf_counter()
+            values, batches, samples = evaluate(context, epoch, loader)
+            seconds = time.perf_counter() - start
+            log(f"epoch {epoch}: {format_infer_values(values) or 'no results'}")
+            results_log.write("infer", {"epoch": epoch, "checkpoint": folder},
+                              {**values, "batches": batches, "samples": samples, "seconds": round(seconds, 3)})
+    log(f"infer done: {len(folders)} checkpoint(s) from {load_dir}; results appended to {results_path}")
+
+
+def main(argv=None) -> int:
+    args = config_arg_parser("Evaluate the epoch checkpoints of the model plugin next to a config.").parse_args(argv)
+    return run_tool(infer, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
