@@ -1,0 +1,62 @@
+"""Reader of the toy plugin: samples points around the blob centers it reads.
+
+The data files only describe the blobs (label,center_x,center_y,spread);
+points are drawn from a generator seeded by (runner.seed, mode, epoch), so
+every run, and every resumed run, sees exactly the same samples.
+"""
+import csv
+
+import numpy as np
+import paddle
+
+_MODE_STREAM = {"train": 0, "infer": 1}
+_COLUMNS = ["label", "center_x", "center_y", "spread"]
+
+
+def read_blobs(path, config):
+    """[(label, (x, y), spread)] from one CSV; config.error on a bad row."""
+    blobs = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = csv.reader(handle)
+        if next(rows, None) != _COLUMNS:
+            raise config.error(path, f"line 1: expected header {','.join(_COLUMNS)}")
+        for line_number, row in enumerate(rows, start=2):
+            try:
+                label, x, y, spread = int(row[0]), float(row[1]), float(row[2]), float(row[3])
+            except (ValueError, IndexError):
+                raise config.error(path, f"line {line_number}: expected {','.join(_COLUMNS)}") from None
+            blobs.append((label, (x, y), spread))
+    return blobs
+
+
+class RecDataset(paddle.io.IterableDataset):
+    def __init__(self, file_list, config, mode="train"):
+        super().__init__()
+        self.blobs = [blob for path in file_list for blob in read_blobs(path, config)]
+        if not self.blobs:
+            raise config.error(file_list[0], "no blobs defined")
+        count_key = "runner.tasks_per_epoch" if mode == "train" else "runner.infer_tasks"
+        self.num_samples = config.get(count_key) or 256
+        self.seed = config.get("runner.seed", 0)
+        self.stream = _MODE_STREAM[mode]
+        self.epoch = 0
+        self.rank, self.world_size = 0, 1
+
+    def set_epoch(self, epoch):
+        # Evaluation uses the same points for every checkpoint.
+        self.epoch = epoch if self.stream == _MODE_STREAM["train"] else 0
+
+    def shard(self, rank, world_size):
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self):
+        return len(range(self.rank, self.num_samples, self.world_size))
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.stream, self.epoch])
+        choices = rng.integers(len(self.blobs), size=self.num_samples)
+        noise = rng.standard_normal((self.num_samples, 2))
+        for index in range(self.rank, self.num_samples, self.world_size):
+            label, center, spread = self.blobs[choices[index]]
+            point = np.asarray(center) + spread * noise[index]
+            yield [point.astype("float32"), np.array([label], dtype="int64")]
