@@ -1,0 +1,284 @@
+"""datasets/omniglot: fetching, verification, protocols, atomic re-runnable writes.
+
+No test reaches the internet: the default URL is pointed at a closed local port
+(OMNIGLOT_URL), mirrors are tmp folders or a local HTTP server, and the full run
+uses the read-only mirror beside the repo (skipped when absent).
+"""
+import functools
+import hashlib
+import http.server
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+
+import pytest
+from PIL import Image
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREP_DIR = os.path.join(REPO_ROOT, "datasets", "omniglot")
+RUN_SH = os.path.join(PREP_DIR, "run.sh")
+sys.path.insert(0, PREP_DIR)
+import prepare  # noqa: E402
+from omniglot_prep import protocols, splits, verify  # noqa: E402
+
+SPLITS = {"omniglot_train": 973, "omniglot_valid": 325, "omniglot_test": 325}
+
+
+def closed_port_url():
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def run_prepare(*args, mirror=None, cwd=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIGLOT_")}
+    env.update(PYTHON=sys.executable, OMNIGLOT_URL=closed_port_url())  # never the internet
+    if mirror is not None:
+        env["OMNIGLOT_MIRROR"] = str(mirror)
+    return subprocess.run(["sh", RUN_SH, *map(str, args)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def png_bytes(seed):
+    img = Image.new("1", (105, 105), 1)
+    img.putpixel((seed % 105, (seed * 7) % 105), 0)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def tiny_mirror(folder):
+    """Both archives in the official layout, but far too small (2 alphabets x 2 characters)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for name in ("images_background", "images_evaluation"):
+        with zipfile.ZipFile(folder / f"{name}.zip", "w") as zf:
+            for alphabet in (f"{name[7:]}_A", f"{name[7:]}_B"):
+                for c in (1, 2):
+                    for d in range(1, 21):
+                        n += 1
+                        zf.writestr(f"{name}/{alphabet}/character{c:02d}/{n:04d}_{d:02d}.png",
+                                    png_bytes(n))
+    return folder
+
+
+def one_line(stderr):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def split_entries(out):
+    return sorted(n for n in os.listdir(out) if "omniglot" in n)
+
+
+# ----- failures: one line, non-zero, nothing half-written -----
+def test_offline_without_mirror_is_one_line(tmp_path):
+    proc = run_prepare("--out", tmp_path / "out")
+    assert proc.returncode != 0
+    line = one_line(proc.stderr)
+    assert "cannot download" in line and "OMNIGLOT_MIRROR" in line
+    assert split_entries(tmp_path / "out") == []
+    assert not any(n.endswith(".part") for n in os.listdir(tmp_path / "out" / "raw"))
+
+
+def test_tiny_mirror_folder_is_wrong_content(tmp_path):
+    mirror = tiny_mirror(tmp_path / "mirror")
+    proc = run_prepare("--out", tmp_path / "out", mirror=mirror)
+    assert proc.returncode != 0
+    line = one_line(proc.stderr)
+    assert "images_background.zip: wrong content" in line
+    assert "expected 30 alphabets and 964 characters x 20 PNGs, found 2 alphabets and 4" in line
+    assert split_entries(tmp_path / "out") == []
+
+
+def test_tiny_mirror_file_url_is_wrong_content(tmp_path):
+    mirror = tiny_mirror(tmp_path / "mirror")
+    proc = run_prepare("--out", tmp_path / "out", mirror=mirror.as_uri())
+    assert proc.returncode != 0
+    assert "images_background.zip: wrong content" in one_line(proc.stderr)
+
+
+def test_http_mirror_downloads_then_verifies(tmp_path):
+    mirror = tiny_mirror(tmp_path / "mirror")
+    handler = functools.partial(_QuietHandler, directory=str(mirror))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        proc = run_prepare("--out", tmp_path / "out", mirror=url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode != 0
+    assert "images_background.zip: wrong content" in proc.stderr.splitlines()[-1]
+    raw = tmp_path / "out" / "raw"
+    # both downloads completed and were renamed from their .part names
+    assert sorted(os.listdir(raw)) == ["images_background.zip", "images_evaluation.zip"]
+    assert (raw / "images_background.zip").read_bytes() == (mirror / "images_background.zip").read_bytes()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_http_mirror_missing_file_is_one_line(tmp_path):
+    proc = run_prepare("--out", tmp_path / "out", mirror=closed_port_url())
+    assert proc.returncode != 0
+    assert "cannot download" in one_line(proc.stderr)
+
+
+def test_mirror_without_archives_names_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_prepare("--out", tmp_path / "out", mirror=tmp_path / "empty")
+    assert proc.returncode != 0
+    assert "no images_background.zip in" in one_line(proc.stderr)
+
+
+def test_not_a_zip_names_the_archive(tmp_path):
+    mirror = tiny_mirror(tmp_path / "mirror")
+    (mirror / "images_background.zip").write_bytes(b"<html>rate limited</html>")
+    proc = run_prepare("--out", tmp_path / "out", mirror=mirror)
+    assert proc.returncode != 0
+    assert "images_background.zip: not a readable zip archive" in one_line(proc.stderr)
+
+
+def test_stale_temp_folders_are_cleaned(tmp_path):
+    out = tmp_path / "out"
+    dead_pid = 4_999_999  # above Linux's largest pid_max: no such process
+    (out / f".omniglot_train.tmp-{dead_pid}" / "Alpha" / "character01").mkdir(parents=True)
+    (out / f".omniglot_valid.old-{dead_pid}").mkdir()
+    proc = run_prepare("--out", out)  # offline: fails, but only after cleaning
+    assert proc.returncode != 0
+    assert split_entries(out) == []
+    assert "left by an interrupted run" in proc.stdout
+
+
+# ----- protocols (pure functions) -----
+def fake_characters(prefix, n_alphabets, n_chars):
+    per = -(-n_chars // n_alphabets)
+    return [(f"{prefix}{i // per:02d}", f"character{i % per + 1:02d}") for i in range(n_chars)]
+
+
+BACKGROUND = fake_characters("Bg", 30, 964)
+EVALUATION = fake_characters("Ev", 20, 659)
+
+
+@pytest.mark.parametrize("name,sizes", [("paddlerec", (973, 325, 325)), ("vinyals", (1100, 100, 423)),
+                                        ("lake", (964, 659))])
+def test_protocol_sizes_and_disjointness(name, sizes):
+    protocol = protocols.PROTOCOLS[name]
+    assigned = protocol.assign(list(BACKGROUND), list(EVALUATION))
+    assert tuple(len(assigned[s]) for s in protocol.sizes) == sizes
+    assert tuple(protocol.sizes.values()) == sizes
+    merged = [c for s in assigned.values() for c in s]
+    assert len(set(merged)) == len(merged) == 1623
+
+
+def test_shuffled_protocol_ignores_listing_order():
+    a = protocols.paddlerec(list(BACKGROUND), list(EVALUATION))
+    b = protocols.paddlerec(list(reversed(BACKGROUND)), EVALUATION[::2] + EVALUATION[1::2])
+    assert a == b
+
+
+def test_lake_keeps_the_archives_apart():
+    assigned = protocols.lake(list(BACKGROUND), list(EVALUATION))
+    assert assigned == {"train": sorted(BACKGROUND), "test": sorted(EVALUATION)}
+
+
+def test_folder_names():
+    assert protocols.folder_name(protocols.PROTOCOLS["paddlerec"], "train") == "omniglot_train"
+    assert protocols.folder_name(protocols.PROTOCOLS["vinyals"], "test") == "omniglot_vinyals_test"
+
+
+# ----- the real mirror -----
+# sha256 of the sorted "alphabet/character" lines of the paddlerec test split:
+# pins the split, so a change in sorting/shuffling cannot slip through unnoticed.
+PADDLEREC_TEST_SHA = "f09436dbe98173495e32948080bc4b89719760d340f3dc3ab2de61393e2293ec"
+
+
+def characters(split_dir):
+    return sorted(f"{a}/{c}" for a in os.listdir(split_dir) for c in os.listdir(os.path.join(split_dir, a)))
+
+
+def test_real_mirror_full_run(omniglot_splits):
+    out, proc = omniglot_splits
+    assert split_entries(out) == sorted(SPLITS)
+    seen = set()
+    for folder, n_chars in SPLITS.items():
+        chars = characters(out / folder)
+        assert len(chars) == n_chars
+        for char in chars:
+            names = os.listdir(out / folder / char)
+            assert len(names) == 20 and all(n.endswith(".png") for n in names)
+        seen |= set(chars)
+    assert len(seen) == 1623  # disjoint and complete
+    assert "md5 af02123a84a003ad6572a03696efa473 (repacked mirror)" in proc.stdout
+    assert "train   973 characters  19460 images" in proc.stdout
+    digest = hashlib.sha256("\n".join(characters(out / "omniglot_test")).encode()).hexdigest()
+    assert digest == PADDLEREC_TEST_SHA
+
+
+def test_real_mirror_rerun_is_a_fast_noop(omniglot_splits, omniglot_mirror, tmp_path):
+    out, _ = omniglot_splits
+    before = {f: os.stat(out / f).st_mtime_ns for f in SPLITS}
+    start = time.monotonic()
+    proc = run_prepare("--out", out, mirror=omniglot_mirror, cwd=tmp_path)  # from another cwd
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - start < 10
+    assert "already complete" in proc.stdout and "nothing to do" in proc.stdout
+    assert {f: os.stat(out / f).st_mtime_ns for f in SPLITS} == before
+
+
+def test_real_mirror_interrupted_copy_leaves_nothing(omniglot_mirror, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    real_write, calls = splits._write_file, []
+
+    def write_then_interrupt(path, data):
+        calls.append(path)
+        if len(calls) == 3000:  # inside the train split
+            raise KeyboardInterrupt
+        real_write(path, data)
+
+    monkeypatch.setenv("OMNIGLOT_MIRROR", omniglot_mirror)
+    monkeypatch.setattr(splits, "_write_file", write_then_interrupt)
+    assert prepare.main(["--out", str(out)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert split_entries(out) == []  # no split, no temp folder
+
+
+def test_real_mirror_killed_run_is_repaired(omniglot_mirror, tmp_path):
+    """SIGKILL mid-copy: no split appears; the next run cleans up and completes."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OMNIGLOT_MIRROR=omniglot_mirror)
+    proc = subprocess.Popen([sys.executable, os.path.join(PREP_DIR, "prepare.py"), "--out", str(out)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.is_dir() and any(n.startswith(".omniglot_train.tmp-") for n in os.listdir(out)):
+                break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be killed")
+    assert "omniglot_train" not in os.listdir(out)
+    rerun = run_prepare("--out", out, mirror=omniglot_mirror)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "left by an interrupted run" in rerun.stdout
+    assert split_entries(out) == sorted(SPLITS)
+
+
+def test_md5_note_knows_the_mirror(omniglot_mirror):
+    note = verify.md5_note("images_evaluation.zip", os.path.join(omniglot_mirror, "images_evaluation.zip"))
+    assert note.endswith("(repacked mirror)")
