@@ -1,0 +1,260 @@
+"""Network layers whose second derivatives are exact in Paddle dygraph, at native-kernel speed.
+
+Why this module exists (measured on paddle 3.3.1, see doc/second_order.md):
+- `F.conv2d`'s double backward silently drops the weight path when the layer input needs no gradient,
+  so a MAML built on it is first-order without any error;
+- `F.max_pool2d`, softmax and cross-entropy have no double backward at all;
+- `F.batch_norm`'s double backward is correct but quadratic in the batch on CPU.
+
+The recipe is the same for every layer: a `PyLayer` whose forward and backward call Paddle's fused native
+kernels, where the backward is itself a `PyLayer` whose own backward (the second derivative) is written,
+again, with native kernels. Each op here is exact to second order (what MAML needs); a third derivative is
+not supported. Layout is NCHW throughout.
+"""
+import paddle
+import paddle.nn.functional as F
+from paddle import _C_ops
+from paddle.autograd import PyLayer
+
+__all__ = ["conv2d", "batch_norm", "max_pool2d", "cross_entropy"]
+
+
+def _needed(inputs, grads):
+    """Paddle requires a PyLayer's backward to return None for inputs that take no gradient."""
+    return tuple(None if t.stop_gradient else g for t, g in zip(inputs, grads))
+
+
+# --------------------------------------------------------------------------------------------- conv2d
+def _conv_args(ctx):
+    return ([ctx.stride] * 2, [ctx.padding] * 2, "EXPLICIT", [1, 1], ctx.groups, "NCHW")
+
+
+def _conv(x, w, ctx):
+    return _C_ops.conv2d(x, w, *_conv_args(ctx))
+
+
+def _conv_grad(x, w, dy, ctx):
+    """Native (d/dx, d/dw) of sum(dy * conv(x, w)); one kernel call gives both."""
+    return _C_ops.conv2d_grad(x, w, dy, *_conv_args(ctx))
+
+
+class _Conv2D(PyLayer):
+    @staticmethod
+    def forward(ctx, x, w, stride, padding, groups):
+        ctx.stride, ctx.padding, ctx.groups = stride, padding, groups
+        ctx.save_for_backward(x, w)
+        return _conv(x, w, ctx)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensor()
+        dx, dw = _Conv2DGrad.apply(x, w, dy, ctx.stride, ctx.padding, ctx.groups)
+        return _needed((x, w), (dx, dw))
+
+
+class _Conv2DGrad(PyLayer):
+    """(dx, dw) = conv-backward(x, w, dy) as a differentiable function of x, w and dy."""
+
+    @staticmethod
+    def forward(ctx, x, w, dy, stride, padding, groups):
+        ctx.stride, ctx.padding, ctx.groups = stride, padding, groups
+        ctx.save_for_backward(x, w, dy)
+        return _conv_grad(x, w, dy, ctx)
+
+    @staticmethod
+    def backward(ctx, ddx, ddw):
+        # dx is linear in (dy, w) and dw is linear in (x, dy), so with upstream gradients (ddx, ddw):
+        #   d/d(dy) = conv(ddx, w) + conv(x, ddw)
+        #   d/dx    = conv-input-grad(dy, ddw)   and   d/dw = conv-weight-grad(ddx, dy),
+        # and the last two are exactly what one native conv2d_grad call computes for (ddx, ddw, dy).
+        x, w, dy = ctx.saved_tensor()
+        d_dy = _conv(x, ddw, ctx) if ddw is not None else None
+        if ddx is not None:
+            d_dy = _conv(ddx, w, ctx) if d_dy is None else d_dy + _conv(ddx, w, ctx)
+        d_x = d_w = None
+        if ddw is not None and ddx is not None:
+            d_x, d_w = _conv_grad(ddx, ddw, dy, ctx)
+        elif ddw is not None:
+            d_x = _conv_grad(x, ddw, dy, ctx)[0]
+        elif ddx is not None:
+            d_w = _conv_grad(ddx, w, dy, ctx)[1]
+        return _needed((x, w, dy), (d_x, d_w, d_dy))
+
+
+def conv2d(x, weight, stride=1, padding=1, groups=1):
+    """`F.conv2d` (no bias) with an exact second derivative in x and weight."""
+    return _Conv2D.apply(x, weight, stride, padding, groups)
+
+
+# ----------------------------------------------------------------------------------------- batch norm
+class _BNStats:
+    """Per-channel batch statistics of one batch-norm call, carried outside the autograd inputs: their
+    dependence on x is accounted for analytically in the formulas below."""
+
+    def __init__(self, mean, inv_std, beta, eps, count):
+        self.mean, self.inv_std, self.beta, self.eps, self.count = mean, inv_std, beta, eps, count
+
+
+def _bn_forward(x, scale, bias, eps):
+    """(scale * x_hat + bias, mean, 1/std) with x_hat normalised by the batch statistics of x."""
+    channels = x.shape[1]
+    running_mean = paddle.zeros([channels], dtype=x.dtype)
+    running_var = paddle.ones([channels], dtype=x.dtype)
+    out, _, _, mean, inv_std, _ = _C_ops.batch_norm(
+        x, running_mean, running_var, scale, bias, False, 0.9, eps, "NCHW", False, False
+    )
+    return out, mean, inv_std
+
+
+def _bn_backward(x, scale, dy, stats):
+    """Native batch-norm backward: (scale*r*(dy - <dy> - x_hat<dy x_hat>), sum(dy x_hat), sum(dy))."""
+    return _C_ops.batch_norm_grad(
+        x, scale, stats.beta, stats.mean, stats.inv_std, stats.mean, stats.inv_std, None, dy,
+        0.9, stats.eps, "NCHW", False, False, False,
+    )
+
+
+class _BatchNorm(PyLayer):
+    @staticmethod
+    def forward(ctx, x, gamma, beta, eps):
+        out, mean, inv_std = _bn_forward(x, gamma, beta, eps)
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        ctx.stats = _BNStats(mean, inv_std, beta.detach(), eps, count)
+        ctx.save_for_backward(x, gamma, beta)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, gamma, beta = ctx.saved_tensor()
+        return _needed((x, gamma, beta), _BatchNormGrad.apply(x, gamma, dy, ctx.stats))
+
+
+class _BatchNormGrad(PyLayer):
+    """(dx, dgamma, dbeta) of batch norm as a differentiable function of (x, gamma, dy).
+
+    Per channel, with m elements, r = 1/std, x_hat = (x - mean) r, <.> the channel mean, g = dy:
+        dx = gamma r (g - <g> - x_hat q),  dgamma = m q,  dbeta = m <g>,  where q = <g x_hat>.
+    For upstream gradients A (of dx), B (of dgamma), C (of dbeta), with Am = <A>, a = <A x_hat>:
+        d/dg     = gamma r (A - Am - x_hat a) + B x_hat + C
+        d/dgamma = m r (<A g> - Am <g> - q a)
+        d/dx     = c1 (A - Am) + c2 (g - <g>) + c3 x_hat,
+                   c1 = -gamma r^2 q,  c2 = r (B - gamma r a),
+                   c3 = r (3 gamma r a q - B q - gamma r (<A g> - <g> Am)).
+    (derived by differentiating dx through x_hat and r; checked against finite differences in
+    tests/test_double_grad_ops.py). Every full-size term maps onto a fused native kernel:
+    batch_norm_grad(out_grad=v, scale=s) = s r (v - <v> - x_hat <v x_hat>) and
+    batch_norm(scale=s, bias=b) = s x_hat + b, so only <A g> needs an extra reduction. Per-channel
+    broadcast arithmetic on full-size tensors is avoided on purpose: it is ~10x slower on CPU here.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gamma, dy, stats):
+        dx, dgamma, dbeta = _bn_backward(x, gamma, dy, stats)
+        ctx.stats = stats
+        ctx.save_for_backward(x, gamma, dy, dgamma, dbeta)
+        return dx, dgamma, dbeta
+
+    @staticmethod
+    def backward(ctx, dA, dB, dC):
+        x, gamma, g, dgamma, dbeta = ctx.saved_tensor()
+        s = ctx.stats
+        m, r = float(s.count), s.inv_std
+        q, g_mean = dgamma / m, dbeta / m
+        zeros = paddle.zeros_like(gamma)
+        B = dB if dB is not None else zeros
+        C = dC if dC is not None else zeros
+
+        if dA is None:
+            # A = 0: then c1 = 0, c2 = r B and c3 + c2 q = 0, so d/dx = bn_grad(g; scale=B).
+            d_g = _bn_forward(x, B, C, s.eps)[0]
+            d_x = _bn_backward(x, B, g, s)[0]
+            return _needed((x, gamma, g), (d_x, None, d_g))
+
+        dx_A, sum_A_xhat, sum_A = _bn_backward(x, gamma, dA, s)  # gamma r (A - Am - x_hat a), m a, m Am
+        a, A_mean = sum_A_xhat / m, sum_A / m
+        Ag_mean = (dA * g).mean(axis=[0, 2, 3])
+
+        d_g = dx_A + _bn_forward(x, B, C, s.eps)[0]
+        d_gamma = m * r * (Ag_mean - A_mean * g_mean - q * a)
+
+        c1 = -gamma * r * r * q
+        c2 = r * (B - gamma * r * a)
+        c3 = r * (3.0 * gamma * r * a * q - B * q - gamma * r * (Ag_mean - g_mean * A_mean))
+        # c1 (A - Am) = bn_grad(A; scale=c1/r) + c1 a x_hat, and likewise c2 (g - <g>) with q:
+        d_x = (
+            _bn_backward(x, c1 / r, dA, s)[0]
+            + _bn_backward(x, c2 / r, g, s)[0]
+            + _bn_forward(x, c3 + c1 * a + c2 * q, zeros, s.eps)[0]
+        )
+        return _needed((x, gamma, g), (d_x, d_gamma, d_g))
+
+
+def batch_norm(x, gamma, beta, eps=1e-5):
+    """Batch norm with batch statistics (training mode, as MAML uses at train and test time), exact to
+    second order in x, gamma and beta. No running statistics are kept."""
+    return _BatchNorm.apply(x, gamma, beta, eps)
+
+
+# ------------------------------------------------------------------------------------------- max-pool
+class _MaxPool2x2(PyLayer):
+    @staticmethod
+    def forward(ctx, x):
+        out, mask = _C_ops.max_pool2d_with_index(x, [2, 2], [2, 2], [0, 0], False, False, False)
+        ctx.save_for_backward(x, mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, mask = ctx.saved_tensor()
+        return _MaxPool2x2Grad.apply(dout, x.detach(), mask)
+
+
+class _MaxPool2x2Grad(PyLayer):
+    """Routing dout back to the argmax positions: linear in dout, piecewise constant in x. Its
+    derivative in dout is therefore the gather of the upstream gradient at the same positions."""
+
+    @staticmethod
+    def forward(ctx, dout, x, mask):
+        ctx.save_for_backward(mask, dout)
+        return _C_ops.max_pool2d_with_index_grad(x, mask, dout, [2, 2], [2, 2], [0, 0], False, False, False)
+
+    @staticmethod
+    def backward(ctx, ddx):
+        mask, dout = ctx.saved_tensor()
+        n, c, h, w = mask.shape
+        flat_index = mask.reshape([n, c, h * w]).astype("int64")
+        gathered = paddle.take_along_axis(ddx.reshape([n, c, -1]), flat_index, axis=2)
+        # x is passed detached and the mask is an index: neither takes a gradient.
+        return _needed((dout,), (gathered.reshape([n, c, h, w]),)) + (None, None)
+
+
+def max_pool2d(x):
+    """2x2 max-pool, stride 2, floor mode, exact to second order."""
+    return _MaxPool2x2.apply(x)
+
+
+# -------------------------------------------------------------------------------------- cross-entropy
+class _SoftmaxCrossEntropy(PyLayer):
+    @staticmethod
+    def forward(ctx, logits, one_hot):
+        shift = logits.max(axis=-1, keepdim=True)
+        z = logits - shift
+        log_norm = paddle.log(paddle.exp(z).sum(axis=-1))
+        ctx.save_for_backward(logits, one_hot)
+        return log_norm - (z * one_hot).sum(axis=-1)
+
+    @staticmethod
+    def backward(ctx, dloss):
+        # Recomputing the softmax here (rather than saving it) puts it on the graph, so the second
+        # derivative dloss * (diag(p) - p p^T) comes from softmax's own first derivative, which every
+        # Paddle version has (2.6 lacks double grads of exp and softmax).
+        logits, one_hot = ctx.saved_tensor()
+        p = F.softmax(logits, axis=-1)
+        return _needed((logits, one_hot), ((p - one_hot) * dloss.unsqueeze(-1), None))
+
+
+def cross_entropy(logits, labels):
+    """Per-example softmax cross-entropy over the last axis, exact to second order in logits.
+    `labels` holds integer class ids with the shape of logits minus the last axis."""
+    one_hot = F.one_hot(labels.astype("int64"), logits.shape[-1]).astype(logits.dtype)
+    return _SoftmaxCrossEntropy.apply(logits, one_hot)

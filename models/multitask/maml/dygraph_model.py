@@ -1,0 +1,161 @@
+"""PaddleRec's model-plugin interface for MAML on Omniglot; the algorithm itself is in maml.py."""
+import math
+
+import numpy as np
+import paddle
+
+import maml
+import net
+
+# Keys this model reads with a default (the tools merge them under the YAML, so `-o` can set them too).
+CONFIG_DEFAULTS = {
+    "hyper_parameters.first_order": False,
+    "hyper_parameters.update_step": 5,
+    "hyper_parameters.update_step_test": 10,
+    "hyper_parameters.imgsize": 28,
+    "hyper_parameters.conv_stride": 1,
+    "hyper_parameters.conv_padding": 1,
+    "hyper_parameters.conv_kernal": [3, 3],
+    "hyper_parameters.bn_channel": 64,
+    "hyper_parameters.meta_optimizer.class": "Adam",
+    "hyper_parameters.meta_optimizer.learning_rate": 0.001,
+    "hyper_parameters.base_optimizer.class": "SGD",
+    "hyper_parameters.base_optimizer.learning_rate": 0.1,
+}
+
+
+def _get(config, key):
+    value = config.get(key, CONFIG_DEFAULTS.get(key))
+    if value is None:
+        raise _error(config, key, "missing required key")
+    return value
+
+
+def _positive_int(config, key):
+    value = _get(config, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _error(config, key, f"expected a positive integer, got {value!r}")
+    return value
+
+
+def _nonnegative_int(config, key):
+    value = _get(config, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _error(config, key, f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _positive_float(config, key):
+    value = _get(config, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise _error(config, key, f"expected a positive number, got {value!r}")
+    return float(value)
+
+
+def _error(config, key, message):
+    # The tools' Config names the config file in its errors; a plain dict (tests) gets a ValueError.
+    if hasattr(config, "error"):
+        return config.error(key, message)
+    return ValueError(f"{key}: {message}")
+
+
+def inner_settings(config, training):
+    """(steps, inner learning rate, first_order) for training or for test-time adaptation."""
+    steps = _nonnegative_int(config, "hyper_parameters.update_step" if training else
+                             "hyper_parameters.update_step_test")
+    lr = _positive_float(config, "hyper_parameters.base_optimizer.learning_rate")
+    first_order = _get(config, "hyper_parameters.first_order")
+    if not isinstance(first_order, bool):
+        raise _error(config, "hyper_parameters.first_order", f"expected true or false, got {first_order!r}")
+    return steps, lr, first_order or not training
+
+
+class TaskAccuracy:
+    """Mean query accuracy over every evaluated task, with its 95% confidence interval."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self._accs = []
+
+    def name(self):
+        return "acc"
+
+    def update(self, task_accuracies):
+        self._accs.extend(float(a) for a in np.asarray(task_accuracies).reshape(-1))
+
+    def accumulate(self):
+        accs = np.asarray(self._accs, dtype=np.float64)
+        n = len(accs)
+        ci95 = 1.96 * accs.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
+        return {"acc": float(accs.mean()) if n else float("nan"), "acc_ci95": float(ci95), "tasks": n}
+
+
+class DygraphModel:
+    def create_model(self, config):
+        kernel = _get(config, "hyper_parameters.conv_kernal")
+        if not (isinstance(kernel, list) and len(kernel) == 2 and kernel[0] == kernel[1]
+                and isinstance(kernel[0], int) and kernel[0] > 0):
+            raise _error(config, "hyper_parameters.conv_kernal", f"expected a square kernel like [3, 3], got {kernel!r}")
+        try:
+            return net.MAMLNet(
+                n_way=_positive_int(config, "hyper_parameters.n_way"),
+                channels=_positive_int(config, "hyper_parameters.bn_channel"),
+                kernel=kernel[0],
+                stride=_positive_int(config, "hyper_parameters.conv_stride"),
+                padding=_nonnegative_int(config, "hyper_parameters.conv_padding"),
+                imgsize=_positive_int(config, "hyper_parameters.imgsize"),
+            )
+        except net.ShapeError as e:
+            raise _error(config, "hyper_parameters.imgsize", str(e)) from None
+
+    def create_feeds(self, batch_data, config):
+        """Tensors (x_spt, y_spt, x_qry, y_qry) in the model's dtype from the reader's batch."""
+        ep = maml.Episode(*batch_data[:4], dtype=paddle.get_default_dtype())
+        return ep.x_spt, ep.y_spt, ep.x_qry, ep.y_qry
+
+    def create_optimizer(self, dy_model, config):
+        name = _get(config, "hyper_parameters.meta_optimizer.class")
+        optimizer_class = getattr(paddle.optimizer, str(name), None)
+        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, paddle.optimizer.Optimizer)):
+            raise _error(config, "hyper_parameters.meta_optimizer.class", f"unknown paddle optimizer {name!r}")
+        lr = _positive_float(config, "hyper_parameters.meta_optimizer.learning_rate")
+        return optimizer_class(learning_rate=lr, parameters=dy_model.parameters())
+
+    def create_metrics(self):
+        return [TaskAccuracy()], ["acc"]
+
+    @staticmethod
+    def meta_gradients(model, batch, config):
+        """(mean query loss, meta-gradients in model.parameters() order) for one meta-batch.
+
+        Touches no optimizer and no `.grad`. Second order unless hyper_parameters.first_order is true.
+        """
+        loss, grads, _ = DygraphModel._meta_step(model, batch, config)
+        return loss, grads
+
+    @staticmethod
+    def _meta_step(model, batch, config):
+        steps, lr, first_order = inner_settings(config, training=True)
+        episode = maml.Episode(*batch[:4], dtype=model.parameters()[0].dtype)
+        return maml.meta_gradients(model, episode, steps, lr, first_order)
+
+    def train_forward(self, dy_model, metrics_list, batch_data, config):
+        """Returns a loss whose value is the mean query loss and whose `backward()` leaves exactly the
+        meta-gradient in every parameter's `.grad`, so the trainer's backward/step applies MAML."""
+        query_loss, grads, logits = self._meta_step(dy_model, batch_data, config)
+        params = dy_model.parameters()
+        # d/dp of sum(p * g) is g; the detached terms only make the value equal the query loss.
+        surrogate = query_loss.detach() + sum((p * g).sum() - (p.detach() * g).sum() for p, g in zip(params, grads))
+        acc = maml.accuracy(logits.detach(), paddle.to_tensor(np.asarray(batch_data[3])).astype("int64")).mean()
+        return surrogate, metrics_list, {"loss": query_loss.detach(), "acc": acc}
+
+    def infer_forward(self, dy_model, metrics_list, batch_data, config):
+        """Query accuracy of every task in the batch after `update_step_test` adaptation steps,
+        with batch statistics in batch norm (transductive, as in MAML)."""
+        steps, lr, _ = inner_settings(config, training=False)
+        episode = maml.Episode(*batch_data[:4], dtype=dy_model.parameters()[0].dtype)
+        task_acc = maml.evaluate(dy_model, episode, steps, lr).numpy()
+        metrics_list[0].update(task_acc)
+        return metrics_list, {"acc": float(task_acc.mean())}
