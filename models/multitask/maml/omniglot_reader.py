@@ -53,7 +53,7 @@ class RecDataset(paddle.io.IterableDataset):
     """Stream of N-way K-shot Omniglot tasks (see module docstring).
 
     Public: set_epoch(e), shard(rank, world_size), episode(e, i), task(e, i),
-    attributes num_tasks / num_batches (this rank, per epoch), num_characters,
+    len() and num_tasks (tasks of this rank per epoch), num_batches, num_characters,
     num_classes, image_paths, class_dirs, cache_path, cache_status.
     """
 
@@ -147,6 +147,11 @@ class RecDataset(paddle.io.IterableDataset):
             size = min(self.batch_size, self.tasks_per_epoch - start)  # last may be partial
             yield (start + self.rank * size // self.world_size,
                    start + (self.rank + 1) * size // self.world_size)
+
+    def __len__(self):
+        # Tasks this rank yields per epoch. paddle's IterableDataset.__len__
+        # raises RuntimeError, which breaks list(dataset) and length hints.
+        return self.num_tasks
 
     def __iter__(self):
         worker = paddle.io.get_worker_info()

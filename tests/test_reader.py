@@ -1,0 +1,357 @@
+"""models/multitask/maml/omniglot_reader.py: episodes, reproducibility, sharding,
+rotations, decode cache and user errors, on the synthetic sample and tiny trees."""
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAML_DIR = os.path.join(REPO_ROOT, "models", "multitask", "maml")
+sys.path.insert(0, MAML_DIR)
+import omniglot_reader  # noqa: E402
+from omniglot_reader import RecDataset  # noqa: E402
+
+
+def config(**overrides):
+    """Flat dotted-key dict like the trainer's Config; '__' stands for '.'."""
+    values = {"hyper_parameters.n_way": 5, "hyper_parameters.k_spt": 1,
+              "hyper_parameters.k_query": 15, "hyper_parameters.imgsize": 28,
+              "runner.tasks_per_epoch": 24, "runner.train_batch_size": 8,
+              "runner.infer_tasks": 20, "runner.infer_batch_size": 8}
+    for key, value in overrides.items():
+        key = key.replace("__", ".")
+        if value is None:
+            values.pop(key, None)
+        else:
+            values[key] = value
+    return values
+
+
+def entries(data_dir):
+    """What the trainer passes: sorted absolute paths of the data dir's entries."""
+    return sorted(os.path.join(data_dir, n) for n in os.listdir(data_dir))
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    """A private copy of the committed sample, so caches land in tmp, not the repo."""
+    root = tmp_path_factory.mktemp("sample")
+    for split in ("train", "test"):
+        shutil.copytree(os.path.join(MAML_DIR, "data", split), root / split)
+    return root
+
+
+@pytest.fixture(scope="module")
+def train(sample):
+    return RecDataset(entries(sample / "train"), config())
+
+
+def make_tree(root, layout, size=105, seed=0):
+    """layout {group: {character: n_images}}; every image has distinct random pixels."""
+    rng = np.random.default_rng(seed)
+    for group, chars in layout.items():
+        for char, n in chars.items():
+            folder = root / group / char
+            folder.mkdir(parents=True)
+            for k in range(n):
+                pixels = (rng.random((size, size)) < 0.5).astype(np.uint8) * 255
+                Image.fromarray(pixels).convert("1").save(folder / f"{k:04d}.png")
+    return root
+
+
+# ----- shapes, labels, disjointness -----
+def test_task_shapes_and_dtypes(train):
+    x_spt, y_spt, x_qry, y_qry = next(iter(train))
+    assert x_spt.shape == (5, 1, 28, 28) and x_spt.dtype == np.float32
+    assert y_spt.shape == (5,) and y_spt.dtype == np.int64
+    assert x_qry.shape == (75, 1, 28, 28) and x_qry.dtype == np.float32
+    assert y_qry.shape == (75,) and y_qry.dtype == np.int64
+    assert x_spt.min() >= -1.0 and x_spt.max() <= 1.0
+    assert x_spt.min() == -1.0 and x_spt.max() == 1.0  # ink and paper both present
+
+
+def test_labels_balanced_and_consistent(train):
+    for i in range(10):
+        ep = train.episode(0, i)
+        assert np.bincount(ep.y_spt, minlength=5).tolist() == [1] * 5
+        assert np.bincount(ep.y_qry, minlength=5).tolist() == [15] * 5
+        assert len(set(ep.spt_classes.tolist())) == 5  # classes without replacement
+        # one label per class, the same in support and query
+        mapping = dict(zip(ep.spt_classes.tolist(), ep.y_spt.tolist()))
+        assert len(set(mapping.values())) == 5
+        assert all(mapping[c] == y for c, y in zip(ep.qry_classes.tolist(), ep.y_qry.tolist()))
+
+
+def test_labels_and_order_are_shuffled(train):
+    eps = [train.episode(0, i) for i in range(20)]
+    assert any(ep.y_qry.tolist() != sorted(ep.y_qry.tolist()) for ep in eps)
+    # the label of the lowest class id varies: labels are not tied to class order
+    assert len({int(ep.y_spt[np.argmin(ep.spt_classes)]) for ep in eps}) > 1
+
+
+def test_support_and_query_are_disjoint_draws(train):
+    for i in range(20):
+        ep = train.episode(0, i)
+        assert not set(ep.spt_images.tolist()) & set(ep.qry_images.tolist())
+        assert len(set(ep.qry_images.tolist())) == len(ep.qry_images)
+        for images, classes in ((ep.spt_images, ep.spt_classes), (ep.qry_images, ep.qry_classes)):
+            for image, cls in zip(images, classes):  # each image is from its class's folder
+                assert train.image_paths[image].startswith(train.class_dirs[cls] + os.sep)
+
+
+def test_pixels_are_the_drawn_images(train):
+    ep = train.episode(0, 3)
+    x_spt, y_spt, x_qry, _ = train.task(0, 3)
+    for row, image in zip(x_qry, ep.qry_images):
+        with Image.open(train.image_paths[image]) as img:
+            ref = np.asarray(img.convert("L").resize((28, 28), omniglot_reader.RESAMPLE), dtype=np.float32)
+        np.testing.assert_allclose(row[0], ref / 255.0 * 2.0 - 1.0, atol=1e-6)
+    np.testing.assert_array_equal(y_spt, ep.y_spt)
+
+
+def test_imgsize_is_honoured(sample):
+    ds = RecDataset(entries(sample / "test"), config(hyper_parameters__imgsize=40), mode="infer")
+    assert ds.task(0, 0)[0].shape == (5, 1, 40, 40)
+
+
+# ----- reproducibility and the task stream -----
+def test_same_seed_same_tasks_other_epoch_other_tasks(sample, train):
+    again = RecDataset(entries(sample / "train"), config())
+    for i in range(5):
+        for a, b in zip(train.task(0, i), again.task(0, i)):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(train.episode(0, 0).qry_images, train.episode(1, 0).qry_images)
+    other_seed = RecDataset(entries(sample / "train"), config(runner__seed=7))
+    assert not np.array_equal(train.episode(0, 0).qry_images, other_seed.episode(0, 0).qry_images)
+
+
+def test_iteration_follows_task_numbers_and_epoch(sample):
+    ds = RecDataset(entries(sample / "train"), config())
+    items = list(ds)
+    assert len(items) == 24 == ds.num_tasks and ds.num_batches == 3
+    np.testing.assert_array_equal(items[7][3], ds.task(0, 7)[3])
+    ds.set_epoch(2)
+    np.testing.assert_array_equal(next(iter(ds))[1], ds.task(2, 0)[1])
+
+
+def test_train_and_infer_streams_differ(sample):
+    cfg = config()
+    a = RecDataset(entries(sample / "test"), cfg, mode="train").episode(0, 0)
+    b = RecDataset(entries(sample / "test"), cfg, mode="infer").episode(0, 0)
+    assert not np.array_equal(a.qry_images, b.qry_images)
+
+
+def test_defaults(sample):
+    cfg = config(runner__tasks_per_epoch=None, runner__infer_tasks=None, runner__train_batch_size=None,
+                 runner__infer_batch_size=None, hyper_parameters__imgsize=None)
+    ds = RecDataset(entries(sample / "train"), cfg)
+    assert (ds.tasks_per_epoch, ds.batch_size, ds.imgsize, ds.seed, ds.rotations) == (3200, 32, 28, 2026, False)
+    assert ds.num_batches == 100
+    assert RecDataset(entries(sample / "train"), cfg, mode="infer").tasks_per_epoch == 1000
+
+
+# ----- sharding -----
+def labels_of(ds):
+    return [task[3].tolist() for task in ds]
+
+
+@pytest.mark.parametrize("mode,tasks_key", [("train", "runner__tasks_per_epoch"), ("infer", "runner__infer_tasks")])
+def test_two_ranks_union_is_the_single_process_batch(sample, mode, tasks_key):
+    cfg = config(**{tasks_key: 20})  # 20 tasks, batches of 8: the last batch is partial (4)
+    files = entries(sample / "train")
+    single = labels_of(RecDataset(files, cfg, mode=mode))
+    r0 = labels_of(RecDataset(files, cfg, mode=mode).shard(0, 2))
+    r1 = labels_of(RecDataset(files, cfg, mode=mode).shard(1, 2))
+    assert len(single) == 20 and len(r0) == len(r1) == 10
+    rebuilt = []
+    for b in range(3):  # per batch: rank 0's slice, then rank 1's
+        per_rank = [4, 4, 2][b]
+        rebuilt += r0[b * 4:b * 4 + per_rank] + r1[b * 4:b * 4 + per_rank]
+    assert rebuilt == single
+
+
+def test_shard_needs_divisible_batch(sample):
+    ds = RecDataset(entries(sample / "train"), config(runner__train_batch_size=6))
+    with pytest.raises(ValueError, match=r"runner\.train_batch_size: 6 tasks per batch .* 4 ranks"):
+        ds.shard(1, 4)
+    with pytest.raises(ValueError, match="rank"):
+        ds.shard(2, 2)
+
+
+def test_dataloader_batches_tasks(train):
+    import paddle
+
+    loader = paddle.io.DataLoader(train, batch_size=8, num_workers=0)
+    batches = [batch for batch in loader]
+    assert len(batches) == train.num_batches == 3
+    assert [tuple(t.shape) for t in batches[0]] == [(8, 5, 1, 28, 28), (8, 5), (8, 75, 1, 28, 28), (8, 75)]
+    np.testing.assert_array_equal(batches[1][3].numpy()[2], train.task(0, 10)[3])
+
+
+# ----- rotations -----
+def test_rotations_make_four_classes_per_character(tmp_path):
+    root = make_tree(tmp_path / "data", {"g": {"c1": 20, "c2": 20}})
+    cfg = config(hyper_parameters__rotations=True, hyper_parameters__n_way=8, hyper_parameters__k_query=1)
+    ds = RecDataset(entries(root), cfg)
+    assert (ds.num_characters, ds.num_classes) == (2, 8)
+    ep = ds.episode(0, 0)
+    x_spt = ds.task(0, 0)[0]
+    assert sorted(ep.spt_classes.tolist()) == list(range(8))
+    base = ds._images  # decoded, unrotated
+    for x, image, cls in zip(x_spt, ep.spt_images, ep.spt_classes):
+        want = np.rot90(base[image], cls % 4).astype(np.float32) / 255.0 * 2.0 - 1.0
+        np.testing.assert_array_equal(x[0], want)
+        if cls % 4:
+            assert not np.array_equal(x[0], base[image].astype(np.float32) / 255.0 * 2.0 - 1.0)
+    with pytest.raises(ValueError, match=r"n_way = 9 but .* only 2 characters \(8 classes with rotations\)"):
+        RecDataset(entries(root), dict(cfg, **{"hyper_parameters.n_way": 9}))
+
+
+def test_rotated_copies_stay_in_their_split(sample):
+    cfg = config(hyper_parameters__rotations=True)
+    used = {}
+    for split in ("train", "test"):
+        ds = RecDataset(entries(sample / split), cfg, mode="train" if split == "train" else "infer")
+        assert ds.num_classes == 4 * ds.num_characters
+        paths = {ds.image_paths[i] for k in range(30) for i in ds.episode(0, k).qry_images}
+        assert all(p.startswith(str(sample / split) + os.sep) for p in paths)
+        used[split] = {os.path.basename(os.path.dirname(os.path.dirname(p))) + "/" + os.path.basename(p)
+                       for p in paths}
+    assert not used["train"] & used["test"]
+
+
+# ----- decode cache -----
+def test_cache_built_once_reused_and_rebuilt_on_change(tmp_path):
+    root = make_tree(tmp_path / "split", {"g": {"c1": 20, "c2": 20}, "h": {"c1": 20}})
+    cfg = config(hyper_parameters__n_way=3)
+    first = RecDataset(entries(root), cfg)
+    assert first.cache_status == "built"
+    assert first.cache_path == str(tmp_path / ".cache" / "split-28px.npz")
+    mtime = os.stat(first.cache_path).st_mtime_ns
+    second = RecDataset(entries(root), cfg)
+    assert second.cache_status == "loaded" and os.stat(first.cache_path).st_mtime_ns == mtime
+    np.testing.assert_array_equal(first.task(0, 0)[2], second.task(0, 0)[2])
+    # rewrite one image: same name, new pixels
+    target = root / "g" / "c1" / "0000.png"
+    Image.new("1", (105, 105), 0).save(target)
+    os.utime(target, ns=(time.time_ns(), time.time_ns() + 10**9))
+    third = RecDataset(entries(root), cfg)
+    assert third.cache_status == "built"
+    assert (third._images[0] == 0).all() and not (first._images[0] == 0).all()
+    assert RecDataset(entries(root), cfg).cache_status == "loaded"
+    assert RecDataset(entries(root), config(hyper_parameters__n_way=3, hyper_parameters__imgsize=14)).cache_status == "built"
+    assert not [n for n in os.listdir(tmp_path / ".cache") if ".tmp-" in n]
+
+
+def test_cache_falls_back_when_data_folder_is_not_writable(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "split", {"g": {"c1": 20, "c2": 20}})
+    (tmp_path / ".cache").write_text("not a folder")  # blocks the cache next to the data
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
+    cfg = config(hyper_parameters__n_way=2)
+    ds = RecDataset(entries(root), cfg)
+    assert ds.cache_status == "built" and ds.cache_path.startswith(str(tmp_path / "user" / "paddlerec_maml"))
+    assert RecDataset(entries(root), cfg).cache_status == "loaded"
+    (tmp_path / "nowhere").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "nowhere"))
+    blocked = RecDataset(entries(root), cfg)  # no writable cache anywhere: still works
+    assert blocked.cache_status == "disabled" and blocked.cache_path is None
+    assert blocked.task(0, 0)[0].shape == (2, 1, 28, 28)
+
+
+def test_warm_cache_startup_on_sample(sample):
+    RecDataset(entries(sample / "train"), config())
+    start = time.perf_counter()
+    ds = RecDataset(entries(sample / "train"), config())
+    assert ds.cache_status == "loaded" and time.perf_counter() - start < 1.0
+
+
+def test_warm_cache_startup_on_full_omniglot_train(omniglot_splits):
+    out, _ = omniglot_splits
+    files = entries(out / "omniglot_train")
+    start = time.perf_counter()
+    cold = RecDataset(files, config())
+    cold_s = time.perf_counter() - start
+    start = time.perf_counter()
+    warm = RecDataset(files, config())
+    warm_s = time.perf_counter() - start
+    print(f"full train split: cold {cold_s:.2f}s ({cold.cache_status}), warm {warm_s:.2f}s")
+    assert (warm.num_characters, len(warm.image_paths)) == (973, 19460)
+    assert warm.cache_status == "loaded" and warm_s < 3.0
+
+
+# ----- user errors: one line naming the key or path -----
+class FakeConfig(dict):
+    """Stands for the trainer's Config: errors carry the config file name."""
+
+    def error(self, key_or_path, message):
+        return RuntimeError(f"config.yaml: {key_or_path}: {message}")
+
+
+@pytest.mark.parametrize("key,value,pattern", [
+    ("hyper_parameters.n_way", 0, r"hyper_parameters\.n_way: must be a positive integer, got 0"),
+    ("hyper_parameters.k_spt", -1, r"hyper_parameters\.k_spt: must be a positive"),
+    ("hyper_parameters.k_query", 2.5, r"hyper_parameters\.k_query: must be a positive"),
+    ("hyper_parameters.imgsize", 0, r"hyper_parameters\.imgsize: must be a positive"),
+    ("runner.tasks_per_epoch", 0, r"runner\.tasks_per_epoch: must be a positive"),
+    ("runner.train_batch_size", True, r"runner\.train_batch_size: must be a positive"),
+    ("hyper_parameters.n_way", None, r"hyper_parameters\.n_way: missing"),
+    ("runner.seed", -3, r"runner\.seed: must be a non-negative integer"),
+    ("hyper_parameters.rotations", "yes", r"hyper_parameters\.rotations: must be true or false"),
+    ("hyper_parameters.k_query", 20, r"hyper_parameters\.k_query: hyper_parameters\.k_spt \+ "
+                                     r"hyper_parameters\.k_query = 21 exceeds the 20"),
+])
+def test_bad_options_name_the_key(sample, key, value, pattern):
+    cfg = config()
+    cfg.pop(key) if value is None else cfg.update({key: value})
+    with pytest.raises(ValueError, match=pattern):
+        RecDataset(entries(sample / "train"), cfg)
+
+
+def test_errors_go_through_config_error(sample):
+    cfg = FakeConfig(config(**{"hyper_parameters__n_way": 41}))
+    with pytest.raises(RuntimeError, match=r"^config\.yaml: hyper_parameters\.n_way: n_way = 41 but "
+                                           r".*train has only 40 characters$"):
+        RecDataset(entries(sample / "train"), cfg)
+
+
+def test_no_character_folders(tmp_path):
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "0001_01.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=f"{tmp_path}: no character folders found"):
+        RecDataset(entries(tmp_path), config())
+    with pytest.raises(ValueError, match=r"runner\.train_data_dir: no character folders"):
+        RecDataset([], config())
+    with pytest.raises(ValueError, match=r"runner\.test_data_dir: no character folders"):
+        RecDataset([], config(), mode="infer")
+
+
+def test_undecodable_image_is_named(tmp_path):
+    root = make_tree(tmp_path / "split", {"g": {"c1": 20, "c2": 20}})
+    bad = root / "g" / "c2" / "0005.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ValueError, match=f"^{bad}: cannot decode image"):
+        RecDataset(entries(root), config(hyper_parameters__n_way=2))
+
+
+def test_character_with_too_few_images_is_named(tmp_path):
+    root = make_tree(tmp_path / "split", {"g": {"c1": 20, "c2": 15}})
+    with pytest.raises(ValueError, match=f"^{root / 'g' / 'c2'}: has 15 images, fewer than "
+                                         r"hyper_parameters\.k_spt \+ hyper_parameters\.k_query = 16"):
+        RecDataset(entries(root), config(hyper_parameters__n_way=2))
+
+
+def test_unknown_mode(sample):
+    with pytest.raises(ValueError, match="mode"):
+        RecDataset(entries(sample / "train"), config(), mode="eval")
+
+
+def test_hidden_entries_and_stray_files_are_ignored(tmp_path):
+    root = make_tree(tmp_path / "split", {"g": {"c1": 20, "c2": 20}, ".hidden": {"c1": 20}})
+    (root / "README.txt").write_text("not a group")
+    (root / "g" / "c1" / "notes.txt").write_text("not an image")
+    ds = RecDataset(entries(root), config(hyper_parameters__n_way=2))
+    assert ds.num_characters == 2 and len(ds.image_paths) == 40
