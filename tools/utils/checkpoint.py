@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 
 from tools.utils.errors import UserError
 
@@ -43,7 +44,11 @@ def _write_checkpoint_files(model, optimizer, folder, epoch, extra):
 
     paddle.save(model.state_dict(), os.path.join(folder, PARAMS_FILE))
     if optimizer is not None:
-        paddle.save(optimizer.state_dict(), os.path.join(folder, OPTIMIZER_FILE))
+        # SGD, or Adam before its first step, has an empty state; Paddle
+        # warns but writes the file, which the layout needs anyway.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The input state dict is empty")
+            paddle.save(optimizer.state_dict(), os.path.join(folder, OPTIMIZER_FILE))
     meta = {"epoch": epoch, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extra": extra or {}}
     with open(os.path.join(folder, META_FILE), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=1, sort_keys=True)

@@ -1,0 +1,291 @@
+"""trainer.py / infer.py / plot_metrics.py end to end on the toy plugin.
+
+The tools run as subprocesses, as users run them; every output goes to
+pytest's tmp_path. Runs shared by several tests are module-scoped fixtures,
+which keeps the file to a dozen short trainings (about 1-2 s each).
+"""
+import json
+import os
+
+import pytest
+
+from tool_helpers import TOY_CONFIG, TOY_DIR, assert_ok, assert_user_error, run_tool
+
+
+# Paddle warns about ccache when imported; irrelevant to these tests.
+pytestmark = pytest.mark.filterwarnings("ignore:No ccache found")
+
+
+def read_records(path, event=None):
+    with open(path, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle]
+    return [record for record in records if event is None or record["event"] == event]
+
+
+def losses(path, epoch=None):
+    return [record["loss"] for record in read_records(path, "train") if epoch is None or record["epoch"] == epoch]
+
+
+def load_params(path):
+    import paddle
+
+    return {name: value.numpy() for name, value in paddle.load(str(path)).items()}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """Two epochs from the repository root: the reference run."""
+    out = tmp_path_factory.mktemp("full") / "out"
+    process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={out}", "runner.epochs=2")
+    assert_ok(process)
+    return out, process
+
+
+@pytest.fixture(scope="module")
+def first_epoch_from_model_folder(tmp_path_factory):
+    """One epoch, started from the model folder with a relative script path."""
+    out = tmp_path_factory.mktemp("half") / "out"
+    process = run_tool("trainer.py", "-m", "config.yaml", "-o", f"runner.model_save_path={out}", "runner.epochs=1",
+                       cwd=TOY_DIR, script_path="../../tools/trainer.py")
+    assert_ok(process)
+    return out, process
+
+
+def test_training_writes_paddlerec_checkpoint_layout(full_run):
+    out, process = full_run
+    for epoch in ("0", "1"):
+        assert sorted(os.listdir(out / epoch)) == ["meta.json", "rec.pdopt", "rec.pdparams"]
+    assert sorted(os.listdir(out)) == ["0", "1", "metrics.jsonl"]  # no temporary folders left
+    assert "training done: epochs 0-1 (2 run)" in process.stdout
+    assert f"metrics: {out / 'metrics.jsonl'}" in process.stdout
+    assert "epoch: 0, batch_id: 0, loss: " in process.stdout
+    assert "avg_reader_cost: " in process.stdout and "ins/s" in process.stdout
+
+
+def test_metrics_file_records(full_run):
+    out, _ = full_run
+    records = read_records(out / "metrics.jsonl")
+    assert [record["event"] for record in records].count("start") == 1
+    start = records[0]
+    assert start["event"] == "start" and start["device"] == "cpu" and start["seed"] == 2026
+    # Set by prepare_environment() in the trainer process, before paddle started.
+    assert start["environment"]["FLAGS_cudnn_deterministic"] == "1"
+    assert start["environment"]["MKL_DEBUG_CPU_TYPE"]
+    train = read_records(out / "metrics.jsonl", "train")
+    assert train and {"epoch", "batch", "step", "loss", "acc", "reader_cost", "batch_cost", "ips"} <= set(train[0])
+    assert [record["step"] for record in train] == sorted(record["step"] for record in train)
+    epochs = read_records(out / "metrics.jsonl", "epoch")
+    assert [record["epoch"] for record in epochs] == [0, 1]
+    assert epochs[-1]["acc"] > 0.8  # three blobs: chance is 1/3
+    assert epochs[-1]["checkpoint"] == str(out / "1")
+
+
+def test_infer_reports_every_epoch(full_run):
+    out, _ = full_run
+    process = run_tool("infer.py", "-m", TOY_CONFIG, "-o", f"runner.infer_load_path={out}",
+                       "runner.infer_start_epoch=0", "runner.infer_end_epoch=2")
+    assert_ok(process)
+    assert "epoch 0: acc " in process.stdout and "(95% CI, 600 samples)" in process.stdout
+    records = read_records(out / "infer_metrics.jsonl", "infer")
+    assert [record["epoch"] for record in records] == [0, 1]
+    assert all(record["samples"] == 600 and record["acc"] > 0.8 and 0 < record["acc_ci95"] < 0.1
+               for record in records)
+    assert isinstance(records[0]["xent"], float)  # the float-returning metric
+
+
+def test_infer_missing_epoch_fails_before_any_work(full_run):
+    out, _ = full_run
+    process = run_tool("infer.py", "-m", TOY_CONFIG, "-o", f"runner.infer_load_path={out}",
+                       "runner.infer_end_epoch=5")
+    line = assert_user_error(process, TOY_CONFIG, "runner.infer_start_epoch", "runner.infer_end_epoch",
+                             str(out / "2" / "rec.pdparams"))
+    assert "epoch 0:" not in process.stdout, line
+    assert not (out / "infer_metrics.jsonl").exists() or "epoch\": 2" not in (out / "infer_metrics.jsonl").read_text()
+
+
+def test_checkpoint_with_mismatched_shapes_names_the_parameter(full_run):
+    out, _ = full_run
+    process = run_tool("infer.py", "-m", TOY_CONFIG, "-o", f"runner.infer_load_path={out}",
+                       "runner.infer_end_epoch=1", "hyper_parameters.hidden_size=8")
+    assert_user_error(process, str(out / "0" / "rec.pdparams"), "hidden.weight", "[2, 16]", "[2, 8]")
+
+
+def test_corrupt_checkpoint_file_is_named(tmp_path):
+    bad = tmp_path / "0"
+    bad.mkdir()
+    (bad / "rec.pdparams").write_bytes(b"not a checkpoint")
+    process = run_tool("infer.py", "-m", TOY_CONFIG, "-o", f"runner.infer_load_path={tmp_path}",
+                       "runner.infer_end_epoch=1")
+    assert_user_error(process, str(bad / "rec.pdparams"), "corrupt")
+
+
+def test_same_seed_gives_identical_losses(full_run, first_epoch_from_model_folder):
+    full_out, _ = full_run
+    half_out, process = first_epoch_from_model_folder
+    # Different working directory and script path, same config and seed.
+    assert "training done: epochs 0-0" in process.stdout
+    assert losses(half_out / "metrics.jsonl") == losses(full_out / "metrics.jsonl", epoch=0)
+
+
+def test_other_seed_gives_other_losses(full_run, tmp_path):
+    full_out, _ = full_run
+    process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={tmp_path}",
+                       "runner.epochs=1", "runner.seed=7")
+    assert_ok(process)
+    assert losses(tmp_path / "metrics.jsonl") != losses(full_out / "metrics.jsonl", epoch=0)
+
+
+def test_resume_continues_at_next_epoch_and_matches_uninterrupted_run(full_run, first_epoch_from_model_folder):
+    full_out, _ = full_run
+    half_out, _ = first_epoch_from_model_folder
+    process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={half_out}",
+                       "runner.epochs=2", f"runner.model_init_path={half_out / '0'}")
+    assert_ok(process)
+    assert "continuing at epoch 1" in process.stdout
+    assert "epoch: 0, batch_id" not in process.stdout
+    # Same parameters and optimizer state as the run that never stopped
+    # (Adam's moments included: without them the parameters would differ).
+    resumed, reference = load_params(half_out / "1" / "rec.pdparams"), load_params(full_out / "1" / "rec.pdparams")
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert (resumed[name] == reference[name]).all(), name
+    assert losses(half_out / "metrics.jsonl", epoch=1) == losses(full_out / "metrics.jsonl", epoch=1)
+    # The metrics file of a resumed run is appended to, and steps continue.
+    records = read_records(half_out / "metrics.jsonl")
+    assert [record["event"] for record in records].count("start") == 2
+    full_steps = [record["step"] for record in read_records(full_out / "metrics.jsonl", "train")]
+    assert [record["step"] for record in records if record["event"] == "train"] == full_steps
+
+
+def test_resume_from_missing_folder_names_the_key(tmp_path):
+    process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={tmp_path / 'out'}",
+                       f"runner.model_init_path={tmp_path / 'nowhere' / '0'}")
+    assert_user_error(process, TOY_CONFIG, "runner.model_init_path", str(tmp_path / "nowhere" / "0"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_plot_metrics_writes_a_png(full_run, tmp_path):
+    out, _ = full_run
+    png = tmp_path / "curve.png"
+    files = [out / "metrics.jsonl"] + ([out / "infer_metrics.jsonl"] if (out / "infer_metrics.jsonl").exists() else [])
+    process = run_tool("plot_metrics.py", *files, "-o", png)
+    assert_ok(process)
+    from PIL import Image
+
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.width >= 600 and image.height >= 400
+
+
+def test_plot_metrics_rejects_bad_input(tmp_path):
+    bad = tmp_path / "metrics.jsonl"
+    bad.write_text('{"event": "train", "step": 1, "loss": 1.0}\nnot json\n')
+    assert_user_error(run_tool("plot_metrics.py", bad), str(bad), "line 2")
+    assert_user_error(run_tool("plot_metrics.py", tmp_path / "missing.jsonl"), "missing.jsonl", "not found")
+
+
+@pytest.mark.parametrize("make_dir, fragment", [
+    (lambda root: root / "does_not_exist", "does not exist"),
+    (lambda root: (root / "empty").mkdir() or (root / "empty" / ".gitkeep").touch() or root / "empty", "is empty"),
+])
+def test_bad_train_data_dir_names_the_key(tmp_path, make_dir, fragment):
+    data_dir = make_dir(tmp_path)
+    process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={tmp_path / 'out'}",
+                       f"runner.train_data_dir={data_dir}")
+    assert_user_error(process, TOY_CONFIG, "runner.train_data_dir", str(data_dir), fragment)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_unknown_override_from_the_command_line(tmp_path):
+    process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", "runner.epoch=3")
+    assert process.stderr.strip().splitlines()[-1] == (
+        f"error: {TOY_CONFIG}: -o runner.epoch: unknown key (did you mean runner.epochs?)")
+    assert_user_error(process)
+
+
+def test_use_gpu_without_cuda_warns_once_and_trains_on_cpu(tmp_path):
+    process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={tmp_path}",
+                       "runner.epochs=1", "runner.use_gpu=True")
+    assert_ok(process)
+    warnings = [line for line in process.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: runner.use_gpu is True but this Paddle build has no CUDA; running on CPU"]
+    assert process.stderr.strip().splitlines() == warnings  # nothing else on stderr
+    assert "on cpu" in process.stdout
+    assert (tmp_path / "0" / "rec.pdparams").exists()
+
+
+def test_use_fleet_is_refused_clearly(tmp_path):
+    process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={tmp_path / 'out'}",
+                       "runner.use_fleet=true")
+    assert_user_error(process, "runner.use_fleet", "not implemented")
+    assert not (tmp_path / "out").exists()
+
+
+# --- checkpoint atomicity (in-process: paddle.save is patched to fail) ---
+
+def _tiny_model_and_optimizer():
+    import paddle
+
+    model = paddle.nn.Linear(2, 3)
+    return model, paddle.optimizer.Adam(learning_rate=0.1, parameters=model.parameters())
+
+
+def _fail_on_second_save(monkeypatch):
+    import paddle
+
+    real_save, calls = paddle.save, []
+
+    def flaky_save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure while writing the second file")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(paddle, "save", flaky_save)
+    return calls
+
+
+def test_failed_save_leaves_no_epoch_folder_and_no_temp_folder(tmp_path, monkeypatch):
+    from tools.utils.checkpoint import save_checkpoint
+
+    model, optimizer = _tiny_model_and_optimizer()
+    calls = _fail_on_second_save(monkeypatch)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        save_checkpoint(model, optimizer, str(tmp_path), 0)
+    assert len(calls) == 2
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_save_keeps_the_previous_checkpoint_of_that_epoch(tmp_path, monkeypatch):
+    from tools.utils.checkpoint import load_checkpoint, save_checkpoint
+
+    model, optimizer = _tiny_model_and_optimizer()
+    folder = save_checkpoint(model, optimizer, str(tmp_path), 3, extra={"step": 7})
+    before = (tmp_path / "3" / "rec.pdparams").read_bytes()
+    weight = model.weight.numpy().copy()
+    model.weight.set_value(weight + 1.0)
+    _fail_on_second_save(monkeypatch)
+    with pytest.raises(RuntimeError):
+        save_checkpoint(model, optimizer, str(tmp_path), 3)
+    assert os.listdir(tmp_path) == ["3"]
+    assert (tmp_path / "3" / "rec.pdparams").read_bytes() == before
+    monkeypatch.undo()
+    save_checkpoint(model, optimizer, str(tmp_path), 3)  # a successful save replaces it
+    assert os.listdir(tmp_path) == ["3"]
+    assert (tmp_path / "3" / "rec.pdparams").read_bytes() != before
+    fresh_model, fresh_optimizer = _tiny_model_and_optimizer()
+    assert load_checkpoint(folder, fresh_model, fresh_optimizer) == 3
+    assert (fresh_model.weight.numpy() == weight + 1.0).all()
+
+
+def test_load_checkpoint_errors_name_the_file(tmp_path):
+    from tools.utils.checkpoint import load_checkpoint, save_checkpoint
+    from tools.utils.errors import UserError
+
+    model, optimizer = _tiny_model_and_optimizer()
+    with pytest.raises(UserError, match="checkpoint folder not found"):
+        load_checkpoint(str(tmp_path / "7"), model)
+    folder = save_checkpoint(model, None, str(tmp_path), 0)
+    assert sorted(os.listdir(folder)) == ["meta.json", "rec.pdparams"]
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(folder, model, optimizer)
+    assert str(caught.value) == f"{os.path.join(folder, 'rec.pdopt')}: checkpoint file not found"
