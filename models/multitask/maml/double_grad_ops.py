@@ -16,7 +16,7 @@ import paddle.nn.functional as F
 from paddle import _C_ops
 from paddle.autograd import PyLayer
 
-__all__ = ["conv2d", "batch_norm", "max_pool2d", "cross_entropy"]
+__all__ = ["conv2d", "batch_norm", "max_pool2d", "cross_entropy", "recording_convolutions", "replay_seconds"]
 
 
 def _needed(inputs, grads):
@@ -29,13 +29,50 @@ def _conv_args(ctx):
     return ([ctx.stride] * 2, [ctx.padding] * 2, "EXPLICIT", [1, 1], ctx.groups, "NCHW")
 
 
+# While a benchmark records, every native convolution call appends (kernel, argument shapes, settings),
+# so the same kernels can be replayed bare and the time outside them measured (tools/benchmark.py).
+_recorded_calls = None
+
+
 def _conv(x, w, ctx):
+    if _recorded_calls is not None:
+        _recorded_calls.append(("conv2d", (x.shape, w.shape), _conv_args(ctx)))
     return _C_ops.conv2d(x, w, *_conv_args(ctx))
 
 
 def _conv_grad(x, w, dy, ctx):
     """Native (d/dx, d/dw) of sum(dy * conv(x, w)); one kernel call gives both."""
+    if _recorded_calls is not None:
+        _recorded_calls.append(("conv2d_grad", (x.shape, w.shape, dy.shape), _conv_args(ctx)))
     return _C_ops.conv2d_grad(x, w, dy, *_conv_args(ctx))
+
+
+class recording_convolutions:
+    """Context manager collecting the native convolution calls made inside it (a list of records)."""
+
+    def __enter__(self):
+        global _recorded_calls
+        _recorded_calls = self.calls = []
+        return self.calls
+
+    def __exit__(self, *exc):
+        global _recorded_calls
+        _recorded_calls = None
+
+
+def replay_seconds(calls, dtype, repeats=3):
+    """Median wall time of running the recorded convolution kernels bare, on random inputs."""
+    import time
+
+    inputs = [[paddle.randn(list(shape), dtype=dtype) for shape in shapes] for _, shapes, _ in calls]
+    kernels = {"conv2d": _C_ops.conv2d, "conv2d_grad": _C_ops.conv2d_grad}
+    times = []
+    for _ in range(repeats + 1):  # the first round warms up
+        start = time.perf_counter()
+        for (kind, _, args), tensors in zip(calls, inputs):
+            kernels[kind](*tensors, *args)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
 
 
 class _Conv2D(PyLayer):

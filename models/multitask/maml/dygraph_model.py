@@ -4,6 +4,7 @@ import math
 import numpy as np
 import paddle
 
+import double_grad_ops
 import maml
 import net
 
@@ -22,6 +23,9 @@ CONFIG_DEFAULTS = {
     "hyper_parameters.base_optimizer.class": "SGD",
     "hyper_parameters.base_optimizer.learning_rate": 0.1,
 }
+
+# tools/benchmark.py times one meta-iteration per variant (first the one a ratio is taken against).
+BENCHMARK_VARIANTS = [{"hyper_parameters.first_order": True}, {"hyper_parameters.first_order": False}]
 
 
 def _get(config, key):
@@ -140,6 +144,13 @@ class DygraphModel:
         steps, lr, first_order = inner_settings(config, training=True)
         episode = maml.Episode(*batch[:4], dtype=model.parameters()[0].dtype)
         return maml.meta_gradients(model, episode, steps, lr, first_order)
+
+    @staticmethod
+    def kernel_seconds(model, batch, config):
+        """Seconds the convolution kernels of one meta-iteration take when run bare (for benchmarks)."""
+        with double_grad_ops.recording_convolutions() as calls:
+            DygraphModel._meta_step(model, batch, config)
+        return double_grad_ops.replay_seconds(calls, model.parameters()[0].dtype), len(calls)
 
     def train_forward(self, dy_model, metrics_list, batch_data, config):
         """Returns a loss whose value is the mean query loss and whose `backward()` leaves exactly the
