@@ -179,6 +179,8 @@ def train(args):
     context = {"model_obj": model_obj, "model": model, "optimizer": optimizer, "config": config,
                "print_interval": print_interval, "metrics_log": metrics_log, "step": step,
                "batch_size": config.require("runner.train_batch_size", int)}
+    log(f"training {config.path} on {device} ({cpu_thread_count(config)} CPU threads), "
+        f"epochs {start_epoch}-{epochs - 1}, seed {seed}")
     run_start = time.perf_counter()
     summary = {}
     with metrics_log:

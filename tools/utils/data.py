@@ -26,8 +26,10 @@ def list_data_files(config, dir_key):
     those is treated as empty.
     """
     folder = config.resolve_path(dir_key)
-    if not os.path.isdir(folder):
+    if not os.path.exists(folder):
         raise config.error(dir_key, f"data folder {folder} does not exist")
+    if not os.path.isdir(folder):
+        raise config.error(dir_key, f"{folder} is not a folder")
     entries = sorted(name for name in os.listdir(folder) if not name.startswith("."))
     if not entries:
         raise config.error(dir_key, f"data folder {folder} is empty")
