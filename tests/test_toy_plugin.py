@@ -74,6 +74,9 @@ def test_metrics_file_records(full_run):
     train = read_records(out / "metrics.jsonl", "train")
     assert train and {"epoch", "batch", "step", "loss", "acc", "reader_cost", "batch_cost", "ips"} <= set(train[0])
     assert [record["step"] for record in train] == sorted(record["step"] for record in train)
+    # The toy's StepDecay scheduler is stepped once per batch by the trainer.
+    assert train[0]["lr"] == pytest.approx(0.05)
+    assert train[-1]["lr"] == pytest.approx(0.05 * 0.7 ** ((train[-1]["step"] - 1) // 8))
     epochs = read_records(out / "metrics.jsonl", "epoch")
     assert [record["epoch"] for record in epochs] == [0, 1]
     assert epochs[-1]["acc"] > 0.8  # three blobs: chance is 1/3
@@ -216,7 +219,7 @@ def test_use_gpu_without_cuda_warns_once_and_trains_on_cpu(tmp_path):
 def test_use_fleet_is_refused_clearly(tmp_path):
     process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={tmp_path / 'out'}",
                        "runner.use_fleet=true")
-    assert_user_error(process, "runner.use_fleet", "not implemented")
+    assert_user_error(process, TOY_CONFIG, "runner.use_fleet", "not implemented")
     assert not (tmp_path / "out").exists()
 
 

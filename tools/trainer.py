@@ -114,6 +114,7 @@ def run_epoch(context, epoch, loader):
         # here, between backward() and step(). Not implemented yet:
         # refuse_fleet() stops such runs before training starts.
         # -------------------------------------------------------------------
+        learning_rate = optimizer.get_lr()  # the rate this batch's update uses
         optimizer.step()
         optimizer.clear_grad()
         if scheduler is not None:
@@ -130,7 +131,7 @@ def run_epoch(context, epoch, loader):
             speed = interval.averages()
             log(format_train_line(epoch, batch_id, values, **speed))
             context["metrics_log"].write(
-                "train", {"epoch": epoch, "batch": batch_id, "step": context["step"], "lr": optimizer.get_lr()},
+                "train", {"epoch": epoch, "batch": batch_id, "step": context["step"], "lr": learning_rate},
                 {**values, **speed})
             interval.reset()
         bar.update(1)
