@@ -20,7 +20,6 @@ import time
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.utils.allocator import reexec_with_allocator_tunables  # noqa: E402
 from tools.utils.cli import config_arg_parser, run_tool  # noqa: E402
 from tools.utils.errors import UserError  # noqa: E402
 
@@ -110,7 +109,6 @@ def main():
     args = parser.parse_args()
     if args.iterations < 1 or args.warmup < 0:
         parser.error("--iterations must be >= 1 and --warmup >= 0")
-    reexec_with_allocator_tunables()
     return run_tool(measure if args.child else compare, args)
 
 

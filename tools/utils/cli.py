@@ -2,6 +2,7 @@
 import argparse
 import sys
 
+from tools.utils.allocator import reexec_with_allocator_tunables
 from tools.utils.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, UserError
 
 
@@ -17,6 +18,7 @@ def config_arg_parser(description) -> argparse.ArgumentParser:
 
 def run_tool(body, args) -> int:
     """Run body(args); turn a UserError into one `error:` line and exit code 2."""
+    reexec_with_allocator_tunables()  # before any work: the process may be replaced
     try:
         body(args)
     except UserError as error:

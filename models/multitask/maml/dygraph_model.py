@@ -159,8 +159,9 @@ class DygraphModel:
         params = dy_model.parameters()
         # d/dp of sum(p * g) is g; the detached terms only make the value equal the query loss.
         surrogate = query_loss.detach() + sum((p * g).sum() - (p.detach() * g).sum() for p, g in zip(params, grads))
-        acc = maml.accuracy(logits.detach(), paddle.to_tensor(np.asarray(batch_data[3])).astype("int64")).mean()
-        return surrogate, metrics_list, {"loss": query_loss.detach(), "acc": acc}
+        task_acc = maml.accuracy(logits.detach(), paddle.to_tensor(np.asarray(batch_data[3])).astype("int64"))
+        metrics_list[0].update(task_acc.numpy())  # query accuracy after adaptation, over the epoch so far
+        return surrogate, metrics_list, {"loss": query_loss.detach()}
 
     def infer_forward(self, dy_model, metrics_list, batch_data, config):
         """Query accuracy of every task in the batch after `update_step_test` adaptation steps,

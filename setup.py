@@ -1,0 +1,18 @@
+"""Install the dependencies of the MAML trainer (the repository itself runs in place: tools/, models/)."""
+from setuptools import setup
+
+
+def requirements():
+    with open("requirements.txt") as f:
+        return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
+
+
+setup(
+    name="paddle-maml-trainer",
+    version="0.1.0",
+    description="Config-driven, exact second-order MAML for PaddlePaddle (PaddleRec-compatible layout)",
+    python_requires=">=3.8",
+    install_requires=requirements(),
+    extras_require={"test": ["pytest"]},
+    packages=[],
+)
