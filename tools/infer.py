@@ -63,17 +63,18 @@ def checkpoint_folders(config):
     return load_dir, folders
 
 
-def evaluate(context, epoch, loader):
+def evaluate(model_obj, model, config, epoch, loader):
     """Run infer_forward over the loader; return (metric values, batches, samples)."""
-    model_obj, model, config = context["model_obj"], context["model"], context["config"]
+    print_interval = config["runner.print_interval"]
+    batch_size = config["runner.infer_batch_size"]
     metrics, names = model_obj.create_metrics()
     batches = samples = 0
     bar = progress_bar(expected_batches(loader), f"infer epoch {epoch}")
     for batch_id, batch in enumerate(loader):
         metrics, print_dict = model_obj.infer_forward(model, metrics, batch, config)
         batches += 1
-        samples += count_samples(batch, context["batch_size"])
-        if batch_id % context["print_interval"] == 0:
+        samples += count_samples(batch, batch_size)
+        if batch_id % print_interval == 0:
             values = {**scalar_dict(print_dict), **metric_results(metrics, names)}
             log(f"epoch: {epoch}, batch_id: {batch_id}, {format_values(values)}")
         bar.update(1)
@@ -88,6 +89,7 @@ def infer(args):
     config, _ = load_run_config(args.config, args.overrides)
     load_dir, folders = checkpoint_folders(config)
     print_interval = config.require("runner.print_interval", int)
+    config.require("runner.infer_batch_size", int)
     if print_interval < 1:
         raise config.error("runner.print_interval", f"must be at least 1, got {print_interval}")
     seed = config.require("runner.seed", int)
@@ -96,8 +98,6 @@ def infer(args):
     seed_everything(seed)
     model_obj = load_model_plugin(config)
     model = model_obj.create_model(config)
-    context = {"model_obj": model_obj, "model": model, "config": config, "print_interval": print_interval,
-               "batch_size": config.require("runner.infer_batch_size", int)}
 
     # Built before the results file is opened, so a bad data folder or
     # reader fails without touching it. Every checkpoint is evaluated on
@@ -113,7 +113,7 @@ def infer(args):
                 seed_everything(seed)
                 loader = create_data_loader(config, "infer", epoch=0)
             start = time.perf_counter()
-            values, batches, samples = evaluate(context, epoch, loader)
+            values, batches, samples = evaluate(model_obj, model, config, epoch, loader)
             seconds = time.perf_counter() - start
             log(f"epoch {epoch}: {format_infer_values(values) or 'no results'}")
             results_log.write("infer", {"epoch": epoch, "checkpoint": folder},

@@ -11,6 +11,7 @@ about any particular model.
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 
 def _put_repo_root_on_path():
@@ -92,16 +93,27 @@ def batch_values(loss_mean, print_dict, metrics, names):
     return values
 
 
-def run_epoch(context, epoch, loader):
-    """Train one epoch; return its summary values."""
-    model_obj, model, optimizer, config = context["model_obj"], context["model"], context["optimizer"], context["config"]
-    print_interval = context["print_interval"]
+@dataclass
+class TrainingRun:
+    """What every epoch of one training run needs."""
+    model_obj: object
+    model: object
+    optimizer: object
+    config: dict
+    metrics_log: MetricsLog
+    print_interval: int
+    batch_size: int
+    step: int  # global batch count, continued across a resume
+
+
+def run_epoch(run, epoch, loader):
+    """Train one epoch; return (summary values, batches, samples, seconds)."""
+    model_obj, model, optimizer, config = run.model_obj, run.model, run.optimizer, run.config
     model.train()
     metrics, names = model_obj.create_metrics()
     scheduler = learning_rate_scheduler(optimizer)
     interval = IntervalStats()
     loss_sum, batches, samples = 0.0, 0, 0
-    values = {}
     epoch_start = time.perf_counter()
     bar = progress_bar(expected_batches(loader), f"epoch {epoch}")
     batch_start = time.perf_counter()
@@ -120,18 +132,18 @@ def run_epoch(context, epoch, loader):
         if scheduler is not None:
             scheduler.step()
         loss_value = to_scalar(loss)
-        batch_samples = count_samples(batch, context["batch_size"])
+        batch_samples = count_samples(batch, run.batch_size)
         interval.add(reader_cost, time.perf_counter() - batch_start, batch_samples, loss_value)
         loss_sum += loss_value
         batches += 1
         samples += batch_samples
-        context["step"] += 1
-        if batch_id % print_interval == 0:
+        run.step += 1
+        if batch_id % run.print_interval == 0:
             values = batch_values(interval.mean_loss(), print_dict, metrics, names)
             speed = interval.averages()
             log(format_train_line(epoch, batch_id, values, **speed))
-            context["metrics_log"].write(
-                "train", {"epoch": epoch, "batch": batch_id, "step": context["step"], "lr": learning_rate},
+            run.metrics_log.write(
+                "train", {"epoch": epoch, "batch": batch_id, "step": run.step, "lr": learning_rate},
                 {**values, **speed})
             interval.reset()
         bar.update(1)
@@ -177,9 +189,8 @@ def train(args):
         "threads": cpu_thread_count(config), "seed": seed, "start_epoch": start_epoch, "epochs": epochs,
         "step": step, "resumed_from": config.resolve_path("runner.model_init_path", required=False),
         "environment": environment_snapshot()})
-    context = {"model_obj": model_obj, "model": model, "optimizer": optimizer, "config": config,
-               "print_interval": print_interval, "metrics_log": metrics_log, "step": step,
-               "batch_size": config.require("runner.train_batch_size", int)}
+    run = TrainingRun(model_obj, model, optimizer, config, metrics_log, print_interval,
+                      config.require("runner.train_batch_size", int), step)
     log(f"training {config.path} on {device} ({cpu_thread_count(config)} CPU threads), "
         f"epochs {start_epoch}-{epochs - 1}, seed {seed}")
     run_start = time.perf_counter()
@@ -189,13 +200,13 @@ def train(args):
             if epoch != start_epoch:
                 seed_everything(epoch_seed(seed, epoch))
                 loader = create_data_loader(config, "train", epoch=epoch)
-            summary, batches, samples, seconds = run_epoch(context, epoch, loader)
+            summary, batches, samples, seconds = run_epoch(run, epoch, loader)
             folder = save_checkpoint(model, optimizer, save_dir, epoch,
-                                     extra={"step": context["step"], "metrics": summary})
+                                     extra={"step": run.step, "metrics": summary})
             counts = {key: value for key, value in (("batches", batches), ("samples", samples)) if key not in summary}
             log(f"epoch: {epoch} done, {format_values({**summary, **counts})}, "
                 f"epoch time: {seconds:.2f} s, checkpoint: {folder}")
-            metrics_log.write("epoch", {"epoch": epoch, "step": context["step"], "batches": batches,
+            metrics_log.write("epoch", {"epoch": epoch, "step": run.step, "batches": batches,
                                         "samples": samples, "seconds": round(seconds, 3)},
                               {**summary, "checkpoint": folder})
     total = time.perf_counter() - run_start
