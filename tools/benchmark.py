@@ -17,8 +17,8 @@ import subprocess
 import sys
 import time
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a script, not imported as tools.<name>
+    import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
 from tools.utils.cli import config_arg_parser, run_tool  # noqa: E402
 from tools.utils.errors import UserError  # noqa: E402

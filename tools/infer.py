@@ -14,19 +14,8 @@ import sys
 import time
 
 
-def _put_repo_root_on_path():
-    """Make `import tools.utils` work from any working directory.
-
-    Python puts the script's folder (tools/) first on sys.path, where
-    tools/utils would shadow a plugin's own `utils` module; swap it for the
-    repository root.
-    """
-    script_dir = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [entry for entry in sys.path if not entry or os.path.abspath(entry) != script_dir]
-    sys.path.insert(0, os.path.dirname(script_dir))
-
-
-_put_repo_root_on_path()
+if not __package__:  # run as a script, not imported as tools.<name>
+    import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
 # None of these import paddle at import time (see trainer.py).
 from tools.utils.checkpoint import PARAMS_FILE, load_checkpoint  # noqa: E402
