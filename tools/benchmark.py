@@ -32,7 +32,7 @@ def measure(args):
     import paddle
 
     from tools.utils.data import create_data_loader
-    from tools.utils.device import select_device
+    from tools.utils.device import cpu_thread_count, select_device
     from tools.utils.plugin import load_model_plugin
     from tools.utils.runtime import seed_everything
 
@@ -60,7 +60,7 @@ def measure(args):
         times.append(time.perf_counter() - start)
     result = {"seconds": statistics.median(times), "all_seconds": times, "device": device,
               "tasks": int(config.get("runner.train_batch_size")),
-              "threads": paddle.get_flags and os.cpu_count()}
+              "threads": cpu_thread_count(config)}
     if hasattr(plugin, "kernel_seconds"):
         result["kernel_seconds"], result["kernel_calls"] = plugin.kernel_seconds(model, batch, config)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -90,7 +90,7 @@ def compare(args):
         rows.append((label, json.loads(lines[-1][len("BENCHMARK "):])))
     base = rows[0][1]["seconds"]
     print(f"\nmedian of {args.iterations} meta-iterations after {args.warmup} warm-up, device "
-          f"{rows[0][1]['device']}, {os.cpu_count()} cores")
+          f"{rows[0][1]['device']}, {rows[0][1]['threads']} CPU threads")
     print(f"{'variant':38s} {'s/iter':>8s} {'tasks/s':>8s} {'vs first':>8s} {'peak MB':>8s} {'conv s':>7s} {'conv %':>7s}")
     for label, r in rows:
         kernel = r.get("kernel_seconds")

@@ -24,4 +24,6 @@ def reexec_with_allocator_tunables():
     env = dict(os.environ, GLIBC_TUNABLES=f"{current}:{TUNABLES}" if current else TUNABLES)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, list(sys.orig_argv), env)
+    # sys.orig_argv (3.10+) keeps interpreter flags such as -u; older Pythons lose only those.
+    argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    os.execve(sys.executable, argv, env)

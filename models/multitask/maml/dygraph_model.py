@@ -22,6 +22,7 @@ CONFIG_DEFAULTS = {
     "hyper_parameters.meta_optimizer.learning_rate": 0.001,
     "hyper_parameters.base_optimizer.class": "SGD",
     "hyper_parameters.base_optimizer.learning_rate": 0.1,
+    "hyper_parameters.rotations": False,  # read by omniglot_reader.py: 4 rotated classes per character
 }
 
 # tools/benchmark.py times one meta-iteration per variant (first the one a ratio is taken against).
@@ -68,6 +69,9 @@ def inner_settings(config, training):
     steps = _nonnegative_int(config, "hyper_parameters.update_step" if training else
                              "hyper_parameters.update_step_test")
     lr = _positive_float(config, "hyper_parameters.base_optimizer.learning_rate")
+    if _get(config, "hyper_parameters.base_optimizer.class") != "SGD":
+        # MAML's inner loop is plain gradient descent; say so rather than ignore the key (PaddleRec did).
+        raise _error(config, "hyper_parameters.base_optimizer.class", "only SGD is supported for the inner loop")
     first_order = _get(config, "hyper_parameters.first_order")
     if not isinstance(first_order, bool):
         raise _error(config, "hyper_parameters.first_order", f"expected true or false, got {first_order!r}")

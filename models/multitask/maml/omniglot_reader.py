@@ -41,7 +41,9 @@ def _error(config, key, message):
 
 
 def _positive_int(config, key, default=None):
-    value = config.get(key, default)
+    value = config.get(key)
+    if value is None:  # unset, or declared without a value by the tools (runner.tasks_per_epoch)
+        value = default
     if value is None:
         raise _error(config, key, "missing (a positive integer is required)")
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
