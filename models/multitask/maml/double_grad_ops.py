@@ -188,7 +188,10 @@ class _BatchNormGrad(PyLayer):
     def forward(ctx, x, gamma, dy, stats):
         dx, dgamma, dbeta = _bn_backward(x, gamma, dy, stats)
         ctx.stats = stats
-        ctx.save_for_backward(x, gamma, dy, dgamma, dbeta)
+        # dgamma and dbeta are this layer's own outputs: saving them as they are would make a reference
+        # cycle (output -> grad node -> ctx -> output) that Python's collector cannot see through, leaking
+        # the whole adaptation graph of every meta-batch. Only their values are needed.
+        ctx.save_for_backward(x, gamma, dy, dgamma.detach(), dbeta.detach())
         return dx, dgamma, dbeta
 
     @staticmethod
