@@ -93,6 +93,14 @@ class TaskAccuracy:
     def update(self, task_accuracies):
         self._accs.extend(float(a) for a in np.asarray(task_accuracies).reshape(-1))
 
+    def state(self):
+        """The per-task accuracies so far (picklable): what a data-parallel rank contributes."""
+        return list(self._accs)
+
+    def merge_states(self, states):
+        """Become the metric over the tasks of all `states` (one per rank, rank 0 first)."""
+        self._accs = [float(a) for state in states for a in state]
+
     def accumulate(self):
         accs = np.asarray(self._accs, dtype=np.float64)
         n = len(accs)
