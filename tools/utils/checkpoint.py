@@ -170,3 +170,17 @@ def load_checkpoint(path, model, optimizer=None):
     if optimizer_state is not None:
         optimizer.set_state_dict(optimizer_state)
     return _epoch_of(path)
+
+
+def latest_checkpoint(save_dir):
+    """The newest complete epoch folder <save_dir>/<epoch> (highest number), or None.
+
+    Saves are atomic (see save_checkpoint), so an epoch folder that exists
+    and holds rec.pdparams is complete; the hidden temporary folders of an
+    interrupted save (.<epoch>.saving-*) are not epoch folders.
+    """
+    if not os.path.isdir(save_dir):
+        return None
+    epochs = [(int(name), name) for name in os.listdir(save_dir)
+              if name.isascii() and name.isdigit() and os.path.isfile(os.path.join(save_dir, name, PARAMS_FILE))]
+    return os.path.join(save_dir, max(epochs)[1]) if epochs else None

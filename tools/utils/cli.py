@@ -3,7 +3,8 @@ import argparse
 import sys
 
 from tools.utils.allocator import reexec_with_allocator_tunables
-from tools.utils.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, UserError
+from tools.utils.console import rank_prefix
+from tools.utils.errors import EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, DistributedError, UserError
 
 
 def config_arg_parser(description) -> argparse.ArgumentParser:
@@ -17,16 +18,22 @@ def config_arg_parser(description) -> argparse.ArgumentParser:
 
 
 def run_tool(body, args) -> int:
-    """Run body(args); turn a UserError into one `error:` line and exit code 2."""
+    """Run body(args); turn a UserError into one `error:` line and exit code 2
+    (a DistributedError: exit code 3). In a data-parallel run the line starts
+    with the rank, e.g. `[rank 1/2] error: ...`."""
     reexec_with_allocator_tunables()  # before any work: the process may be replaced
     try:
         body(args)
     except UserError as error:
         sys.stdout.flush()
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{rank_prefix()}error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except DistributedError as error:
+        sys.stdout.flush()
+        print(f"{rank_prefix()}error: {error}", file=sys.stderr)
+        return EXIT_DISTRIBUTED
     except KeyboardInterrupt:
         sys.stdout.flush()
-        print("error: interrupted", file=sys.stderr)
+        print(f"{rank_prefix()}error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK

@@ -4,26 +4,45 @@ Log lines go to stdout through tqdm.write, so an active bar (on stderr) is
 redrawn below them instead of being torn. Warnings are single
 `warning: ...` lines on stderr. Bars only appear on a terminal: in log
 files and CI they would be a stream of carriage returns.
+
+In a data-parallel run (set_rank with world_size > 1) every line starts with
+`[rank R/N] `, only rank 0 logs and draws bars, and every rank still prints
+its warnings and errors.
 """
 import sys
 
 from tqdm import tqdm
 
+_rank, _world_size = 0, 1
+
+
+def set_rank(rank: int, world_size: int):
+    """Label this process's lines with its rank; ranks other than 0 stop logging."""
+    global _rank, _world_size
+    _rank, _world_size = int(rank), int(world_size)
+
+
+def rank_prefix() -> str:
+    """'[rank R/N] ' in a data-parallel run, else ''."""
+    return f"[rank {_rank}/{_world_size}] " if _world_size > 1 else ""
+
 
 def log(line: str):
-    tqdm.write(line, file=sys.stdout)
+    if _rank != 0:
+        return  # one voice per job: rank 0 speaks for all ranks
+    tqdm.write(f"{rank_prefix()}{line}", file=sys.stdout)
     sys.stdout.flush()
 
 
 def warn(message: str):
-    tqdm.write(f"warning: {message}", file=sys.stderr)
+    tqdm.write(f"{rank_prefix()}warning: {message}", file=sys.stderr)
     sys.stderr.flush()
 
 
 def progress_bar(total, description):
     """A tqdm bar over batches; total=None gives a bar with unknown length."""
     return tqdm(total=total, desc=description, unit="batch", file=sys.stderr,
-                dynamic_ncols=True, leave=False, disable=None)
+                dynamic_ncols=True, leave=False, disable=None if _rank == 0 else True)
 
 
 def format_number(value) -> str:

@@ -3,8 +3,8 @@
 Reader contract (PaddleRec's): the module defines
 `class RecDataset(paddle.io.IterableDataset)` built as
 `RecDataset(file_list, config)`, plus `mode=` when its constructor takes it.
-Optional hooks `set_epoch(epoch)` and `shard(rank, world_size)` are called
-only when the dataset defines them.
+Optional hook `set_epoch(epoch)` is called when the dataset defines it;
+`shard(rank, world_size)` is called in data-parallel runs, which need it.
 """
 import inspect
 import math
@@ -52,23 +52,43 @@ def create_dataset(config, mode, rank=0, world_size=1, epoch=0):
         dataset = dataset_class(file_list, config)
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
-    # Sharding only means something with several workers; single-process
+    # Sharding only means something with several ranks; single-process
     # runs leave readers untouched.
-    if world_size > 1 and hasattr(dataset, "shard"):
+    if world_size > 1:
+        if not callable(getattr(dataset, "shard", None)):
+            raise config.error(reader_key, f"{dataset_class.__module__}.RecDataset has no shard(rank, world_size) "
+                               "method: every rank would read the same samples, so data-parallel runs need one")
         dataset.shard(rank, world_size)
     return dataset
 
 
-def create_data_loader(config, mode, rank=0, world_size=1, epoch=0):
-    """A paddle.io.DataLoader over the reader's RecDataset for `mode`."""
-    import paddle
+def loader_batch_size(config, mode, world_size=1) -> int:
+    """Samples per loader batch on one rank: runner.*_batch_size / world_size.
 
+    The configured batch size is the global one (what one optimizer step
+    sees); it must split evenly over the ranks.
+    """
     _, batch_key, _ = MODE_KEYS.get(mode, (None, None, None))
     if batch_key is None:
         raise ValueError(f"mode must be one of {sorted(MODE_KEYS)}, got {mode!r}")
     batch_size = config.require(batch_key, int)
     if batch_size < 1:
         raise config.error(batch_key, f"must be at least 1, got {batch_size}")
+    if batch_size % world_size:
+        raise config.error(batch_key, f"{batch_size} cannot be split evenly over {world_size} data-parallel "
+                           f"ranks; use a multiple of {world_size}")
+    return batch_size // world_size
+
+
+def create_data_loader(config, mode, rank=0, world_size=1, epoch=0):
+    """A paddle.io.DataLoader over the reader's RecDataset for `mode`.
+
+    With world_size > 1 the reader keeps this rank's share (shard hook) and
+    the loader's batch size is runner.*_batch_size / world_size.
+    """
+    import paddle
+
+    batch_size = loader_batch_size(config, mode, world_size)
     dataset = create_dataset(config, mode, rank, world_size, epoch)
     # num_workers=0: readers generate episodes from seeded generators, and
     # worker processes would make the order depend on scheduling.

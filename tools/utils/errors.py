@@ -16,7 +16,20 @@ class UserError(ValueError):
         super().__init__(" ".join(line for line in lines if line))
 
 
+class DistributedError(Exception):
+    """A data-parallel run cannot go on: a peer rank died, hung or disagrees.
+
+    Printed like a UserError (one `error:` line naming the rank), with its
+    own exit code, so a job's logs say which rank gave up and why.
+    """
+
+    def __init__(self, message: str):
+        lines = [line.strip() for line in str(message).splitlines()]
+        super().__init__(" ".join(line for line in lines if line))
+
+
 # Exit codes shared by every tool (documented in doc/tools.md).
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
+EXIT_DISTRIBUTED = 3
 EXIT_INTERRUPTED = 130

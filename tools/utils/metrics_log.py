@@ -57,6 +57,24 @@ class MetricsLog:
         self.close()
 
 
+class NoMetricsLog:
+    """Stands in for MetricsLog on data-parallel ranks other than 0, which write no files."""
+
+    path = None
+
+    def write(self, event, fields, extra=None):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        pass
+
+
 def read_metrics(path) -> list:
     """All records of a metrics file; UserError naming the file and line."""
     if not os.path.isfile(path):
