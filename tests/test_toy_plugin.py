@@ -219,7 +219,7 @@ def test_use_gpu_without_cuda_warns_once_and_trains_on_cpu(tmp_path):
 def test_use_fleet_is_refused_clearly(tmp_path):
     process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={tmp_path / 'out'}",
                        "runner.use_fleet=true")
-    assert_user_error(process, TOY_CONFIG, "runner.use_fleet", "not implemented")
+    assert_user_error(process, TOY_CONFIG, "runner.use_fleet", "no distributed launcher", "paddle.distributed.launch")
     assert not (tmp_path / "out").exists()
 
 

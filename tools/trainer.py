@@ -7,6 +7,12 @@ The loop is PaddleRec's: the plugin (dygraph_model.py next to the config)
 builds the model, optimizer and metrics and computes the loss; this tool
 owns epochs, checkpoints, logging and the metrics file, and knows nothing
 about any particular model.
+
+Data-parallel (doc/distributed.md):
+    python -m paddle.distributed.launch --nproc_per_node N tools/trainer.py -m <config> -o runner.use_fleet=True
+Each rank trains on its share of every batch; gradients are averaged after
+backward(), so every rank applies the same update; rank 0 writes the
+checkpoints and the metrics file.
 """
 import os
 import sys
@@ -19,28 +25,21 @@ if not __package__:  # run as a script, not imported as tools.<name>
 
 # None of these import paddle at import time: the environment must be
 # prepared (startup.load_run_config) before Paddle starts.
-from tools.utils.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint  # noqa: E402
+from tools.utils.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_meta, save_checkpoint  # noqa: E402
 from tools.utils.cli import config_arg_parser, run_tool  # noqa: E402
 from tools.utils.console import format_train_line, format_values, log, progress_bar, warn  # noqa: E402
-from tools.utils.data import count_samples, create_data_loader, expected_batches  # noqa: E402
+from tools.utils.data import count_samples, create_data_loader, expected_batches, loader_batch_size  # noqa: E402
 from tools.utils.device import cpu_thread_count, select_device  # noqa: E402
-from tools.utils.metric_values import metric_results, scalar_dict, to_scalar  # noqa: E402
-from tools.utils.metrics_log import MetricsLog  # noqa: E402
+from tools.utils.distributed import merged_results, setup_data_parallel  # noqa: E402
+from tools.utils.metric_values import scalar_dict, to_scalar  # noqa: E402
+from tools.utils.metrics_log import MetricsLog, NoMetricsLog  # noqa: E402
 from tools.utils.plugin import load_model_plugin  # noqa: E402
 from tools.utils.runtime import environment_snapshot, epoch_seed, seed_everything  # noqa: E402
 from tools.utils.startup import load_run_config  # noqa: E402
 from tools.utils.timing import IntervalStats  # noqa: E402
 
 
-def refuse_fleet(config):
-    """runner.use_fleet must not silently train one independent model per rank."""
-    if not config.get("runner.use_fleet"):
-        return
-    if "PADDLE_TRAINER_ID" in os.environ or "PADDLE_TRAINERS_NUM" in os.environ:
-        raise config.error("runner.use_fleet", "data-parallel training is not implemented in this trainer yet "
-                           "(gradients would not be averaged across ranks); set runner.use_fleet: False")
-    raise config.error("runner.use_fleet", "True, but no distributed launcher started this process and "
-                       "data-parallel training is not implemented yet; set runner.use_fleet: False")
+AUTO_RESUME = "auto"
 
 
 def learning_rate_scheduler(optimizer):
@@ -54,9 +53,25 @@ def learning_rate_scheduler(optimizer):
     return None
 
 
-def resume(config, model, optimizer):
-    """Load runner.model_init_path if set; return (first epoch, global step)."""
-    init_path = config.resolve_path("runner.model_init_path", required=False)
+def init_path_of(config, save_dir, parallel):
+    """The checkpoint folder to resume from, or None for a fresh start.
+
+    runner.model_init_path "auto" is the newest complete epoch folder in
+    runner.model_save_path (None when there is none); all ranks must find the same one.
+    """
+    if config.get("runner.model_init_path") != AUTO_RESUME:
+        return config.resolve_path("runner.model_init_path", required=False)
+    folder = latest_checkpoint(save_dir)
+    # Compared by name: the absolute paths may differ between hosts.
+    parallel.check_same(folder and os.path.basename(folder),
+                        f"the newest checkpoint in {save_dir} (runner.model_init_path=auto; it must be a shared folder)")
+    if folder is None:
+        log(f"runner.model_init_path=auto: no checkpoint in {save_dir}; starting fresh")
+    return folder
+
+
+def resume(config, model, optimizer, init_path):
+    """Load the checkpoint folder `init_path` (None: fresh start); return (first epoch, global step)."""
     if init_path is None:
         return 0, 0
     if not os.path.isdir(init_path):
@@ -70,18 +85,6 @@ def resume(config, model, optimizer):
     return epoch + 1, int(step)
 
 
-def batch_values(loss_mean, print_dict, metrics, names):
-    """Values for a log line: the loss, then print_dict, then metrics.
-
-    The loss comes from the tensor train_forward returned (averaged over the
-    interval), so a "loss" entry in print_dict is not repeated.
-    """
-    values = {"loss": loss_mean}
-    values.update({key: value for key, value in scalar_dict(print_dict).items() if key != "loss"})
-    values.update(metric_results(metrics, names))
-    return values
-
-
 @dataclass
 class TrainingRun:
     """What every epoch of one training run needs."""
@@ -91,13 +94,32 @@ class TrainingRun:
     config: dict
     metrics_log: MetricsLog
     print_interval: int
-    batch_size: int
+    batch_size: int  # of this rank's loader
     step: int  # global batch count, continued across a resume
+    parallel: object  # tools.utils.distributed.DataParallel
+
+
+def mismatch_error(config, epoch, batch_id, active, world_size):
+    """Ranks ran out of batches at different times: their readers gave them different counts."""
+    idle = [rank for rank in range(world_size) if rank not in active]
+    return config.error("runner.train_reader_path", f"epoch {epoch}, batch {batch_id}: rank(s) {idle} had no batch "
+                        f"left while rank(s) {active} had one; data-parallel training needs the same number of "
+                        "batches on every rank (e.g. make the samples per epoch a multiple of runner.train_batch_size)")
 
 
 def run_epoch(run, epoch, loader):
-    """Train one epoch; return (summary values, batches, samples, seconds)."""
+    """Train one epoch; return (summary values, batches, samples, seconds).
+
+    In a data-parallel run all ranks go through this loop in step: one
+    gradient all-reduce per batch (which also tells every rank when all are
+    out of batches), and the metric merges at the log lines and at the end.
+    """
     model_obj, model, optimizer, config = run.model_obj, run.model, run.optimizer, run.config
+    parallel = run.parallel
+    # The ranks may arrive far apart (data building, rank 0 writing the last
+    # checkpoint); within the epoch they meet at every batch.
+    parallel.inject_test_fault("epoch")
+    parallel.barrier(f"epoch {epoch}: start")
     model.train()
     metrics, names = model_obj.create_metrics()
     scheduler = learning_rate_scheduler(optimizer)
@@ -106,29 +128,48 @@ def run_epoch(run, epoch, loader):
     epoch_start = time.perf_counter()
     bar = progress_bar(expected_batches(loader), f"epoch {epoch}")
     batch_start = time.perf_counter()
-    for batch_id, batch in enumerate(loader):
+    batch_iterator = iter(loader)
+    batch_id = 0
+    while True:
+        batch = next(batch_iterator, None)
+        if batch is None and not parallel.enabled:
+            break
         reader_cost = time.perf_counter() - batch_start
-        loss, metrics, print_dict = model_obj.train_forward(model, metrics, batch, config)
-        loss.backward()
+        loss, own_samples, print_dict = None, 0, {}
+        if batch is not None:
+            loss, metrics, print_dict = model_obj.train_forward(model, metrics, batch, config)
+            loss.backward()
+            own_samples = count_samples(batch, run.batch_size)
         # --- data-parallel hook -------------------------------------------
-        # With runner.use_fleet, gradients will be averaged across ranks
-        # here, between backward() and step(). Not implemented yet:
-        # refuse_fleet() stops such runs before training starts.
+        # Every rank's .grad becomes the sample-weighted mean over the ranks
+        # (one all-reduce), so all ranks take the same optimizer step.
+        if parallel.enabled:
+            parallel.inject_test_fault("step")
+            active, batch_samples, loss_value = parallel.sync_gradients(
+                model.parameters(), own_samples, loss, f"epoch {epoch}, batch {batch_id}: gradient all-reduce")
+            if not active:
+                break  # every rank is out of batches
+            if len(active) < parallel.world_size:
+                raise mismatch_error(config, epoch, batch_id, active, parallel.world_size)
+        else:
+            batch_samples, loss_value = own_samples, to_scalar(loss)
         # -------------------------------------------------------------------
         learning_rate = optimizer.get_lr()  # the rate this batch's update uses
         optimizer.step()
         optimizer.clear_grad()
         if scheduler is not None:
             scheduler.step()
-        loss_value = to_scalar(loss)
-        batch_samples = count_samples(batch, run.batch_size)
         interval.add(reader_cost, time.perf_counter() - batch_start, batch_samples, loss_value)
         loss_sum += loss_value
         batches += 1
         samples += batch_samples
         run.step += 1
         if batch_id % run.print_interval == 0:
-            values = batch_values(interval.mean_loss(), print_dict, metrics, names)
+            shown = {key: value for key, value in scalar_dict(print_dict).items() if key != "loss"}
+            shown, metric_values = merged_results(parallel, metrics, names, model_obj.create_metrics,
+                                                  f"epoch {epoch}, batch {batch_id}: merging metrics",
+                                                  shown, own_samples)
+            values = {"loss": interval.mean_loss(), **shown, **metric_values}
             speed = interval.averages()
             log(format_train_line(epoch, batch_id, values, **speed))
             run.metrics_log.write(
@@ -136,18 +177,20 @@ def run_epoch(run, epoch, loader):
                 {**values, **speed})
             interval.reset()
         bar.update(1)
+        batch_id += 1
         batch_start = time.perf_counter()
     bar.close()
     if batches == 0:
         warn(f"epoch {epoch}: the training loader gave no batches")
     summary = {"loss": loss_sum / max(batches, 1)}
-    summary.update(metric_results(metrics, names) if batches else {})
+    if batches:
+        summary.update(merged_results(parallel, metrics, names, model_obj.create_metrics,
+                                      f"epoch {epoch}: merging metrics")[1])
     return summary, batches, samples, time.perf_counter() - epoch_start
 
 
 def train(args):
     config, _ = load_run_config(args.config, args.overrides)
-    refuse_fleet(config)
     epochs = config.require("runner.epochs", int)
     print_interval = config.require("runner.print_interval", int)
     if print_interval < 1:
@@ -157,11 +200,16 @@ def train(args):
     seed = config.require("runner.seed", int)
 
     device = select_device(config)
+    parallel = setup_data_parallel(config, device)
+    rank, world_size = parallel.rank, parallel.world_size
+    batch_size = loader_batch_size(config, "train", world_size)
+    # Every rank seeds alike: identical initial parameters on all ranks.
     seed_everything(seed)
     model_obj = load_model_plugin(config)
     model = model_obj.create_model(config)
     optimizer = model_obj.create_optimizer(model, config)
-    start_epoch, step = resume(config, model, optimizer)
+    init_path = init_path_of(config, save_dir, parallel)
+    start_epoch, step = resume(config, model, optimizer, init_path)
     if start_epoch >= epochs:
         warn(f"nothing to train: the run already reached runner.epochs={epochs} "
              f"(raise it with -o runner.epochs=N to train more)")
@@ -170,17 +218,18 @@ def train(args):
     # The first loader is built before anything is written, so a bad data
     # folder or reader fails without leaving a metrics file behind.
     seed_everything(epoch_seed(seed, start_epoch))
-    loader = create_data_loader(config, "train", epoch=start_epoch)
-    resumed = start_epoch > 0 or bool(config.get("runner.model_init_path"))
-    metrics_log = MetricsLog(metrics_path, append=resumed)
+    loader = create_data_loader(config, "train", rank, world_size, epoch=start_epoch)
+    resumed = init_path is not None
+    # Only rank 0 writes the metrics file and the checkpoints.
+    metrics_log = MetricsLog(metrics_path, append=resumed) if parallel.is_main else NoMetricsLog()
     metrics_log.write("start", {
         "config": os.path.abspath(config.path), "overrides": list(args.overrides), "device": device,
         "threads": cpu_thread_count(config), "seed": seed, "start_epoch": start_epoch, "epochs": epochs,
-        "step": step, "resumed_from": config.resolve_path("runner.model_init_path", required=False),
+        "step": step, "resumed_from": init_path, "world_size": world_size,
         "environment": environment_snapshot()})
-    run = TrainingRun(model_obj, model, optimizer, config, metrics_log, print_interval,
-                      config.require("runner.train_batch_size", int), step)
-    log(f"training {config.path} on {device} ({cpu_thread_count(config)} CPU threads), "
+    run = TrainingRun(model_obj, model, optimizer, config, metrics_log, print_interval, batch_size, step, parallel)
+    ranks = f", {world_size} data-parallel ranks of {batch_size} samples per batch" if parallel.enabled else ""
+    log(f"training {config.path} on {device} ({cpu_thread_count(config)} CPU threads{ranks}), "
         f"epochs {start_epoch}-{epochs - 1}, seed {seed}")
     run_start = time.perf_counter()
     summary = {}
@@ -188,10 +237,12 @@ def train(args):
         for epoch in range(start_epoch, epochs):
             if epoch != start_epoch:
                 seed_everything(epoch_seed(seed, epoch))
-                loader = create_data_loader(config, "train", epoch=epoch)
+                loader = create_data_loader(config, "train", rank, world_size, epoch=epoch)
             summary, batches, samples, seconds = run_epoch(run, epoch, loader)
-            folder = save_checkpoint(model, optimizer, save_dir, epoch,
-                                     extra={"step": run.step, "metrics": summary})
+            folder = os.path.join(save_dir, str(epoch))
+            if parallel.is_main:  # all ranks hold the same parameters
+                folder = save_checkpoint(model, optimizer, save_dir, epoch,
+                                         extra={"step": run.step, "metrics": summary})
             counts = {key: value for key, value in (("batches", batches), ("samples", samples)) if key not in summary}
             log(f"epoch: {epoch} done, {format_values({**summary, **counts})}, "
                 f"epoch time: {seconds:.2f} s, checkpoint: {folder}")
