@@ -11,6 +11,9 @@ kernels, where the backward is itself a `PyLayer` whose own backward (the second
 again, with native kernels. Each op here is exact to second order (what MAML needs); a third derivative is
 not supported. Layout is NCHW throughout.
 """
+import concurrent.futures
+import os
+
 import paddle
 import paddle.nn.functional as F
 from paddle import _C_ops
@@ -29,22 +32,88 @@ def _conv_args(ctx):
     return ([ctx.stride] * 2, [ctx.padding] * 2, "EXPLICIT", [1, 1], ctx.groups, "NCHW")
 
 
-# While a benchmark records, every native convolution call appends (kernel, argument shapes, settings),
-# so the same kernels can be replayed bare and the time outside them measured (tools/benchmark.py).
+# Paddle's CPU convolution runs on one core (its im2col + small GEMMs do not use MKL's threads), and
+# the machine this was tuned on has two. Each native convolution call is therefore split in two
+# independent halves run at once: one in a worker thread (Paddle releases the GIL inside kernels) and
+# one in the calling thread. Large batches split on the batch axis (contiguous halves: the forward
+# output and the input gradient are concatenated, the weight gradients added); small batches (the
+# support set) split on the task groups, which balances 5 images better than 3 + 2. The halves see
+# detached tensors: every derivative here goes through the PyLayers, never through the native ops.
+# MAML_CONV_THREADS=1 turns the splitting off (e.g. on a machine whose other core is busy).
+CONV_THREADS = int(os.environ.get("MAML_CONV_THREADS", min(2, os.cpu_count() or 1)))
+_BATCH_SPLIT_MIN = 8
+_executor = None
+
+
+def _submit(fn, *args):
+    global _executor
+    if _executor is None:
+        _executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="conv")
+    return _executor.submit(fn, *args)
+
+
+def _split_plan(n, groups):
+    """'batch', 'groups' or None: how to cut one convolution call in two."""
+    if CONV_THREADS < 2:
+        return None
+    if n >= _BATCH_SPLIT_MIN:
+        return "batch"
+    if groups % 2 == 0:
+        return "groups"
+    return "batch" if n >= 2 else None
+
+
+def _run_conv(x, w, args):
+    x, w = x.detach(), w.detach()
+    plan = _split_plan(x.shape[0], args[4])
+    if plan == "batch":
+        h = (x.shape[0] + 1) // 2
+        other = _submit(_C_ops.conv2d, x[h:], w, *args)
+        return paddle.concat([_C_ops.conv2d(x[:h], w, *args), other.result()], axis=0)
+    if plan == "groups":
+        half, ci, co = args[4] // 2, x.shape[1] // 2, w.shape[0] // 2
+        sub = args[:4] + (half,) + args[5:]
+        other = _submit(_C_ops.conv2d, x[:, ci:], w[co:], *sub)
+        return paddle.concat([_C_ops.conv2d(x[:, :ci], w[:co], *sub), other.result()], axis=1)
+    return _C_ops.conv2d(x, w, *args)
+
+
+def _run_conv_grad(x, w, dy, args):
+    x, w, dy = x.detach(), w.detach(), dy.detach()
+    plan = _split_plan(x.shape[0], args[4])
+    if plan == "batch":
+        h = (x.shape[0] + 1) // 2
+        other = _submit(_C_ops.conv2d_grad, x[h:], w, dy[h:], *args)
+        dx0, dw0 = _C_ops.conv2d_grad(x[:h], w, dy[:h], *args)
+        dx1, dw1 = other.result()
+        return paddle.concat([dx0, dx1], axis=0), dw0 + dw1
+    if plan == "groups":
+        half, ci, co = args[4] // 2, x.shape[1] // 2, w.shape[0] // 2
+        sub = args[:4] + (half,) + args[5:]
+        other = _submit(_C_ops.conv2d_grad, x[:, ci:], w[co:], dy[:, co:], *sub)
+        dx0, dw0 = _C_ops.conv2d_grad(x[:, :ci], w[:co], dy[:, :co], *sub)
+        dx1, dw1 = other.result()
+        return paddle.concat([dx0, dx1], axis=1), paddle.concat([dw0, dw1], axis=0)
+    return _C_ops.conv2d_grad(x, w, dy, *args)
+
+
+# While a benchmark records, every convolution call appends (kernel, argument shapes, settings), so the
+# same calls can be replayed bare, split and threaded exactly as above, and the time outside them
+# measured (tools/benchmark.py).
 _recorded_calls = None
 
 
 def _conv(x, w, ctx):
     if _recorded_calls is not None:
         _recorded_calls.append(("conv2d", (x.shape, w.shape), _conv_args(ctx)))
-    return _C_ops.conv2d(x, w, *_conv_args(ctx))
+    return _run_conv(x, w, _conv_args(ctx))
 
 
 def _conv_grad(x, w, dy, ctx):
-    """Native (d/dx, d/dw) of sum(dy * conv(x, w)); one kernel call gives both."""
+    """Native (d/dx, d/dw) of sum(dy * conv(x, w)); one kernel call (per half) gives both."""
     if _recorded_calls is not None:
         _recorded_calls.append(("conv2d_grad", (x.shape, w.shape, dy.shape), _conv_args(ctx)))
-    return _C_ops.conv2d_grad(x, w, dy, *_conv_args(ctx))
+    return _run_conv_grad(x, w, dy, _conv_args(ctx))
 
 
 class recording_convolutions:
@@ -76,12 +145,12 @@ def replay_seconds(calls, dtype, repeats=3):
         return pool[key]
 
     inputs = [[tensor(shape) for shape in shapes] for _, shapes, _ in calls]
-    kernels = {"conv2d": _C_ops.conv2d, "conv2d_grad": _C_ops.conv2d_grad}
+    kernels = {"conv2d": _run_conv, "conv2d_grad": _run_conv_grad}
     times = []
     for _ in range(repeats + 1):  # the first round warms up
         start = time.perf_counter()
         for (kind, _, args), tensors in zip(calls, inputs):
-            kernels[kind](*tensors, *args)
+            kernels[kind](*tensors, args)
         times.append(time.perf_counter() - start)
     return sorted(times[1:])[len(times[1:]) // 2]
 
