@@ -26,7 +26,7 @@ if not __package__:  # run as a script, not imported as tools.<name>
 from tools.utils.checkpoint import PARAMS_FILE, load_checkpoint  # noqa: E402
 from tools.utils.cli import config_arg_parser, run_tool  # noqa: E402
 from tools.utils.console import format_infer_values, format_values, log, progress_bar, warn  # noqa: E402
-from tools.utils.data import count_samples, create_data_loader, expected_batches, loader_batch_size  # noqa: E402
+from tools.utils.data import batches_then_none, count_samples, create_data_loader, expected_batches, loader_batch_size  # noqa: E402
 from tools.utils.device import select_device  # noqa: E402
 from tools.utils.distributed import merged_results, setup_data_parallel  # noqa: E402
 from tools.utils.metric_values import scalar_dict  # noqa: E402
@@ -70,10 +70,10 @@ def evaluate(model_obj, model, config, epoch, loader, parallel, batch_size):
     metrics, names = model_obj.create_metrics()
     batches = samples = 0
     bar = progress_bar(expected_batches(loader), f"infer epoch {epoch}")
-    batch_iterator = iter(loader)
+    batch_iterator = batches_then_none(loader)
     batch_id = 0
     while True:
-        batch = next(batch_iterator, None)
+        batch = next(batch_iterator)
         own_samples, print_dict = 0, {}
         if batch is not None:
             metrics, print_dict = model_obj.infer_forward(model, metrics, batch, config)

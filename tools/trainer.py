@@ -28,7 +28,7 @@ if not __package__:  # run as a script, not imported as tools.<name>
 from tools.utils.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_meta, save_checkpoint  # noqa: E402
 from tools.utils.cli import config_arg_parser, run_tool  # noqa: E402
 from tools.utils.console import format_train_line, format_values, log, progress_bar, warn  # noqa: E402
-from tools.utils.data import count_samples, create_data_loader, expected_batches, loader_batch_size  # noqa: E402
+from tools.utils.data import batches_then_none, count_samples, create_data_loader, expected_batches, loader_batch_size  # noqa: E402
 from tools.utils.device import cpu_thread_count, select_device  # noqa: E402
 from tools.utils.distributed import merged_results, setup_data_parallel  # noqa: E402
 from tools.utils.metric_values import scalar_dict, to_scalar  # noqa: E402
@@ -99,20 +99,13 @@ class TrainingRun:
     parallel: object  # tools.utils.distributed.DataParallel
 
 
-def mismatch_error(config, epoch, batch_id, active, world_size):
-    """Ranks ran out of batches at different times: their readers gave them different counts."""
-    idle = [rank for rank in range(world_size) if rank not in active]
-    return config.error("runner.train_reader_path", f"epoch {epoch}, batch {batch_id}: rank(s) {idle} had no batch "
-                        f"left while rank(s) {active} had one; data-parallel training needs the same number of "
-                        "batches on every rank (e.g. make the samples per epoch a multiple of runner.train_batch_size)")
-
-
 def run_epoch(run, epoch, loader):
     """Train one epoch; return (summary values, batches, samples, seconds).
 
     In a data-parallel run all ranks go through this loop in step: one
     gradient all-reduce per batch (which also tells every rank when all are
-    out of batches), and the metric merges at the log lines and at the end.
+    out of batches; a rank with none left contributes nothing and still
+    steps), and the metric merges at the log lines and at the end.
     """
     model_obj, model, optimizer, config = run.model_obj, run.model, run.optimizer, run.config
     parallel = run.parallel
@@ -128,10 +121,10 @@ def run_epoch(run, epoch, loader):
     epoch_start = time.perf_counter()
     bar = progress_bar(expected_batches(loader), f"epoch {epoch}")
     batch_start = time.perf_counter()
-    batch_iterator = iter(loader)
+    batch_iterator = batches_then_none(loader)
     batch_id = 0
     while True:
-        batch = next(batch_iterator, None)
+        batch = next(batch_iterator)
         if batch is None and not parallel.enabled:
             break
         reader_cost = time.perf_counter() - batch_start
@@ -149,8 +142,8 @@ def run_epoch(run, epoch, loader):
                 model.parameters(), own_samples, loss, f"epoch {epoch}, batch {batch_id}: gradient all-reduce")
             if not active:
                 break  # every rank is out of batches
-            if len(active) < parallel.world_size:
-                raise mismatch_error(config, epoch, batch_id, active, parallel.world_size)
+            # A rank whose share of this batch was empty (a last batch smaller
+            # than the world size) received the others' mean and steps too.
         else:
             batch_samples, loss_value = own_samples, to_scalar(loss)
         # -------------------------------------------------------------------

@@ -96,6 +96,18 @@ def create_data_loader(config, mode, rank=0, world_size=1, epoch=0):
                                 return_list=True, drop_last=False)
 
 
+def batches_then_none(loader):
+    """The loader's batches, then None for ever.
+
+    Data-parallel ranks keep stepping together after their own batches run
+    out (to learn that the others are done too); a finished paddle DataLoader
+    iterator must not be asked again (it raises std::future_error).
+    """
+    yield from loader
+    while True:
+        yield None
+
+
 def expected_batches(loader):
     """Number of batches the loader will give, or None when unknown.
 
