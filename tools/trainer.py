@@ -203,6 +203,8 @@ def train(args):
     optimizer = model_obj.create_optimizer(model, config)
     init_path = init_path_of(config, save_dir, parallel)
     start_epoch, step = resume(config, model, optimizer, init_path)
+    # Like paddle.DataParallel: start every rank from rank 0's parameters.
+    parallel.broadcast_state(model, "sharing rank 0's parameters")
     if start_epoch >= epochs:
         warn(f"nothing to train: the run already reached runner.epochs={epochs} "
              f"(raise it with -o runner.epochs=N to train more)")

@@ -156,6 +156,18 @@ class DataParallel:
             raise DistributedError(f"the ranks disagree on {what} ({listing})")
         return values[0]
 
+    def broadcast_state(self, model, label):
+        """Give every rank rank 0's parameters and buffers (they should already agree: same seed or checkpoint)."""
+        if not self.enabled:
+            return
+        import paddle
+        import paddle.distributed as dist
+
+        self.barrier(label)
+        with paddle.no_grad():
+            for tensor in model.state_dict().values():
+                self._collective(label, lambda tensor=tensor: dist.broadcast(tensor, src=0))
+
     # ----- one training step -----
     def sync_gradients(self, parameters, samples, loss, label):
         """Average the gradients over the ranks, weighted by their samples; one all-reduce.
