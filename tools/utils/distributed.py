@@ -14,12 +14,12 @@ processes, NCCL between GPUs (Paddle's choice for the device). Then:
   a batch), so every rank applies the same update and one step on N ranks is
   one single-process step on the union of their samples;
 - metrics are combined with the optional metric methods state() and
-  merge_states(states) (merged_metric_results), and rank 0 reports.
+  merge_states(states) (merged_results), and rank 0 reports.
 
 Gloo gives up on a collective after 30 s if a peer has not joined it (a
 fixed limit in this Paddle build; NCCL's is PADDLE_PG_TIMEOUT, 30 min). Where
 ranks can legitimately drift far apart (building the data, rank 0 writing a
-checkpoint, the start and end of every epoch and evaluation) barrier() first
+checkpoint: the start of every epoch and evaluation) barrier() first
 waits on the launcher's rendezvous store, up to runner.sync_timeout, and
 names the ranks that did not arrive. Inside an epoch the ranks meet at every
 batch and do the same work, so the per-batch collectives go straight to the
