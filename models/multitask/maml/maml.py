@@ -39,7 +39,7 @@ def adapt(model, params, x, y, steps, lr, first_order):
 # Tasks of a meta-batch are independent (each owns its parameter copy), so the meta-gradient is a sum over
 # tasks and can be computed a few tasks at a time: memory then scales with the chunk, not the meta-batch
 # (a 32-task query activation is 480 MB per tensor), and the same total kernel work is done.
-TASKS_PER_CHUNK = 8
+TASKS_PER_CHUNK = 4
 
 
 def meta_gradients(model, episode, steps, lr, first_order, tasks_per_chunk=None):
