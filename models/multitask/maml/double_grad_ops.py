@@ -198,7 +198,7 @@ class _Conv2DGrad(PyLayer):
         d_x = d_w = None
         if ddw is not None and ddx is not None:
             d_x, d_w = _conv_grad(ddx, ddw, dy, ctx)
-        elif ddw is not None:
+        elif ddw is not None and not x.stop_gradient:  # the first layer's input (data) takes none
             d_x = _conv_grad(x, ddw, dy, ctx)[0]
         elif ddx is not None:
             d_w = _conv_grad(ddx, w, dy, ctx)[1]
@@ -302,16 +302,16 @@ class _BatchNormGrad(PyLayer):
         Ag_mean = (dA * g).mean(axis=[0, 2, 3])
 
         d_g = dx_A + _bn_forward(x, B, C, s.eps)[0]
-        d_gamma = m * r * (Ag_mean - A_mean * g_mean - q * a)
-
-        c1 = -gamma * r * r * q
-        c2 = r * (B - gamma * r * a)
-        c3 = r * (3.0 * gamma * r * a * q - B * q - gamma * r * (Ag_mean - g_mean * A_mean))
+        # With D = <A g> - Am <g> - q a: d/dgamma = m r D, and the coefficients above simplify to
+        # c1 / r = -gamma r q, c2 / r = B - gamma r a, c3 + c1 a + c2 q = -gamma r^2 D (fewer tiny ops).
+        D = Ag_mean - A_mean * g_mean - q * a
+        gr = gamma * r
+        d_gamma = (m * r) * D
         # c1 (A - Am) = bn_grad(A; scale=c1/r) + c1 a x_hat, and likewise c2 (g - <g>) with q:
         d_x = (
-            _bn_backward(x, c1 / r, dA, s)[0]
-            + _bn_backward(x, c2 / r, g, s)[0]
-            + _bn_forward(x, c3 + c1 * a + c2 * q, zeros, s.eps)[0]
+            _bn_backward(x, -gr * q, dA, s)[0]
+            + _bn_backward(x, B - gr * a, g, s)[0]
+            + _bn_forward(x, -(gr * r) * D, zeros, s.eps)[0]
         )
         return _needed((x, gamma, g), (d_x, d_gamma, d_g))
 
