@@ -39,7 +39,7 @@ RUNNER_DEFAULTS = {
     "runner.infer_reader_path": RunnerKey(None, str, "Reader module for evaluation, relative to the config folder (importlib name, .py optional)."),
     "runner.seed": RunnerKey(2026, int, "Seed for random, numpy and paddle; each epoch reseeds from it so resumed runs match uninterrupted ones."),
     "runner.deterministic": RunnerKey(True, bool, "Set FLAGS_cudnn_deterministic=1 before Paddle starts."),
-    "runner.num_threads": RunnerKey(0, int, "CPU threads for Paddle; 0 means all cores."),
+    "runner.num_threads": RunnerKey(0, int, "CPU threads for Paddle; 0 means all cores (divided among the data-parallel processes of a host)."),
     "runner.metrics_path": RunnerKey("", str, "JSON-lines metrics file of a training run. Empty: metrics.jsonl inside runner.model_save_path."),
     "runner.use_fleet": RunnerKey(False, bool, "Data-parallel training and evaluation over the processes of python -m paddle.distributed.launch (see doc/distributed.md). True without a launcher is an error."),
     "runner.sync_timeout": RunnerKey(1800, int, "Data-parallel runs: seconds a rank waits for the others at the start of each epoch or evaluation before failing with an error naming the missing ranks (inside an epoch the backend's own limit applies, see doc/distributed.md)."),
