@@ -8,6 +8,12 @@ builds the model, optimizer and metrics and computes the loss; this tool
 owns epochs, checkpoints, logging and the metrics file, and knows nothing
 about any particular model.
 
+Validation (runner.valid_data_dir set): after the checkpoint of every
+runner.valid_interval-th epoch (and of the last one), the plugin's
+infer_forward runs over the validation data through the same evaluation
+loop as infer.py; the best epoch by runner.valid_metric goes into
+<runner.model_save_path>/best.json (tools/utils/model_selection.py).
+
 Data-parallel (doc/distributed.md):
     python -m paddle.distributed.launch --nproc_per_node N tools/trainer.py -m <config> -o runner.use_fleet=True
 Each rank trains on its share of every batch; gradients are averaged after
@@ -31,9 +37,11 @@ from tools.utils.console import format_train_line, format_values, log, progress_
 from tools.utils.data import batches_then_none, count_samples, create_data_loader, expected_batches, loader_batch_size  # noqa: E402
 from tools.utils.device import cpu_thread_count, select_device  # noqa: E402
 from tools.utils.distributed import merged_results, setup_data_parallel  # noqa: E402
+from tools.utils.evaluation import evaluate, evaluation_loader, format_results, validation_config, validation_enabled  # noqa: E402
 from tools.utils.metric_values import scalar_dict, to_scalar  # noqa: E402
 from tools.utils.metrics_log import MetricsLog, NoMetricsLog  # noqa: E402
-from tools.utils.plugin import load_model_plugin  # noqa: E402
+from tools.utils.model_selection import BEST_FILE, MODES, ModelSelection  # noqa: E402
+from tools.utils.plugin import evaluation_note, load_model_plugin  # noqa: E402
 from tools.utils.runtime import environment_snapshot, epoch_seed, seed_everything  # noqa: E402
 from tools.utils.startup import load_run_config  # noqa: E402
 from tools.utils.timing import IntervalStats  # noqa: E402
@@ -97,6 +105,7 @@ class TrainingRun:
     batch_size: int  # of this rank's loader
     step: int  # global batch count, continued across a resume
     parallel: object  # tools.utils.distributed.DataParallel
+    seed: int  # runner.seed
 
 
 def run_epoch(run, epoch, loader):
@@ -182,8 +191,115 @@ def run_epoch(run, epoch, loader):
     return summary, batches, samples, time.perf_counter() - epoch_start
 
 
+@dataclass
+class Validation:
+    """Validation settings of a run (runner.valid_*) and the best epoch so far."""
+    config: dict  # the config view the reader and the plugin see (tools.utils.evaluation.validation_config)
+    interval: int
+    metric: str
+    mode: str
+    batch_size: int  # of this rank's loader
+    selection: ModelSelection
+
+    @classmethod
+    def from_config(cls, config, save_dir, world_size):
+        """None when runner.valid_data_dir is empty; the checked settings otherwise."""
+        if not validation_enabled(config):
+            return None
+        interval = config.require("runner.valid_interval", int)
+        if interval < 1:
+            raise config.error("runner.valid_interval", f"must be at least 1, got {interval}")
+        metric = config.require("runner.valid_metric", str)
+        if not metric:
+            raise config.error("runner.valid_metric", "must name a validation result, e.g. acc")
+        mode = config.require("runner.valid_mode", str)
+        if mode not in MODES:
+            raise config.error("runner.valid_mode", f"expected one of {', '.join(MODES)}, got {mode!r}")
+        view = validation_config(config)
+        tasks = view.get("runner.infer_tasks")
+        settings = {"valid_data_dir": config.resolve_path("runner.valid_data_dir"), "valid_tasks": tasks}
+        selection = ModelSelection(os.path.join(save_dir, BEST_FILE), metric, mode, settings)
+        return cls(view, interval, metric, mode, loader_batch_size(view, "valid", world_size), selection)
+
+    def due(self, epoch, epochs) -> bool:
+        return (epoch + 1) % self.interval == 0 or epoch == epochs - 1
+
+    def best_text(self) -> str:
+        best = self.selection.best
+        if best is None:
+            return f"none (no finite validation {self.metric})"
+        return f"{best['epoch']} by validation {self.metric} ({self.mode}): {format_results(best['values'])}"
+
+
+def prepare_selection(validation, save_dir, start_epoch, resumed, is_main):
+    """Bring best.json in line with this run (rank 0 only writes).
+
+    A fresh start removes the best.json of an earlier run in the same folder
+    (its checkpoints are overwritten now); a resumed run keeps the results of
+    the epochs before start_epoch. Returns the selection to continue (None
+    without validation).
+    """
+    path = os.path.join(save_dir, BEST_FILE)
+    if not is_main:
+        return validation and validation.selection
+    if not resumed:
+        if os.path.isfile(path):
+            os.remove(path)
+            log(f"removed {path} of an earlier run (a fresh start overwrites its checkpoints)")
+        return validation and validation.selection
+    if validation is None:
+        selection, notes, warnings = ModelSelection.resume(path, None, None, None, start_epoch)
+    else:
+        old = validation.selection
+        selection, notes, warnings = ModelSelection.resume(path, old.metric, old.mode, old.settings, start_epoch)
+    for line in notes:
+        log(line)
+    for line in warnings:
+        warn(line)
+    if os.path.isfile(path) and notes:  # results of epochs that are trained again were dropped, or re-selected
+        if selection.history:
+            selection.save()
+        else:
+            os.remove(path)
+    if selection.best is not None:
+        log(f"best epoch so far (from {path}): {selection.best['epoch']}, "
+            f"{format_results({selection.metric: selection.best_value})}")
+    return selection if validation is not None else None
+
+
+def validate(run, validation, epoch, folder):
+    """Evaluate the model after `epoch` on the validation data; log, record, and keep the best."""
+    parallel = run.parallel
+    start = time.perf_counter()
+    loader = evaluation_loader(validation.config, "valid", parallel.rank, parallel.world_size, run.seed)
+    values, batches, samples = evaluate(run.model_obj, run.model, validation.config, epoch, loader, parallel,
+                                        validation.batch_size, name="valid")
+    # Evaluation may leave gradients (MAML adapts with them); the next epoch starts clean.
+    run.optimizer.clear_grad()
+    seconds = time.perf_counter() - start
+    selection = validation.selection
+    is_best = selection.add(epoch, folder, values)
+    if is_best:
+        verdict = "new best"
+    elif selection.best is not None:
+        verdict = f"best is epoch {selection.best['epoch']} ({format_results({validation.metric: selection.best_value})})"
+    else:
+        verdict = f"no best yet (no finite {validation.metric})"
+    log(f"valid epoch {epoch}: {format_results(values)}; {verdict}")
+    best_epoch = selection.best["epoch"] if selection.best is not None else None
+    run.metrics_log.write("valid", {"epoch": epoch, "step": run.step, "checkpoint": folder},
+                          {**values, "batches": batches, "samples": samples, "seconds": round(seconds, 3),
+                           "best_epoch": best_epoch})
+    if validation.metric not in values:
+        raise run.config.error("runner.valid_metric", f"{validation.metric!r} is not among the validation results "
+                               f"({', '.join(values) or 'none'}); the checkpoint of epoch {epoch} is saved, resume "
+                               "with -o runner.model_init_path=auto and another runner.valid_metric")
+    if parallel.is_main:
+        selection.save()
+
+
 def train(args):
-    config, _ = load_run_config(args.config, args.overrides)
+    config, plugin_module = load_run_config(args.config, args.overrides)
     epochs = config.require("runner.epochs", int)
     print_interval = config.require("runner.print_interval", int)
     if print_interval < 1:
@@ -196,6 +312,8 @@ def train(args):
     parallel = setup_data_parallel(config, device)
     rank, world_size = parallel.rank, parallel.world_size
     batch_size = loader_batch_size(config, "train", world_size)
+    validation = Validation.from_config(config, save_dir, world_size)
+    note = evaluation_note(plugin_module) if validation else None
     # Every rank seeds alike: identical initial parameters on all ranks.
     seed_everything(seed)
     model_obj = load_model_plugin(config)
@@ -210,11 +328,17 @@ def train(args):
              f"(raise it with -o runner.epochs=N to train more)")
         return
 
-    # The first loader is built before anything is written, so a bad data
-    # folder or reader fails without leaving a metrics file behind.
+    # The first loaders are built before anything is written, so a bad data
+    # folder or reader fails without leaving a metrics file behind. (The
+    # validation loader is only a check here: each validation builds its own.)
+    if validation is not None:
+        evaluation_loader(validation.config, "valid", rank, world_size, seed)
     seed_everything(epoch_seed(seed, start_epoch))
     loader = create_data_loader(config, "train", rank, world_size, epoch=start_epoch)
     resumed = init_path is not None
+    selection = prepare_selection(validation, save_dir, start_epoch, resumed, parallel.is_main)
+    if validation is not None:
+        validation.selection = selection
     # Only rank 0 writes the metrics file and the checkpoints.
     metrics_log = MetricsLog(metrics_path, append=resumed) if parallel.is_main else NoMetricsLog()
     metrics_log.write("start", {
@@ -222,10 +346,15 @@ def train(args):
         "threads": cpu_thread_count(config), "seed": seed, "start_epoch": start_epoch, "epochs": epochs,
         "step": step, "resumed_from": init_path, "world_size": world_size,
         "environment": environment_snapshot()})
-    run = TrainingRun(model_obj, model, optimizer, config, metrics_log, print_interval, batch_size, step, parallel)
+    run = TrainingRun(model_obj, model, optimizer, config, metrics_log, print_interval, batch_size, step, parallel,
+                      seed)
     ranks = f", {world_size} data-parallel ranks of {batch_size} samples per batch" if parallel.enabled else ""
     log(f"training {config.path} on {device} ({cpu_thread_count(config)} CPU threads{ranks}), "
         f"epochs {start_epoch}-{epochs - 1}, seed {seed}")
+    if validation is not None:
+        every = "every epoch" if validation.interval == 1 else f"every {validation.interval} epochs and the last"
+        log(f"validation: {validation.config.resolve_path('runner.test_data_dir')}, {every}; "
+            f"best epoch by {validation.metric} ({validation.mode}) in {validation.selection.path}")
     run_start = time.perf_counter()
     summary = {}
     with metrics_log:
@@ -244,9 +373,15 @@ def train(args):
             metrics_log.write("epoch", {"epoch": epoch, "step": run.step, "batches": batches,
                                         "samples": samples, "seconds": round(seconds, 3)},
                               {**summary, "checkpoint": folder})
+            if validation is not None and validation.due(epoch, epochs):
+                validate(run, validation, epoch, folder)
     total = time.perf_counter() - run_start
     log(f"training done: epochs {start_epoch}-{epochs - 1} ({epochs - start_epoch} run) in {total:.1f} s on {device}")
     log(f"last epoch: {format_values(summary)}")
+    if validation is not None:
+        log(f"best epoch: {validation.best_text()}; {validation.selection.path}")
+        if note:
+            log(f"evaluation: {note}")
     log(f"checkpoints: {os.path.join(save_dir, '<epoch>')} (rec.pdparams, rec.pdopt); metrics: {metrics_path}")
 
 

@@ -33,6 +33,7 @@ RUNNER_DEFAULTS = {
     "runner.infer_load_path": RunnerKey("", str, "Folder holding the epoch checkpoints to evaluate. Empty: runner.model_save_path."),
     "runner.infer_start_epoch": RunnerKey(0, int, "First checkpoint epoch evaluated by infer."),
     "runner.infer_end_epoch": RunnerKey(None, int, "Checkpoint epoch where infer stops (exclusive). Unset: runner.epochs."),
+    "runner.infer_best": RunnerKey(False, bool, "infer evaluates only the epoch named in best.json of the infer load folder (written by training with validation), instead of runner.infer_start_epoch/runner.infer_end_epoch."),
     "runner.train_data_dir": RunnerKey(None, str, "Folder whose entries (sorted, absolute paths) are handed to the training reader."),
     "runner.test_data_dir": RunnerKey(None, str, "Folder whose entries (sorted, absolute paths) are handed to the evaluation reader."),
     "runner.train_reader_path": RunnerKey(None, str, "Reader module for training, relative to the config folder (importlib name, .py optional)."),
@@ -46,6 +47,11 @@ RUNNER_DEFAULTS = {
     "runner.use_auc": RunnerKey(False, bool, "PaddleRec key, accepted and unused."),
     "runner.tasks_per_epoch": RunnerKey(None, int, "Read by readers: training samples or tasks per epoch (reader's own default when unset)."),
     "runner.infer_tasks": RunnerKey(None, int, "Read by readers: evaluation samples or tasks (reader's own default when unset)."),
+    "runner.valid_data_dir": RunnerKey("", str, "Validation data folder, read by the evaluation reader (runner.infer_reader_path) like runner.test_data_dir. Empty: no validation during training."),
+    "runner.valid_interval": RunnerKey(1, int, "Validate after every this many epochs (epochs N-1, 2N-1, ...); the last epoch is always validated."),
+    "runner.valid_tasks": RunnerKey(None, int, "Validation samples or tasks; the reader sees it as runner.infer_tasks. Unset: runner.infer_tasks."),
+    "runner.valid_metric": RunnerKey("acc", str, "Validation result (a key as logged, e.g. acc) that selects the best epoch, recorded in best.json of runner.model_save_path."),
+    "runner.valid_mode": RunnerKey("max", str, "max: the highest runner.valid_metric is best; min: the lowest. Ties keep the earlier epoch."),
 }
 
 # Keys the loader computes; never read from YAML or -o.
@@ -159,6 +165,25 @@ class Config(dict):
             self[key] = convert_value(text, self.key_types[key], none_allowed)
         except ValueError as reason:
             raise self.error(f"-o {key}", str(reason)) from None
+
+
+class ConfigView(Config):
+    """A copy of a config with some keys replaced, for code that reads fixed keys.
+
+    Validation hands the evaluation reader a view in which runner.test_data_dir
+    and runner.infer_tasks hold the validation settings. `aliases` maps a
+    replaced key to the key the user really set, so config.error() names that.
+    """
+
+    def __init__(self, base, replacements, aliases=None):
+        dict.__init__(self, base)
+        self.path = base.path
+        self.key_types = dict(base.key_types)
+        self.update(replacements)
+        self.aliases = dict(aliases or {})
+
+    def error(self, key_or_path, message) -> UserError:
+        return super().error(self.aliases.get(key_or_path, key_or_path), message)
 
 
 def read_yaml_mapping(path):

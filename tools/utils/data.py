@@ -5,6 +5,11 @@ Reader contract (PaddleRec's): the module defines
 `RecDataset(file_list, config)`, plus `mode=` when its constructor takes it.
 Optional hook `set_epoch(epoch)` is called when the dataset defines it;
 `shard(rank, world_size)` is called in data-parallel runs, which need it.
+
+Validation ("valid") uses the evaluation reader and batch size on
+runner.valid_data_dir. The reader gets mode="valid" only if RecDataset
+declares it in a MODES attribute (e.g. MODES = ("train", "infer", "valid"));
+otherwise mode="infer", since older readers know only train and infer.
 """
 import inspect
 import math
@@ -16,7 +21,16 @@ from tools.utils.plugin import import_from_config_folder
 MODE_KEYS = {
     "train": ("runner.train_data_dir", "runner.train_batch_size", "runner.train_reader_path"),
     "infer": ("runner.test_data_dir", "runner.infer_batch_size", "runner.infer_reader_path"),
+    "valid": ("runner.valid_data_dir", "runner.infer_batch_size", "runner.infer_reader_path"),
 }
+
+
+def reader_mode(dataset_class, mode):
+    """The mode= a RecDataset is built with: "valid" falls back to "infer"
+    unless the class lists "valid" in its MODES attribute."""
+    if mode == "valid" and "valid" not in tuple(getattr(dataset_class, "MODES", ())):
+        return "infer"
+    return mode
 
 
 def list_data_files(config, dir_key):
@@ -47,7 +61,7 @@ def create_dataset(config, mode, rank=0, world_size=1, epoch=0):
     if dataset_class is None:
         raise config.error(reader_key, f"{reader.__file__} defines no class RecDataset")
     if "mode" in inspect.signature(dataset_class).parameters:
-        dataset = dataset_class(file_list, config, mode=mode)
+        dataset = dataset_class(file_list, config, mode=reader_mode(dataset_class, mode))
     else:
         dataset = dataset_class(file_list, config)
     if hasattr(dataset, "set_epoch"):

@@ -127,3 +127,15 @@ def load_model_plugin(config):
     if plugin_class is None:
         raise UserError(f"{module.__file__}: no class DygraphModel defined")
     return plugin_class()
+
+
+def evaluation_note(module):
+    """The plugin's EVALUATION_NOTE (a string saying how it evaluates, printed once by infer and
+    validation summaries), or None."""
+    note = getattr(module, "EVALUATION_NOTE", None)
+    if note is None:
+        return None
+    if not isinstance(note, str):
+        raise UserError(f"{module.__file__}: EVALUATION_NOTE must be a string, got {type(note).__name__}")
+    note = " ".join(note.split())
+    return note or None

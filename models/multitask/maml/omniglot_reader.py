@@ -26,7 +26,9 @@ OMNIGLOT_DRAWINGS = 20  # drawings per character in Omniglot
 ROTATIONS = 4  # 0/90/180/270 degrees when hyper_parameters.rotations is true
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 CACHE_VERSION = 1  # bump when the decoded format changes
-_MODES = {"train": 0, "infer": 1, "test": 1}  # "test": PaddleRec's name of the infer data
+# "test": PaddleRec's name of the infer data. "valid": validation during training (the tools pass it
+# because MODES lists it); its own task stream, so validation tasks are not the test tasks even on one folder.
+_MODES = {"train": 0, "infer": 1, "test": 1, "valid": 2}
 
 # Which images (global indices into image_paths) and classes one task uses,
 # in the order of the yielded arrays.
@@ -58,6 +60,8 @@ class RecDataset(paddle.io.IterableDataset):
     len() and num_tasks (tasks of this rank per epoch), num_batches, num_characters,
     num_classes, image_paths, class_dirs, cache_path, cache_status.
     """
+
+    MODES = tuple(_MODES)  # the modes this reader accepts (tools/utils/data.py reads it)
 
     def __init__(self, file_list, config, mode="train"):
         super().__init__()
