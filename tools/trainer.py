@@ -37,6 +37,7 @@ from tools.utils.console import format_train_line, format_values, log, progress_
 from tools.utils.data import batches_then_none, count_samples, create_data_loader, expected_batches, loader_batch_size  # noqa: E402
 from tools.utils.device import cpu_thread_count, select_device  # noqa: E402
 from tools.utils.distributed import merged_results, setup_data_parallel  # noqa: E402
+from tools.utils.errors import UserError  # noqa: E402
 from tools.utils.evaluation import evaluate, evaluation_loader, format_results, validation_config, validation_enabled  # noqa: E402
 from tools.utils.metric_values import scalar_dict, to_scalar  # noqa: E402
 from tools.utils.metrics_log import MetricsLog, NoMetricsLog  # noqa: E402
@@ -231,6 +232,13 @@ class Validation:
         return f"{best['epoch']} by validation {self.metric} ({self.mode}): {format_results(best['values'])}"
 
 
+def remove_file(path):
+    try:
+        os.remove(path)
+    except OSError as reason:
+        raise UserError(f"{path}: cannot remove: {reason.strerror}") from None
+
+
 def prepare_selection(validation, save_dir, start_epoch, resumed, is_main):
     """Bring best.json in line with this run (rank 0 only writes).
 
@@ -244,7 +252,7 @@ def prepare_selection(validation, save_dir, start_epoch, resumed, is_main):
         return validation and validation.selection
     if not resumed:
         if os.path.isfile(path):
-            os.remove(path)
+            remove_file(path)
             log(f"removed {path} of an earlier run (a fresh start overwrites its checkpoints)")
         return validation and validation.selection
     if validation is None:
@@ -260,7 +268,7 @@ def prepare_selection(validation, save_dir, start_epoch, resumed, is_main):
         if selection.history:
             selection.save()
         else:
-            os.remove(path)
+            remove_file(path)
     if selection.best is not None:
         log(f"best epoch so far (from {path}): {selection.best['epoch']}, "
             f"{format_results({selection.metric: selection.best_value})}")
