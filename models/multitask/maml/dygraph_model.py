@@ -25,6 +25,10 @@ CONFIG_DEFAULTS = {
     "hyper_parameters.rotations": False,  # read by omniglot_reader.py: 4 rotated classes per character
 }
 
+# Printed once by infer and validation summaries: how these accuracies were measured.
+EVALUATION_NOTE = ("query accuracy after update_step_test SGD steps on each task's support set, batch norm with "
+                   "each task's own batch statistics (transductive, as in MAML); mean over all tasks, 95% CI")
+
 # tools/benchmark.py times one meta-iteration per variant (first the one a ratio is taken against).
 BENCHMARK_VARIANTS = [{"hyper_parameters.first_order": True}, {"hyper_parameters.first_order": False}]
 
