@@ -247,11 +247,26 @@ class _BNStats:
         self.mean, self.inv_std, self.beta, self.eps, self.count = mean, inv_std, beta, eps, count
 
 
+_constants = {}
+
+
+def _constant(kind, channels, dtype):
+    """A cached per-channel vector: "zeros"/"ones" are read-only constants; "running_mean"/"running_var" are
+    scratch buffers the native batch_norm updates in place (training mode never reads them). Creating them
+    per call was two extra ops for every batch-norm kernel (~500 per second-order meta-iteration)."""
+    key = (kind, channels, dtype)
+    value = _constants.get(key)
+    if value is None:
+        fill = paddle.zeros if kind in ("zeros", "running_mean") else paddle.ones
+        value = _constants[key] = fill([channels], dtype=dtype)
+    return value
+
+
 def _bn_forward(x, scale, bias, eps):
     """(scale * x_hat + bias, mean, 1/std) with x_hat normalised by the batch statistics of x."""
     channels = x.shape[1]
-    running_mean = paddle.zeros([channels], dtype=x.dtype)
-    running_var = paddle.ones([channels], dtype=x.dtype)
+    running_mean = _constant("running_mean", channels, x.dtype)
+    running_var = _constant("running_var", channels, x.dtype)
     out, _, _, mean, inv_std, _ = _C_ops.batch_norm(
         x, running_mean, running_var, scale, bias, False, 0.9, eps, "NCHW", False, False
     )
@@ -285,8 +300,8 @@ def _channel_dot(a, b, stats):
     """Per-channel sum(a * b) over N, H, W. A reduction op (`(a * b).sum(axis=[0, 2, 3])`) is ~4x slower on
     CPU than batch_norm_grad, whose scale gradient is sum(dy * (x - mean) * inv_std): with x = b, mean 0
     and inv_std 1 that is exactly sum(a * b)."""
-    zeros = paddle.zeros_like(stats.mean)
-    ones = paddle.ones_like(stats.inv_std)
+    zeros = _constant("zeros", b.shape[1], b.dtype)
+    ones = _constant("ones", b.shape[1], b.dtype)
     return _C_ops.batch_norm_grad(
         b, ones, zeros, zeros, ones, zeros, ones, None, a, 0.9, stats.eps, "NCHW", False, False, False,
     )[1]
@@ -326,7 +341,7 @@ class _BatchNormGrad(PyLayer):
         s = ctx.stats
         m, r = float(s.count), s.inv_std
         q, g_mean = dgamma / m, dbeta / m
-        zeros = paddle.zeros_like(gamma)
+        zeros = _constant("zeros", gamma.shape[0], gamma.dtype)
         B = dB if dB is not None else zeros
         C = dC if dC is not None else zeros
 
@@ -405,7 +420,7 @@ class _MaxPool2x2Grad(PyLayer):
     def backward(ctx, ddx):
         mask, dout = ctx.saved_tensor()
         n, c, h, w = mask.shape
-        flat_index = mask.reshape([n, c, h * w]).astype("int64")
+        flat_index = mask.reshape([n, c, h * w])  # int32 indices: take_along_axis takes them as they are
         gathered = paddle.take_along_axis(ddx.reshape([n, c, -1]), flat_index, axis=2)
         # x is passed detached and the mask is an index: neither takes a gradient.
         return _needed((dout,), (gathered.reshape([n, c, h, w]),)) + (None, None)
