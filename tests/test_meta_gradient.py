@@ -131,3 +131,49 @@ def test_float32_default_dtype_runs():
     loss, grads = dygraph_model.DygraphModel.meta_gradients(model, batch, CONFIG)
     assert np.isfinite(float(loss)) and all(np.isfinite(g.numpy()).all() for g in grads)
     assert grads[0].dtype == paddle.float32
+
+
+def test_production_paths_match_central_differences(monkeypatch):
+    """The sizes above are too small for the fast paths. Here 8 channels per group, 9 query images and 6 tasks
+    make the convolutions run split over two threads (on the batch axis and on task groups) and the
+    meta-batch run in more than one chunk; the meta-gradient must still match the finite differences."""
+    _, _, _, ops = maml_modules.load()
+    if ops.CONV_THREADS < 2:
+        pytest.skip("MAML_CONV_THREADS=1: convolutions are not split")
+    plans = []
+    original_plan = ops._split_plan
+    monkeypatch.setattr(ops, "_split_plan", lambda *a, **k: plans.append(original_plan(*a, **k)) or plans[-1])
+    config = dict(CONFIG, **{"hyper_parameters.bn_channel": 8})
+    tasks = 6
+    assert tasks > maml.TASKS_PER_CHUNK
+    rng = np.random.default_rng(3)
+    batch = [rng.standard_normal((tasks, WAYS, 1, 16, 16)), np.tile(np.arange(WAYS), (tasks, 1)),
+             rng.standard_normal((tasks, 3 * WAYS, 1, 16, 16)), np.tile(np.arange(WAYS).repeat(3), (tasks, 1))]
+    with float64():
+        paddle.seed(0)
+        model = dygraph_model.DygraphModel().create_model(config)
+        _, grads = dygraph_model.DygraphModel.meta_gradients(model, batch, config)
+        assert {"batch", "groups"} <= set(plans), plans
+        base = [p.numpy().copy() for p in model.parameters()]
+
+        def objective(values):
+            for p, v in zip(model.parameters(), values):
+                p.set_value(v)
+            return np.mean([_one_task_objective(model, _task(batch, t))[0] for t in range(tasks)])
+
+        for seed in range(2):
+            direction = [np.random.default_rng(seed).standard_normal(b.shape) for b in base]
+            # a smaller step than elsewhere: at these sizes 1e-6 crosses ReLU / max-pool kinks (error ~2e-4)
+            fd = central_difference(objective, base, direction, eps=1e-7)
+            assert relative_error(directional([g.numpy() for g in grads], direction), fd) < 1e-6
+
+
+def test_evaluation_in_chunks_equals_the_whole_batch(monkeypatch):
+    with float64():
+        model, batch = _model(), _batch(tasks=5)
+        episode = maml.Episode(*batch, dtype="float64")
+        whole = maml.evaluate(model, episode, STEPS, LR).numpy()
+        monkeypatch.setattr(maml, "EVAL_QUERY_IMAGES_PER_CHUNK", 2 * episode.x_qry.shape[1])  # chunks of 2 tasks
+        chunked = maml.evaluate(model, episode, STEPS, LR).numpy()
+        assert chunked.shape == (5,)
+        np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-12)

@@ -100,7 +100,7 @@ def _split_plan(n, groups, channels_per_group, gradient):
 
 def _run_conv(x, w, args):
     x, w = x.detach(), w.detach()
-    plan = _split_plan(x.shape[0], args[4], w.shape[1], gradient=False)
+    plan = _split_plan(x.shape[0], args[4], w.shape[1], gradient=False) if x.place.is_cpu_place() else None
     if plan == "batch":
         h = (x.shape[0] + 1) // 2
         other = _submit(_C_ops.conv2d, x[h:], w, *args)
@@ -115,7 +115,8 @@ def _run_conv(x, w, args):
 
 def _run_conv_grad(x, w, dy, args):
     x, w, dy = x.detach(), w.detach(), dy.detach()
-    plan = _split_plan(x.shape[0], args[4], w.shape[1], gradient=True)
+    # The two-thread split is for CPU kernels that use one core; a GPU call runs whole.
+    plan = _split_plan(x.shape[0], args[4], w.shape[1], gradient=True) if x.place.is_cpu_place() else None
     if plan == "batch":
         h = (x.shape[0] + 1) // 2
         other = _submit(_C_ops.conv2d_grad, x[h:], w, dy[h:], *args)
@@ -220,6 +221,10 @@ class _Conv2DGrad(PyLayer):
         #   d/dx    = conv-input-grad(dy, ddw)   and   d/dw = conv-weight-grad(ddx, dy),
         # and the last two are exactly what one native conv2d_grad call computes for (ddx, ddw, dy).
         x, w, dy = ctx.saved_tensor()
+        if x.stop_gradient:
+            # dx of a layer whose input takes no gradient (the images) is never used, so its upstream
+            # gradient is exactly zero; Paddle hands it over as a materialised zero tensor, not None.
+            ddx = None
         d_dy = _conv(x, ddw, ctx) if ddw is not None else None
         if ddx is not None:
             d_dy = _conv(ddx, w, ctx) if d_dy is None else d_dy + _conv(ddx, w, ctx)
