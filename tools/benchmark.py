@@ -29,7 +29,6 @@ def measure(args):
     from tools.utils.startup import load_run_config
 
     config, _ = load_run_config(args.config, args.overrides)
-    import paddle
 
     from tools.utils.data import create_data_loader
     from tools.utils.device import cpu_thread_count, select_device

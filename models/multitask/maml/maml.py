@@ -42,6 +42,18 @@ def adapt(model, params, x, y, steps, lr, first_order):
 TASKS_PER_CHUNK = 4
 
 
+def adapted_chunks(model, params, episode, tasks_per_chunk, steps, lr, first_order):
+    """For each chunk of consecutive tasks: (slice of the tasks, their parameters adapted on their support sets)."""
+    for start in range(0, episode.tasks, tasks_per_chunk):
+        part = slice(start, min(start + tasks_per_chunk, episode.tasks))
+        copies = net.expand_to_tasks(params, part.stop - part.start)
+        yield part, adapt(model, copies, episode.x_spt[part], episode.y_spt[part], steps, lr, first_order)
+
+
+def _joined(pieces):
+    return pieces[0] if len(pieces) == 1 else paddle.concat(pieces, axis=0)
+
+
 def meta_gradients(model, episode, steps, lr, first_order, tasks_per_chunk=None):
     """(mean query loss, one meta-gradient per meta-parameter, query logits [T, n, n_way]).
 
@@ -50,17 +62,12 @@ def meta_gradients(model, episode, steps, lr, first_order, tasks_per_chunk=None)
     it back through the adaptation graph (second order unless first_order) to the meta-parameters.
     """
     meta_params = list(model.parameters())
-    tasks = episode.tasks
-    chunk = tasks_per_chunk or TASKS_PER_CHUNK
     loss_sum, grads, all_logits = None, None, []
-    for start in range(0, tasks, chunk):
-        part = slice(start, min(start + chunk, tasks))
-        size = part.stop - part.start
-        fast = adapt(model, net.expand_to_tasks(meta_params, size), episode.x_spt[part], episode.y_spt[part],
-                     steps, lr, first_order)
+    chunks = adapted_chunks(model, meta_params, episode, tasks_per_chunk or TASKS_PER_CHUNK, steps, lr, first_order)
+    for part, fast in chunks:
         losses, logits = net.task_losses(fast, episode.x_qry[part], episode.y_qry[part], model.blocks,
                                          model.stride, model.padding)
-        query_loss = losses.sum() / tasks
+        query_loss = losses.sum() / episode.tasks
         fast_grads = paddle.grad(query_loss, fast)
         loss_sum = query_loss.detach() if loss_sum is None else loss_sum + query_loss.detach()
         all_logits.append(logits.detach())
@@ -68,8 +75,7 @@ def meta_gradients(model, episode, steps, lr, first_order, tasks_per_chunk=None)
         chunk_grads = paddle.grad(fast, meta_params, grad_outputs=list(fast_grads))
         del fast, fast_grads
         grads = list(chunk_grads) if grads is None else [g + c for g, c in zip(grads, chunk_grads)]
-    logits = all_logits[0] if len(all_logits) == 1 else paddle.concat(all_logits, axis=0)
-    return loss_sum, grads, logits
+    return loss_sum, grads, _joined(all_logits)
 
 
 # Evaluation needs no meta-gradient, so large chunks are as fast as small ones here (100 5-way tasks at once:
@@ -80,17 +86,15 @@ EVAL_QUERY_IMAGES_PER_CHUNK = 2000
 
 def evaluate(model, episode, steps, lr):
     """Per-task query accuracy [T] after `steps` adaptation steps (no meta-gradient needed)."""
-    chunk = max(1, EVAL_QUERY_IMAGES_PER_CHUNK // episode.x_qry.shape[1])
+    tasks_per_chunk = max(1, EVAL_QUERY_IMAGES_PER_CHUNK // episode.x_qry.shape[1])
     accuracies = []
-    for start in range(0, episode.tasks, chunk):
-        part = slice(start, min(start + chunk, episode.tasks))
-        fast = adapt(model, net.expand_to_tasks(model.parameters(), part.stop - part.start), episode.x_spt[part],
-                     episode.y_spt[part], steps, lr, first_order=True)
+    for part, fast in adapted_chunks(model, model.parameters(), episode, tasks_per_chunk, steps, lr,
+                                     first_order=True):
         with paddle.no_grad():
             logits = net.task_logits([p.detach() for p in fast], episode.x_qry[part], model.blocks, model.stride,
                                      model.padding)
             accuracies.append(accuracy(logits, episode.y_qry[part]))
-    return accuracies[0] if len(accuracies) == 1 else paddle.concat(accuracies)
+    return _joined(accuracies)
 
 
 def accuracy(logits, labels):
