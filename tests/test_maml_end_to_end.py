@@ -100,3 +100,36 @@ def test_checkpoint_that_does_not_match_the_config(two_epochs):
     process = run_tool("infer.py", "-m", CONFIG, "-o", f"runner.infer_load_path={out}", "runner.infer_start_epoch=0",
                        "runner.infer_end_epoch=1", *SMALL, "hyper_parameters.n_way=3")
     assert_user_error(process, "rec.pdparams", "fc_weight")
+
+
+MAML_PLUS_PLUS = ["hyper_parameters.update_step=2", "hyper_parameters.multi_step_loss_epochs=2",
+                  "hyper_parameters.learn_inner_lr=True", "hyper_parameters.per_step_bn=True",
+                  "hyper_parameters.meta_optimizer.cosine_annealing=True", "hyper_parameters.first_order_epochs=1"]
+
+
+def test_maml_plus_plus_options_through_the_tools_and_resume(tmp_path):
+    """All five options on: training runs, the learned rates move, the meta rate follows the cosine over
+    the 4 meta-batches of the run, and a run resumed from the first epoch's checkpoint continues the same
+    curve to the same parameters; resumed with more epochs, the curve stretches over the longer run."""
+    straight, resumed, longer = tmp_path / "straight", tmp_path / "resumed", tmp_path / "longer"
+    assert_ok(_train(straight, "runner.epochs=2", *MAML_PLUS_PLUS))
+
+    def rates(out):
+        return [r["lr"] for r in map(json.loads, open(out / "metrics.jsonl")) if r.get("event") == "train"]
+
+    def cosine(steps, total, base=0.003):  # config.yaml's meta_optimizer.learning_rate
+        return [base / 100 + (base - base / 100) * (1 + np.cos(np.pi * step / total)) / 2 for step in steps]
+
+    np.testing.assert_allclose(rates(straight), cosine(range(4), 4), rtol=1e-6)
+    params = _params(straight / "1" / "rec.pdparams")
+    inner_lr = next(v for k, v in params.items() if "inner_lr" in k)
+    assert inner_lr.shape == (2, 6) and np.abs(inner_lr - 0.1).max() > 1e-6  # 4 convs + fc weight, bias
+
+    assert_ok(_train(resumed, "runner.epochs=2", f"runner.model_init_path={straight / '0'}", *MAML_PLUS_PLUS))
+    np.testing.assert_allclose(rates(resumed), cosine([2, 3], 4), rtol=1e-6)
+    got = _params(resumed / "1" / "rec.pdparams")
+    for name in params:
+        np.testing.assert_allclose(got[name], params[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+    assert_ok(_train(longer, "runner.epochs=3", f"runner.model_init_path={straight / '0'}", *MAML_PLUS_PLUS))
+    np.testing.assert_allclose(rates(longer), cosine([2, 3, 4, 5], 6), rtol=1e-6)

@@ -192,6 +192,16 @@ def test_dataloader_batches_tasks(train):
     np.testing.assert_array_equal(batches[1][3].numpy()[2], train.task(0, 10)[3])
 
 
+def test_k_query_test_sets_the_evaluation_queries_only(sample):
+    cfg = config(hyper_parameters__k_query=1, hyper_parameters__k_query_test=15)
+    train, test = RecDataset(entries(sample / "train"), cfg), RecDataset(entries(sample / "test"), cfg, "infer")
+    assert train.task(0, 0)[2].shape[0] == 5 and test.task(0, 0)[2].shape[0] == 75
+    assert RecDataset(entries(sample / "test"), config(hyper_parameters__k_query=1), "infer").task(0, 0)[2].shape[0] == 5
+    with pytest.raises(ValueError, match=r"hyper_parameters\.k_query_test: hyper_parameters\.k_spt \+ "
+                                         r"hyper_parameters\.k_query_test = 21 exceeds the 20"):
+        RecDataset(entries(sample / "test"), config(hyper_parameters__k_query_test=20), "valid")
+
+
 # ----- rotations -----
 def test_rotations_make_four_classes_per_character(tmp_path):
     root = make_tree(tmp_path / "data", {"g": {"c1": 20, "c2": 20}})

@@ -86,6 +86,11 @@ def resume(config, model, optimizer, init_path):
     if not os.path.isdir(init_path):
         raise config.error("runner.model_init_path", f"checkpoint folder {init_path} not found")
     epoch = load_checkpoint(init_path, model, optimizer)
+    scheduler = learning_rate_scheduler(optimizer)
+    if scheduler is not None:
+        # The checkpoint holds the step count and the old run's current rate; recompute the rate at that
+        # step under this run's settings (a run resumed with more epochs stretches its schedule).
+        scheduler.step(scheduler.last_epoch)
     step = read_checkpoint_meta(init_path).get("extra", {}).get("step", 0)
     if epoch is None:
         log(f"loaded {init_path} (epoch unknown); training starts at epoch 0")
@@ -124,6 +129,9 @@ def run_epoch(run, epoch, loader):
     parallel.inject_test_fault("epoch")
     parallel.barrier(f"epoch {epoch}: start")
     model.train()
+    # Optional plugin hook: a model whose training changes with the epoch (schedules) learns it here.
+    if hasattr(model_obj, "set_epoch"):
+        model_obj.set_epoch(epoch)
     metrics, names = model_obj.create_metrics()
     scheduler = learning_rate_scheduler(optimizer)
     interval = IntervalStats()

@@ -23,6 +23,13 @@ CONFIG_DEFAULTS = {
     "hyper_parameters.base_optimizer.class": "SGD",
     "hyper_parameters.base_optimizer.learning_rate": 0.1,
     "hyper_parameters.rotations": False,  # read by omniglot_reader.py: 4 rotated classes per character
+    "hyper_parameters.k_query_test": None,  # read by omniglot_reader.py: query images per class when evaluating
+    # MAML++ (Antoniou et al., 2019), each off by default; all off is the MAML paper's algorithm.
+    "hyper_parameters.multi_step_loss_epochs": 0,  # > 0: query loss after every inner step, annealed to the last
+    "hyper_parameters.learn_inner_lr": False,  # a learned inner rate per adapted tensor per inner step
+    "hyper_parameters.per_step_bn": False,  # batch-norm gamma/beta per inner stage, learned by the outer loop
+    "hyper_parameters.meta_optimizer.cosine_annealing": False,  # meta rate follows a cosine to 1% by the end
+    "hyper_parameters.first_order_epochs": 0,  # the first N epochs first-order, second-order after
 }
 
 # Printed once by infer and validation summaries: how these accuracies were measured.
@@ -54,6 +61,13 @@ def _nonnegative_int(config, key):
     return value
 
 
+def _bool(config, key):
+    value = _get(config, key)
+    if not isinstance(value, bool):
+        raise _error(config, key, f"expected true or false, got {value!r}")
+    return value
+
+
 def _positive_float(config, key):
     value = _get(config, key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -68,18 +82,35 @@ def _error(config, key, message):
     return ValueError(f"{key}: {message}")
 
 
-def inner_settings(config, training):
-    """(steps, inner learning rate, first_order) for training or for test-time adaptation."""
+def inner_settings(config, training, epoch=0):
+    """(steps, inner learning rate, first_order) for training in `epoch`, or for test-time adaptation."""
     steps = _nonnegative_int(config, "hyper_parameters.update_step" if training else
                              "hyper_parameters.update_step_test")
     lr = _positive_float(config, "hyper_parameters.base_optimizer.learning_rate")
     if _get(config, "hyper_parameters.base_optimizer.class") != "SGD":
         # MAML's inner loop is plain gradient descent; say so rather than ignore the key (PaddleRec did).
         raise _error(config, "hyper_parameters.base_optimizer.class", "only SGD is supported for the inner loop")
-    first_order = _get(config, "hyper_parameters.first_order")
-    if not isinstance(first_order, bool):
-        raise _error(config, "hyper_parameters.first_order", f"expected true or false, got {first_order!r}")
+    first_order = _bool(config, "hyper_parameters.first_order")
+    # Derivative-order annealing (MAML++): cheap first-order epochs first, then the exact meta-gradient.
+    first_order = first_order or epoch < _nonnegative_int(config, "hyper_parameters.first_order_epochs")
     return steps, lr, first_order or not training
+
+
+def multi_step_weights(config, epoch):
+    """{stage: weight} of the query losses in the meta-objective during `epoch` (see maml.meta_gradients).
+
+    MAML: only the last stage. Multi-step loss (MAML++): every stage after an inner step, equal weights at
+    epoch 0 moving linearly to all on the last stage at epoch multi_step_loss_epochs (plain MAML from then
+    on); the early stages' losses give the first layers a direct signal while training is young.
+    """
+    steps = _nonnegative_int(config, "hyper_parameters.update_step")
+    anneal_epochs = _nonnegative_int(config, "hyper_parameters.multi_step_loss_epochs")
+    if anneal_epochs == 0 or steps <= 1:
+        return {steps: 1.0}
+    last_share = min(1.0, epoch / anneal_epochs)
+    weights = {stage: (1.0 - last_share) / steps for stage in range(1, steps + 1)}
+    weights[steps] += last_share
+    return {stage: w for stage, w in weights.items() if w > 0}
 
 
 class TaskAccuracy:
@@ -112,12 +143,26 @@ class TaskAccuracy:
         return {"acc": float(accs.mean()) if n else float("nan"), "acc_ci95": float(ci95), "tasks": n}
 
 
+def _meta_steps(config):
+    """Meta-batches in the whole run: runner.epochs x ceil(runner.tasks_per_epoch / runner.train_batch_size)."""
+    batches = -(-_positive_int(config, "runner.tasks_per_epoch") // _positive_int(config, "runner.train_batch_size"))
+    return _positive_int(config, "runner.epochs") * batches
+
+
 class DygraphModel:
+    epoch = 0  # the training epoch, for the schedules of the MAML++ options (the trainer calls set_epoch)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
     def create_model(self, config):
         kernel = _get(config, "hyper_parameters.conv_kernal")
         if not (isinstance(kernel, list) and len(kernel) == 2 and kernel[0] == kernel[1]
                 and isinstance(kernel[0], int) and kernel[0] > 0):
             raise _error(config, "hyper_parameters.conv_kernal", f"expected a square kernel like [3, 3], got {kernel!r}")
+        steps = _nonnegative_int(config, "hyper_parameters.update_step")
+        learn_inner_lr = _bool(config, "hyper_parameters.learn_inner_lr")
+        if learn_inner_lr and steps == 0:
+            raise _error(config, "hyper_parameters.learn_inner_lr", "needs hyper_parameters.update_step >= 1")
         try:
             return net.MAMLNet(
                 n_way=_positive_int(config, "hyper_parameters.n_way"),
@@ -126,6 +171,9 @@ class DygraphModel:
                 stride=_positive_int(config, "hyper_parameters.conv_stride"),
                 padding=_nonnegative_int(config, "hyper_parameters.conv_padding"),
                 imgsize=_positive_int(config, "hyper_parameters.imgsize"),
+                bn_stages=steps + 1 if _bool(config, "hyper_parameters.per_step_bn") else 0,
+                lr_steps=steps if learn_inner_lr else 0,
+                inner_lr_init=_positive_float(config, "hyper_parameters.base_optimizer.learning_rate"),
             )
         except net.ShapeError as e:
             raise _error(config, "hyper_parameters.imgsize", str(e)) from None
@@ -141,25 +189,34 @@ class DygraphModel:
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, paddle.optimizer.Optimizer)):
             raise _error(config, "hyper_parameters.meta_optimizer.class", f"unknown paddle optimizer {name!r}")
         lr = _positive_float(config, "hyper_parameters.meta_optimizer.learning_rate")
+        if _bool(config, "hyper_parameters.meta_optimizer.cosine_annealing"):
+            # One cosine over the whole run, ending at 1% of the rate (MAML++'s 1e-5 for 1e-3). The trainer steps
+            # it once per meta-batch and the checkpoints keep the step count. A closed form of the step, not
+            # Paddle's CosineAnnealingDecay: that one is recursive in the previous rate, so a run resumed with
+            # more epochs would stay at the old run's final rate.
+            total = max(1, _meta_steps(config))
+            lr = paddle.optimizer.lr.LambdaDecay(lr, lambda step: 0.01 + 0.99 * (1 + math.cos(math.pi * min(step, total)
+                                                                                          / total)) / 2)
         return optimizer_class(learning_rate=lr, parameters=dy_model.parameters())
 
     def create_metrics(self):
         return [TaskAccuracy()], ["acc"]
 
     @staticmethod
-    def meta_gradients(model, batch, config):
+    def meta_gradients(model, batch, config, epoch=0):
         """(mean query loss, meta-gradients in model.parameters() order) for one meta-batch.
 
-        Touches no optimizer and no `.grad`. Second order unless hyper_parameters.first_order is true.
+        Touches no optimizer and no `.grad`. Second order unless hyper_parameters.first_order is true
+        (or `epoch` < hyper_parameters.first_order_epochs); `epoch` also sets the multi-step loss weights.
         """
-        loss, grads, _ = DygraphModel._meta_step(model, batch, config)
+        loss, grads, _ = DygraphModel._meta_step(model, batch, config, epoch)
         return loss, grads
 
     @staticmethod
-    def _meta_step(model, batch, config):
-        steps, lr, first_order = inner_settings(config, training=True)
+    def _meta_step(model, batch, config, epoch=0):
+        steps, lr, first_order = inner_settings(config, training=True, epoch=epoch)
         episode = maml.Episode(*batch[:4], dtype=model.parameters()[0].dtype)
-        return maml.meta_gradients(model, episode, steps, lr, first_order)
+        return maml.meta_gradients(model, episode, steps, lr, first_order, multi_step_weights(config, epoch))
 
     @staticmethod
     def kernel_seconds(model, batch, config):
@@ -171,7 +228,7 @@ class DygraphModel:
     def train_forward(self, dy_model, metrics_list, batch_data, config):
         """Returns a loss whose value is the mean query loss and whose `backward()` leaves exactly the
         meta-gradient in every parameter's `.grad`, so the trainer's backward/step applies MAML."""
-        query_loss, grads, logits = self._meta_step(dy_model, batch_data, config)
+        query_loss, grads, logits = self._meta_step(dy_model, batch_data, config, self.epoch)
         params = dy_model.parameters()
         # d/dp of sum(p * g) is g; the detached terms only make the value equal the query loss.
         surrogate = query_loss.detach() + sum((p * g).sum() - (p.detach() * g).sum() for p, g in zip(params, grads))

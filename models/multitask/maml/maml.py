@@ -27,13 +27,21 @@ class Episode:
         self.tasks = self.x_spt.shape[0]
 
 
-def adapt(model, params, x, y, steps, lr, first_order):
-    """`steps` SGD steps of every task's parameters on its own support loss."""
-    for _ in range(steps):
-        losses, _ = net.task_losses(params, x, y, model.blocks, model.stride, model.padding)
-        grads = paddle.grad(losses.sum(), params, create_graph=not first_order)
-        params = [p - lr * g for p, g in zip(params, grads)]
-    return params
+def adapt(model, fast, x, y, steps, lr, first_order):
+    """`steps` SGD steps of every task's adapted parameters on its own support loss.
+
+    Returns every stage: [fast, after 1 step, ..., after `steps` steps] (the multi-step loss reads them all)."""
+    stages, adapted = [fast], model.adapted_positions()
+    for step in range(steps):
+        inputs = model.layer_inputs(fast, step)
+        losses, _ = net.task_losses(inputs, x, y, model.blocks, model.stride, model.padding)
+        # The gradient is taken for every input of the network (Paddle's custom ops must not be asked
+        # for a gradient that leads nowhere) and the adapted ones are kept.
+        grads = paddle.grad(losses.sum(), inputs, create_graph=not first_order)
+        grads = [grads[i] for i in adapted]
+        fast = [p - rate * g for p, rate, g in zip(fast, model.inner_rates(step, lr), grads)]
+        stages.append(fast)
+    return stages
 
 
 # Tasks of a meta-batch are independent (each owns its parameter copy), so the meta-gradient is a sum over
@@ -42,11 +50,11 @@ def adapt(model, params, x, y, steps, lr, first_order):
 TASKS_PER_CHUNK = 4
 
 
-def adapted_chunks(model, params, episode, tasks_per_chunk, steps, lr, first_order):
-    """For each chunk of consecutive tasks: (slice of the tasks, their parameters adapted on their support sets)."""
+def adapted_chunks(model, episode, tasks_per_chunk, steps, lr, first_order):
+    """For each chunk of consecutive tasks: (slice of the tasks, the stages of their adaptation on their support sets)."""
     for start in range(0, episode.tasks, tasks_per_chunk):
         part = slice(start, min(start + tasks_per_chunk, episode.tasks))
-        copies = net.expand_to_tasks(params, part.stop - part.start)
+        copies = net.expand_to_tasks(model.adapted_parameters(), part.stop - part.start)
         yield part, adapt(model, copies, episode.x_spt[part], episode.y_spt[part], steps, lr, first_order)
 
 
@@ -54,27 +62,40 @@ def _joined(pieces):
     return pieces[0] if len(pieces) == 1 else paddle.concat(pieces, axis=0)
 
 
-def meta_gradients(model, episode, steps, lr, first_order, tasks_per_chunk=None):
-    """(mean query loss, one meta-gradient per meta-parameter, query logits [T, n, n_way]).
+def meta_gradients(model, episode, steps, lr, first_order, stage_weights=None, tasks_per_chunk=None):
+    """(query loss, one meta-gradient per meta-parameter, query logits after the last step [T, n, n_way]).
 
-    Per chunk of tasks: adapt on the support set, then take the query-loss gradient with respect to the
-    adapted parameters (a first-order backward through the query graph, which is then released), then push
-    it back through the adaptation graph (second order unless first_order) to the meta-parameters.
+    The meta-objective is the mean over tasks of the query loss after `steps` inner steps, or, with
+    `stage_weights` {stage: weight} (the multi-step loss), the weighted sum of the query losses after those
+    stages; the last stage must be among them. Per chunk of tasks: adapt on the support set, take each
+    weighted query loss's gradient with respect to the tensors that stage's network ran on (a first-order
+    backward through the query graph, which is then released), then push them all back through the
+    adaptation graph in one pass (second order unless first_order) to the meta-parameters.
     """
+    stage_weights = stage_weights or {steps: 1.0}
+    if steps not in stage_weights:
+        raise ValueError(f"stage_weights {stage_weights} must include the last stage {steps}")
     meta_params = list(model.parameters())
-    loss_sum, grads, all_logits = None, None, []
-    chunks = adapted_chunks(model, meta_params, episode, tasks_per_chunk or TASKS_PER_CHUNK, steps, lr, first_order)
-    for part, fast in chunks:
-        losses, logits = net.task_losses(fast, episode.x_qry[part], episode.y_qry[part], model.blocks,
-                                         model.stride, model.padding)
-        query_loss = losses.sum() / episode.tasks
-        fast_grads = paddle.grad(query_loss, fast)
-        loss_sum = query_loss.detach() if loss_sum is None else loss_sum + query_loss.detach()
-        all_logits.append(logits.detach())
-        del losses, logits, query_loss  # frees the query graph before the adaptation graph is walked
-        chunk_grads = paddle.grad(fast, meta_params, grad_outputs=list(fast_grads))
-        del fast, fast_grads
-        grads = list(chunk_grads) if grads is None else [g + c for g, c in zip(grads, chunk_grads)]
+    loss_sum, grads, all_logits = 0.0, None, []
+    for part, stages in adapted_chunks(model, episode, tasks_per_chunk or TASKS_PER_CHUNK, steps, lr, first_order):
+        outputs, output_grads = [], []
+        for stage, weight in sorted(stage_weights.items()):
+            inputs = model.layer_inputs(stages[stage], stage)
+            losses, logits = net.task_losses(inputs, episode.x_qry[part], episode.y_qry[part], model.blocks,
+                                             model.stride, model.padding)
+            query_loss = weight * losses.sum() / episode.tasks
+            output_grads += paddle.grad(query_loss, inputs)
+            outputs += inputs
+            loss_sum = loss_sum + query_loss.detach()
+            if stage == steps:
+                all_logits.append(logits.detach())
+            del losses, logits, query_loss  # frees this query graph before the next one is built
+        del stages
+        chunk_grads = paddle.grad(outputs, meta_params, grad_outputs=output_grads, allow_unused=True)
+        # A meta-parameter no stage used (the inner rates when steps == 0) has a zero meta-gradient.
+        chunk_grads = [paddle.zeros_like(p) if g is None else g for p, g in zip(meta_params, chunk_grads)]
+        del outputs, output_grads
+        grads = chunk_grads if grads is None else [g + c for g, c in zip(grads, chunk_grads)]
     return loss_sum, grads, _joined(all_logits)
 
 
@@ -88,11 +109,10 @@ def evaluate(model, episode, steps, lr):
     """Per-task query accuracy [T] after `steps` adaptation steps (no meta-gradient needed)."""
     tasks_per_chunk = max(1, EVAL_QUERY_IMAGES_PER_CHUNK // episode.x_qry.shape[1])
     accuracies = []
-    for part, fast in adapted_chunks(model, model.parameters(), episode, tasks_per_chunk, steps, lr,
-                                     first_order=True):
+    for part, stages in adapted_chunks(model, episode, tasks_per_chunk, steps, lr, first_order=True):
         with paddle.no_grad():
-            logits = net.task_logits([p.detach() for p in fast], episode.x_qry[part], model.blocks, model.stride,
-                                     model.padding)
+            inputs = model.layer_inputs([p.detach() for p in stages[-1]], steps)
+            logits = net.task_logits(inputs, episode.x_qry[part], model.blocks, model.stride, model.padding)
             accuracies.append(accuracy(logits, episode.y_qry[part]))
     return _joined(accuracies)
 

@@ -15,37 +15,89 @@ import double_grad_ops as ops
 
 
 class MAMLNet(nn.Layer):
-    """Meta-parameters, in this order: for each block conv weight, bn gamma, bn beta; then fc weight, bias.
+    """Meta-parameters, in this order: for each block conv weight, bn gamma, bn beta; then fc weight, bias;
+    then, with learned inner rates, `inner_lr`.
 
     The conv layers have no bias: batch norm subtracts the per-channel mean right after, so a conv bias
     would have no effect and an exactly zero gradient.
+
+    Two MAML++ options (Antoniou et al., 2019) change which meta-parameters exist and how the inner loop
+    uses them; with both off this is the MAML paper's network:
+    - `bn_stages` > 0 (per-step batch norm): every bn gamma/beta has one row per inner-loop stage
+      ([bn_stages, C]); stage s (the parameters after s inner steps) normalises with row min(s, bn_stages - 1).
+      These rows are learned by the outer loop only; the inner loop adapts the convs and the classifier.
+    - `lr_steps` > 0 (learned inner rates): `inner_lr` [lr_steps, adapted tensors], one rate per adapted
+      tensor per inner step, starting at `inner_lr_init`; steps beyond lr_steps reuse the last row.
     """
 
-    def __init__(self, n_way, channels=64, blocks=4, kernel=3, stride=1, padding=1, imgsize=28, in_channels=1):
+    def __init__(self, n_way, channels=64, blocks=4, kernel=3, stride=1, padding=1, imgsize=28, in_channels=1,
+                 bn_stages=0, lr_steps=0, inner_lr_init=0.1):
         super().__init__()
         self.n_way, self.blocks = n_way, blocks
         self.stride, self.padding = stride, padding
+        self.bn_stages = bn_stages
         self.feature_size = feature_size(imgsize, blocks, kernel, stride, padding)
         dtype = paddle.get_default_dtype()
+        bn_shape = lambda c: [bn_stages, c] if bn_stages else [c]  # noqa: E731
         cin = in_channels
         for b in range(blocks):
             fan_in = cin * kernel * kernel
             self._add(f"conv{b}_weight", [channels, cin, kernel, kernel], dtype,
                       nn.initializer.Normal(0.0, math.sqrt(2.0 / fan_in)))
-            self._add(f"bn{b}_weight", [channels], dtype, nn.initializer.Constant(1.0))
-            self._add(f"bn{b}_bias", [channels], dtype, nn.initializer.Constant(0.0))
+            self._add(f"bn{b}_weight", bn_shape(channels), dtype, nn.initializer.Constant(1.0))
+            self._add(f"bn{b}_bias", bn_shape(channels), dtype, nn.initializer.Constant(0.0))
             cin = channels
         features = channels * self.feature_size ** 2
         self._add("fc_weight", [features, n_way], dtype, nn.initializer.XavierUniform())
         self._add("fc_bias", [n_way], dtype, nn.initializer.Constant(0.0))
+        if lr_steps:
+            self._add("inner_lr", [lr_steps, len(self.adapted_parameters())], dtype,
+                      nn.initializer.Constant(inner_lr_init))
+        else:
+            self.inner_lr = None
 
     def _add(self, name, shape, dtype, init):
         self.add_parameter(name, self.create_parameter(shape, dtype=dtype, default_initializer=init))
 
+    def _is_bn(self, name):
+        return name.startswith("bn")
+
+    def _layer_names(self):
+        return [name for name, _ in self.named_parameters() if name != "inner_lr"]
+
+    def adapted_parameters(self):
+        """The meta-parameters the inner loop adapts (all but per-step bn rows and the inner rates)."""
+        named = dict(self.named_parameters())
+        return [named[name] for name in self._layer_names() if not (self.bn_stages and self._is_bn(name))]
+
+    def adapted_positions(self):
+        """Where the adapted tensors sit in the `layer_inputs` list."""
+        return [i for i, name in enumerate(self._layer_names()) if not (self.bn_stages and self._is_bn(name))]
+
+    def layer_inputs(self, fast, stage):
+        """The parameter list `task_logits` takes at inner-loop `stage`, from the adapted tensors `fast`
+        (task-stacked, in adapted_parameters() order): with per-step batch norm, that stage's bn rows
+        are put in, one copy per task."""
+        if not self.bn_stages:
+            return fast
+        tasks = fast[-1].shape[0]  # fc bias [T, 1, n_way]
+        row = min(stage, self.bn_stages - 1)
+        named, fast = dict(self.named_parameters()), iter(fast)
+        return [paddle.tile(named[name][row], [tasks]) if self._is_bn(name) else next(fast)
+                for name in self._layer_names()]
+
+    def inner_rates(self, step, lr):
+        """Step sizes of inner `step`, one per adapted tensor: learned ones, or the fixed `lr`."""
+        if self.inner_lr is None:
+            return [lr] * len(self.adapted_parameters())
+        row = self.inner_lr[min(step, self.inner_lr.shape[0] - 1)]
+        return [row[i] for i in range(row.shape[0])]
+
     def forward(self, x):
-        """Plain network on images [N, C, H, W] with the meta-parameters: logits [N, n_way]."""
-        params = expand_to_tasks(self.parameters(), 1)
-        return task_logits(params, x.unsqueeze(0), self.blocks, self.stride, self.padding)[0]
+        """Plain network on images [N, C, H, W] with the meta-parameters (last bn stage): logits [N, n_way]."""
+        fast = expand_to_tasks(self.adapted_parameters(), 1)
+        inputs = self.layer_inputs(fast, self.bn_stages)
+        return task_logits(inputs, x.unsqueeze(0), self.blocks, self.stride, self.padding)[0]
 
 
 class ShapeError(ValueError):
@@ -63,7 +115,8 @@ def feature_size(imgsize, blocks, kernel, stride, padding):
 
 
 def expand_to_tasks(params, tasks):
-    """One copy of every parameter per task, in the task-stacked layout that `task_logits` takes.
+    """One copy of every parameter per task, in the task-stacked layout that `task_logits` takes
+    (conv weights and bn vectors repeated on axis 0, the classifier's two given a task axis: it comes last).
     Differentiable: the gradient of a copy flows back to the shared parameter (summed over tasks)."""
     params = list(params)
     stacked = []
