@@ -133,3 +133,10 @@ def test_maml_plus_plus_options_through_the_tools_and_resume(tmp_path):
 
     assert_ok(_train(longer, "runner.epochs=3", f"runner.model_init_path={straight / '0'}", *MAML_PLUS_PLUS))
     np.testing.assert_allclose(rates(longer), cosine([2, 3, 4, 5], 6), rtol=1e-6)
+
+    # Test-time adaptation with the learned rates and per-step batch norm (3 steps: beyond the trained 2).
+    process = run_tool("infer.py", "-m", CONFIG, "-o", f"runner.infer_load_path={straight}", "runner.infer_start_epoch=1",
+                       "runner.infer_end_epoch=2", *SMALL, "hyper_parameters.update_step_test=3", *MAML_PLUS_PLUS)
+    assert_ok(process)
+    record = json.loads(open(straight / "infer_metrics.jsonl").readline())
+    assert record["tasks"] == 10 and 0.0 <= record["acc"] <= 1.0
