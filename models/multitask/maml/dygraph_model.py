@@ -154,6 +154,7 @@ class DygraphModel:
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+
     def create_model(self, config):
         kernel = _get(config, "hyper_parameters.conv_kernal")
         if not (isinstance(kernel, list) and len(kernel) == 2 and kernel[0] == kernel[1]
@@ -226,8 +227,9 @@ class DygraphModel:
         return double_grad_ops.replay_seconds(calls, model.parameters()[0].dtype), len(calls)
 
     def train_forward(self, dy_model, metrics_list, batch_data, config):
-        """Returns a loss whose value is the mean query loss and whose `backward()` leaves exactly the
-        meta-gradient in every parameter's `.grad`, so the trainer's backward/step applies MAML."""
+        """Returns a loss whose value is the meta-objective (the mean query loss; with the multi-step loss, its
+        weighted sum over the inner stages) and whose `backward()` leaves exactly the meta-gradient in every
+        parameter's `.grad`, so the trainer's backward/step applies MAML."""
         query_loss, grads, logits = self._meta_step(dy_model, batch_data, config, self.epoch)
         params = dy_model.parameters()
         # d/dp of sum(p * g) is g; the detached terms only make the value equal the query loss.
