@@ -88,11 +88,19 @@ def test_first_order_flag_through_the_tools(tmp_path):
     ("hyper_parameters.meta_optimizer.class=Adamm", ["hyper_parameters.meta_optimizer.class"]),
     ("hyper_parameters.first_order=maybe", ["hyper_parameters.first_order"]),
     ("hyper_parameters.n_way=0", ["n_way"]),
+    ("hyper_parameters.multi_step_loss_epochs=-2", ["hyper_parameters.multi_step_loss_epochs"]),
 ])
 def test_bad_model_settings_are_one_line_errors(tmp_path, override, fragments):
     process = _train(tmp_path / "out", "runner.epochs=1", override)
     assert_user_error(process, "config.yaml", *fragments)
     assert not os.path.exists(tmp_path / "out" / "0")
+
+
+def test_bad_evaluation_query_count_is_a_one_line_error(two_epochs):
+    out, _ = two_epochs
+    process = run_tool("infer.py", "-m", CONFIG, "-o", f"runner.infer_load_path={out}", "runner.infer_start_epoch=0",
+                       "runner.infer_end_epoch=1", *SMALL, "hyper_parameters.k_query_test=20")
+    assert_user_error(process, "config.yaml", "hyper_parameters.k_query_test", "exceeds the 20")
 
 
 def test_checkpoint_that_does_not_match_the_config(two_epochs):

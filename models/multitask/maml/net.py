@@ -90,7 +90,7 @@ class MAMLNet(nn.Layer):
     def inner_rates(self, step, lr):
         """Step sizes of inner `step`, one per adapted tensor: learned ones, or the fixed `lr`."""
         if self.inner_lr is None:
-            return [lr] * len(self.adapted_parameters())
+            return [lr] * len(self.adapted_positions())
         row = self.inner_lr[min(step, self.inner_lr.shape[0] - 1)]
         return [row[i] for i in range(row.shape[0])]
 
