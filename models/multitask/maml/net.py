@@ -65,15 +65,17 @@ class MAMLNet(nn.Layer):
     def _layer_names(self):
         return [name for name, _ in self.named_parameters() if name != "inner_lr"]
 
+    def _is_adapted(self, name):
+        """Adapted by the inner loop: every layer parameter but per-step bn rows (and never the inner rates)."""
+        return name != "inner_lr" and not (self.bn_stages and self._is_bn(name))
+
     def adapted_positions(self):
         """Where the adapted tensors sit among the network's parameters (the `layer_inputs` list)."""
-        return [i for i, name in enumerate(self._layer_names()) if not (self.bn_stages and self._is_bn(name))]
+        return [i for i, name in enumerate(self._layer_names()) if self._is_adapted(name)]
 
     def adapted_parameters(self):
-        """The meta-parameters the inner loop adapts (all but per-step bn rows and the inner rates)."""
-        named = dict(self.named_parameters())
-        names = self._layer_names()
-        return [named[names[i]] for i in self.adapted_positions()]
+        """The meta-parameters the inner loop adapts, in their registration order."""
+        return [p for name, p in self.named_parameters() if self._is_adapted(name)]
 
     def layer_inputs(self, fast, stage):
         """The parameter list `task_logits` takes at inner-loop `stage`, from the adapted tensors `fast`
