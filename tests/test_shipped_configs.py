@@ -1,0 +1,69 @@
+"""Every config shipped in the MAML folder passes the checks a training run would make, without data.
+
+A typo in a shipped config (a key, a type, an epoch range, a data folder the dataset script never writes) would
+otherwise show only hours into a run or at its end, in infer.
+"""
+import glob
+import os
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.maml_modules import MODEL_DIR, load
+from tools.utils.config import load_config
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "datasets", "omniglot"))
+from omniglot_prep import protocols  # noqa: E402
+
+CONFIGS = sorted(glob.glob(os.path.join(MODEL_DIR, "config*.yaml")))
+DATA_KEYS = ("runner.train_data_dir", "runner.valid_data_dir", "runner.test_data_dir")
+
+
+def _load(path):
+    plugin = load()[0]
+    return plugin, load_config(path, plugin_defaults=plugin.CONFIG_DEFAULTS)
+
+
+def test_the_folder_ships_the_configs_the_docs_name():
+    names = {os.path.basename(p) for p in CONFIGS}
+    assert {"config.yaml", "config_bigdata.yaml", "config_bigdata_1h.yaml", "config_paddlerec.yaml"} <= names
+    assert len(names) == 8, names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_builds_model_optimizer_and_every_epoch_schedule(path):
+    plugin, config = _load(path)
+    model_obj = plugin.DygraphModel()
+    model = model_obj.create_model(config)
+    model_obj.create_optimizer(model, config)
+    epochs = config.get("runner.epochs")
+    for epoch in range(epochs):
+        steps, _, _ = plugin.inner_settings(config, True, epoch)
+        weights = plugin.multi_step_weights(config, epoch)
+        assert abs(sum(weights.values()) - 1.0) < 1e-12 and max(weights) == steps
+    plugin.inner_settings(config, False)
+    n_way, k_spt = config.get("hyper_parameters.n_way"), config.get("hyper_parameters.k_spt")
+    k_query = config.get("hyper_parameters.k_query")
+    k_test = config.get("hyper_parameters.k_query_test") or k_query
+    assert k_spt + max(k_query, k_test) <= 20, "Omniglot has 20 drawings per character"
+    assert 0 <= config.get("runner.infer_start_epoch") < config.get("runner.infer_end_epoch") <= epochs
+    assert config.get("runner.infer_load_path") in ("", config.get("runner.model_save_path"))
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if os.path.basename(p) != "config.yaml"], ids=os.path.basename)
+def test_omniglot_config_reads_folders_the_dataset_script_writes(path):
+    _, config = _load(path)
+    written = {protocols.folder_name(protocol, split)
+               for protocol in protocols.PROTOCOLS.values() for split in protocol.sizes}
+    folders = {key: config.resolve_path(key) for key in DATA_KEYS}
+    for key, folder in folders.items():
+        assert os.path.dirname(folder) == os.path.join(REPO_ROOT, "datasets", "omniglot"), key
+        assert os.path.basename(folder) in written, (key, folder)
+    prefixes = {os.path.basename(f).rsplit("_", 1)[0] for f in folders.values()}
+    assert len(prefixes) == 1, f"train, valid and test come from one protocol: {folders}"
+
+
+def test_each_config_writes_its_own_output_folder():
+    folders = [_load(p)[1].resolve_path("runner.model_save_path", required=False) for p in CONFIGS]
+    assert len(set(folders)) == len(folders), folders
