@@ -27,8 +27,9 @@ def _load(path):
 
 def test_the_folder_ships_the_configs_the_docs_name():
     names = {os.path.basename(p) for p in CONFIGS}
-    assert {"config.yaml", "config_bigdata.yaml", "config_bigdata_1h.yaml", "config_paddlerec.yaml"} <= names
-    assert len(names) == 8, names
+    assert {"config.yaml", "config_bigdata.yaml", "config_bigdata_1h.yaml", "config_paddlerec.yaml",
+            "config_omniglot_lake_5way_1shot.yaml"} <= names
+    assert len(names) == 9, names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -56,7 +57,10 @@ def test_omniglot_config_reads_folders_the_dataset_script_writes(path):
     _, config = _load(path)
     written = {protocols.folder_name(protocol, split)
                for protocol in protocols.PROTOCOLS.values() for split in protocol.sizes}
-    folders = {key: config.resolve_path(key) for key in DATA_KEYS}
+    folders = {key: config.resolve_path(key, required=key != "runner.valid_data_dir") for key in DATA_KEYS}
+    if folders["runner.valid_data_dir"] is None:  # only Lake's protocol has no validation split
+        assert os.path.basename(folders["runner.train_data_dir"]) == "omniglot_lake_train"
+        del folders["runner.valid_data_dir"]
     for key, folder in folders.items():
         assert os.path.dirname(folder) == os.path.join(REPO_ROOT, "datasets", "omniglot"), key
         assert os.path.basename(folder) in written, (key, folder)
