@@ -14,7 +14,7 @@ from tests.maml_modules import MODEL_DIR, load
 from tools.utils.config import load_config
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "datasets", "omniglot"))
-from omniglot_prep import protocols  # noqa: E402
+import prepare  # noqa: E402  (the dataset script's own module: where run.sh writes each protocol's splits)
 
 CONFIGS = sorted(glob.glob(os.path.join(MODEL_DIR, "config*.yaml")))
 DATA_KEYS = ("runner.train_data_dir", "runner.valid_data_dir", "runner.test_data_dir")
@@ -44,7 +44,7 @@ def test_config_builds_model_optimizer_and_every_epoch_schedule(path):
         weights = plugin.multi_step_weights(config, epoch)
         assert abs(sum(weights.values()) - 1.0) < 1e-12 and max(weights) == steps
     plugin.inner_settings(config, False)
-    n_way, k_spt = config.get("hyper_parameters.n_way"), config.get("hyper_parameters.k_spt")
+    k_spt = config.get("hyper_parameters.k_spt")
     k_query = config.get("hyper_parameters.k_query")
     k_test = config.get("hyper_parameters.k_query_test") or k_query
     assert k_spt + max(k_query, k_test) <= 20, "Omniglot has 20 drawings per character"
@@ -55,17 +55,15 @@ def test_config_builds_model_optimizer_and_every_epoch_schedule(path):
 @pytest.mark.parametrize("path", [p for p in CONFIGS if os.path.basename(p) != "config.yaml"], ids=os.path.basename)
 def test_omniglot_config_reads_folders_the_dataset_script_writes(path):
     _, config = _load(path)
-    written = {protocols.folder_name(protocol, split)
-               for protocol in protocols.PROTOCOLS.values() for split in protocol.sizes}
     folders = {key: config.resolve_path(key, required=key != "runner.valid_data_dir") for key in DATA_KEYS}
-    if folders["runner.valid_data_dir"] is None:  # only Lake's protocol has no validation split
-        assert os.path.basename(folders["runner.train_data_dir"]) == "omniglot_lake_train"
-        del folders["runner.valid_data_dir"]
-    for key, folder in folders.items():
-        assert os.path.dirname(folder) == os.path.join(REPO_ROOT, "datasets", "omniglot"), key
-        assert os.path.basename(folder) in written, (key, folder)
-    prefixes = {os.path.basename(f).rsplit("_", 1)[0] for f in folders.values()}
-    assert len(prefixes) == 1, f"train, valid and test come from one protocol: {folders}"
+    train = folders["runner.train_data_dir"]
+    written = [prepare.split_dirs(prepare.HERE, protocol) for protocol in prepare.protocols.PROTOCOLS.values()]
+    matches = [dirs for dirs in written if dirs["train"] == train]
+    assert len(matches) == 1, f"runner.train_data_dir {train} is no folder the dataset script writes"
+    protocol_dirs = matches[0]
+    assert folders["runner.test_data_dir"] == protocol_dirs["test"]
+    # Every protocol with a validation split must be validated on it; only Lake's has none.
+    assert folders["runner.valid_data_dir"] == protocol_dirs.get("valid")
 
 
 def test_each_config_writes_its_own_output_folder():
