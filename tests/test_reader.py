@@ -221,6 +221,22 @@ def test_rotations_make_four_classes_per_character(tmp_path):
         RecDataset(entries(root), dict(cfg, **{"hyper_parameters.n_way": 9}))
 
 
+def test_rotations_test_sets_the_evaluation_classes_only(sample):
+    cfg = config(hyper_parameters__rotations=True, hyper_parameters__rotations_test=False)
+    train = RecDataset(entries(sample / "train"), cfg)
+    assert train.num_classes == 4 * train.num_characters
+    for mode in ("valid", "infer"):
+        ds = RecDataset(entries(sample / "test"), cfg, mode)
+        assert (ds.rotations, ds.num_classes) == (False, ds.num_characters)
+        x_spt, ep = ds.task(0, 0)[0], ds.episode(0, 0)
+        for x, image in zip(x_spt, ep.spt_images):  # the images as decoded, unturned
+            np.testing.assert_array_equal(x[0], ds._images[image].astype(np.float32) / 255.0 * 2.0 - 1.0)
+    # unset, evaluation follows rotations (the Vinyals protocol rotates its test characters too)
+    assert RecDataset(entries(sample / "test"), config(hyper_parameters__rotations=True), "infer").rotations
+    with pytest.raises(ValueError, match=r"hyper_parameters\.rotations_test: must be true or false"):
+        RecDataset(entries(sample / "test"), dict(cfg, **{"hyper_parameters.rotations_test": 1}), "valid")
+
+
 def test_rotated_copies_stay_in_their_split(sample):
     cfg = config(hyper_parameters__rotations=True)
     used = {}

@@ -23,6 +23,7 @@ CONFIG_DEFAULTS = {
     "hyper_parameters.base_optimizer.class": "SGD",
     "hyper_parameters.base_optimizer.learning_rate": 0.1,
     "hyper_parameters.rotations": False,  # read by omniglot_reader.py: 4 rotated classes per character
+    "hyper_parameters.rotations_test": None,  # read by omniglot_reader.py: rotations when evaluating
     "hyper_parameters.k_query_test": None,  # read by omniglot_reader.py: query images per class when evaluating
     # MAML++ (Antoniou et al., 2019), each off by default; all off is the MAML paper's algorithm.
     "hyper_parameters.multi_step_loss_epochs": 0,  # > 0: query loss after every inner step, annealed to the last

@@ -1,7 +1,8 @@
 """Omniglot episode reader for MAML: N-way K-shot tasks from a two-level image tree.
 
 Data layout: data_dir/<group>/<character>/<image>.png (a group is an alphabet);
-every character folder is one class (four with hyper_parameters.rotations).
+every character folder is one class (four with hyper_parameters.rotations;
+hyper_parameters.rotations_test, when set, decides it for validation and test).
 The trainer passes file_list = sorted absolute paths of data_dir's entries.
 
 Each yielded item is one task [x_spt, y_spt, x_qry, y_qry]; the DataLoader
@@ -104,10 +105,14 @@ class RecDataset(paddle.io.IterableDataset):
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise _error(config, "runner.seed", f"must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
-        self.rotations = config.get("hyper_parameters.rotations", False)
+        # rotations_test, like k_query_test, lets evaluation differ from training: rotated copies of the
+        # training characters as extra classes (augmentation) while validation and test use the split as it is.
+        rotations_key = "hyper_parameters.rotations"
+        if mode != "train" and config.get("hyper_parameters.rotations_test") is not None:
+            rotations_key = "hyper_parameters.rotations_test"
+        self.rotations = config.get(rotations_key, False)
         if not isinstance(self.rotations, bool):
-            raise _error(config, "hyper_parameters.rotations",
-                         f"must be true or false, got {self.rotations!r}")
+            raise _error(config, rotations_key, f"must be true or false, got {self.rotations!r}")
         if mode == "train":
             self._tasks_key, self._batch_key = "runner.tasks_per_epoch", "runner.train_batch_size"
             # 3200 tasks per epoch: what PaddleRec's reader hard-codes
