@@ -27,9 +27,9 @@ def _load(path):
 
 def test_the_folder_ships_the_configs_the_docs_name():
     names = {os.path.basename(p) for p in CONFIGS}
-    assert {"config.yaml", "config_bigdata.yaml", "config_bigdata_1h.yaml",
+    assert {"config.yaml", "config_bigdata.yaml", "config_bigdata_1h.yaml", "config_paddlerec.yaml",
             "config_omniglot_lake_5way_1shot.yaml"} <= names
-    assert len(names) == 8, names
+    assert len(names) == 9, names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -57,13 +57,19 @@ def test_omniglot_config_reads_folders_the_dataset_script_writes(path):
     _, config = _load(path)
     folders = {key: config.resolve_path(key, required=key != "runner.valid_data_dir") for key in DATA_KEYS}
     train = folders["runner.train_data_dir"]
-    written = [prepare.split_dirs(prepare.HERE, protocol) for protocol in prepare.protocols.PROTOCOLS.values()]
-    matches = [dirs for dirs in written if dirs["train"] == train]
+    written = {name: prepare.split_dirs(prepare.HERE, protocol) for name, protocol in prepare.protocols.PROTOCOLS.items()}
+    matches = [name for name, dirs in written.items() if dirs["train"] == train]
     assert len(matches) == 1, f"runner.train_data_dir {train} is no folder the dataset script writes"
-    protocol_dirs = matches[0]
+    protocol_dirs = written[matches[0]]
     assert folders["runner.test_data_dir"] == protocol_dirs["test"]
     # Every protocol with a validation split must be validated on it; only Lake's has none.
     assert folders["runner.valid_data_dir"] == protocol_dirs.get("valid")
+    # Only the MAML paper's (Vinyals) protocol tests on rotated characters; training may add rotations to any.
+    rotations = config.get("hyper_parameters.rotations")
+    evaluation_rotations = config.get("hyper_parameters.rotations_test")
+    if evaluation_rotations is None:
+        evaluation_rotations = rotations
+    assert evaluation_rotations == (matches[0] == "vinyals")
 
 
 def test_each_config_writes_its_own_output_folder():
