@@ -43,6 +43,13 @@ def _error(config, key, message):
     return ValueError(f"{key}: {message}")
 
 
+def _mode_key(config, mode, key):
+    """The key this mode reads: evaluation (valid, infer) reads `<key>_test` when the config sets it."""
+    if mode != "train" and config.get(f"{key}_test") is not None:
+        return f"{key}_test"
+    return key
+
+
 def _positive_int(config, key, default=None):
     value = config.get(key)
     if value is None:  # unset, or declared without a value by the tools (runner.tasks_per_epoch)
@@ -91,9 +98,7 @@ class RecDataset(paddle.io.IterableDataset):
         self.k_spt = _positive_int(config, "hyper_parameters.k_spt")
         # Evaluation may score more query images per task than training uses (k_query_test): a tighter
         # estimate of each task's accuracy at no cost to training.
-        self._query_key = "hyper_parameters.k_query"
-        if mode != "train" and config.get("hyper_parameters.k_query_test") is not None:
-            self._query_key = "hyper_parameters.k_query_test"
+        self._query_key = _mode_key(config, mode, "hyper_parameters.k_query")
         self.k_query = _positive_int(config, self._query_key)
         self.imgsize = _positive_int(config, "hyper_parameters.imgsize", 28)
         if self.k_spt + self.k_query > OMNIGLOT_DRAWINGS:
@@ -105,11 +110,9 @@ class RecDataset(paddle.io.IterableDataset):
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise _error(config, "runner.seed", f"must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
-        # rotations_test, like k_query_test, lets evaluation differ from training: rotated copies of the
-        # training characters as extra classes (augmentation) while validation and test use the split as it is.
-        rotations_key = "hyper_parameters.rotations"
-        if mode != "train" and config.get("hyper_parameters.rotations_test") is not None:
-            rotations_key = "hyper_parameters.rotations_test"
+        # rotations_test lets training add rotated copies of its characters as extra classes (augmentation)
+        # while validation and test use the split as it is.
+        rotations_key = _mode_key(config, mode, "hyper_parameters.rotations")
         self.rotations = config.get(rotations_key, False)
         if not isinstance(self.rotations, bool):
             raise _error(config, rotations_key, f"must be true or false, got {self.rotations!r}")
