@@ -15,6 +15,8 @@ from tools.utils.config import load_config
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "datasets", "omniglot"))
 import prepare  # noqa: E402  (the dataset script's own module: where run.sh writes each protocol's splits)
+sys.path.insert(0, MODEL_DIR)
+from omniglot_reader import _mode_key  # noqa: E402  (which key evaluation reads: the reader's own rule)
 
 CONFIGS = sorted(glob.glob(os.path.join(MODEL_DIR, "config*.yaml")))
 DATA_KEYS = ("runner.train_data_dir", "runner.valid_data_dir", "runner.test_data_dir")
@@ -57,7 +59,8 @@ def test_omniglot_config_reads_folders_the_dataset_script_writes(path):
     _, config = _load(path)
     folders = {key: config.resolve_path(key, required=key != "runner.valid_data_dir") for key in DATA_KEYS}
     train = folders["runner.train_data_dir"]
-    written = {name: prepare.split_dirs(prepare.HERE, protocol) for name, protocol in prepare.protocols.PROTOCOLS.items()}
+    written = {name: prepare.split_dirs(prepare.HERE, protocol)
+               for name, protocol in prepare.protocols.PROTOCOLS.items()}
     matches = [name for name, dirs in written.items() if dirs["train"] == train]
     assert len(matches) == 1, f"runner.train_data_dir {train} is no folder the dataset script writes"
     protocol_dirs = written[matches[0]]
@@ -65,10 +68,7 @@ def test_omniglot_config_reads_folders_the_dataset_script_writes(path):
     # Every protocol with a validation split must be validated on it; only Lake's has none.
     assert folders["runner.valid_data_dir"] == protocol_dirs.get("valid")
     # Only the MAML paper's (Vinyals) protocol tests on rotated characters; training may add rotations to any.
-    rotations = config.get("hyper_parameters.rotations")
-    evaluation_rotations = config.get("hyper_parameters.rotations_test")
-    if evaluation_rotations is None:
-        evaluation_rotations = rotations
+    evaluation_rotations = config.get(_mode_key(config, "infer", "hyper_parameters.rotations"))
     assert evaluation_rotations == (matches[0] == "vinyals")
 
 
