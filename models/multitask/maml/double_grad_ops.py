@@ -413,6 +413,12 @@ class _MaxPool2x2(PyLayer):
     @staticmethod
     def forward(ctx, x):
         out, mask = _pool_with_index(x.detach())
+        # The kernel starts each window at (-FLT_MAX, index -1) and only replaces it with a larger value,
+        # so a window of NaNs or -infs keeps index -1 (and outputs -FLT_MAX); the backward's scatter and
+        # gather would then write and read one element before the plane, corrupting the heap. Clipping
+        # once (an elementwise op on the quarter-size index) routes such a window to its plane's first
+        # element: in bounds, and the values there are not finite anyway, which the trainer reports.
+        mask = paddle.clip(mask, min=0)
         ctx.save_for_backward(x, mask)
         return out
 
