@@ -39,10 +39,11 @@ from tools.utils.device import cpu_thread_count, select_device  # noqa: E402
 from tools.utils.distributed import merged_results, setup_data_parallel  # noqa: E402
 from tools.utils.errors import UserError  # noqa: E402
 from tools.utils.evaluation import evaluate, evaluation_loader, format_results, validation_config, validation_enabled  # noqa: E402
+from tools.utils.finite import NumericGuard, likely_causes  # noqa: E402
 from tools.utils.metric_values import scalar_dict, to_scalar  # noqa: E402
 from tools.utils.metrics_log import MetricsLog, NoMetricsLog  # noqa: E402
 from tools.utils.model_selection import BEST_FILE, MODES, ModelSelection  # noqa: E402
-from tools.utils.plugin import evaluation_note, load_model_plugin  # noqa: E402
+from tools.utils.plugin import evaluation_note, load_model_plugin, non_finite_keys  # noqa: E402
 from tools.utils.runtime import environment_snapshot, epoch_seed, seed_everything  # noqa: E402
 from tools.utils.startup import load_run_config  # noqa: E402
 from tools.utils.timing import IntervalStats  # noqa: E402
@@ -112,6 +113,7 @@ class TrainingRun:
     step: int  # global batch count, continued across a resume
     parallel: object  # tools.utils.distributed.DataParallel
     seed: int  # runner.seed
+    numeric_guard: NumericGuard  # stops the run at a NaN or infinite loss, gradient or parameter
 
 
 def run_epoch(run, epoch, loader):
@@ -165,6 +167,7 @@ def run_epoch(run, epoch, loader):
         else:
             batch_samples, loss_value = own_samples, to_scalar(loss)
         # -------------------------------------------------------------------
+        run.numeric_guard.check_batch(loss_value, model, epoch, batch_id)  # before the update spreads it
         learning_rate = optimizer.get_lr()  # the rate this batch's update uses
         optimizer.step()
         optimizer.clear_grad()
@@ -330,6 +333,7 @@ def train(args):
     batch_size = loader_batch_size(config, "train", world_size)
     validation = Validation.from_config(config, save_dir, world_size)
     note = evaluation_note(plugin_module) if validation else None
+    numeric_guard = NumericGuard(likely_causes(config, non_finite_keys(plugin_module)), warn)
     # Every rank seeds alike: identical initial parameters on all ranks.
     seed_everything(seed)
     model_obj = load_model_plugin(config)
@@ -363,7 +367,7 @@ def train(args):
         "step": step, "resumed_from": init_path, "world_size": world_size,
         "environment": environment_snapshot()})
     run = TrainingRun(model_obj, model, optimizer, config, metrics_log, print_interval, batch_size, step, parallel,
-                      seed)
+                      seed, numeric_guard)
     ranks = f", {world_size} data-parallel ranks of {batch_size} samples per batch" if parallel.enabled else ""
     log(f"training {config.path} on {device} ({cpu_thread_count(config)} CPU threads{ranks}), "
         f"epochs {start_epoch}-{epochs - 1}, seed {seed}")
@@ -380,6 +384,7 @@ def train(args):
                 loader = create_data_loader(config, "train", rank, world_size, epoch=epoch)
             summary, batches, samples, seconds = run_epoch(run, epoch, loader)
             folder = os.path.join(save_dir, str(epoch))
+            run.numeric_guard.check_parameters(model, epoch)  # every rank: they hold the same parameters
             if parallel.is_main:  # all ranks hold the same parameters
                 folder = save_checkpoint(model, optimizer, save_dir, epoch,
                                          extra={"step": run.step, "metrics": summary})

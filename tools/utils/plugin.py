@@ -139,3 +139,14 @@ def evaluation_note(module):
         raise UserError(f"{module.__file__}: EVALUATION_NOTE must be a string, got {type(note).__name__}")
     note = " ".join(note.split())
     return note or None
+
+
+def non_finite_keys(module) -> dict:
+    """The plugin's NON_FINITE_KEYS ({dotted config key: what it is}, the settings most likely to blame when
+    training turns NaN or infinite, named by the trainer's error), or {}."""
+    keys = getattr(module, "NON_FINITE_KEYS", None)
+    if keys is None:
+        return {}
+    if not isinstance(keys, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
+        raise UserError(f"{module.__file__}: NON_FINITE_KEYS must be a dict of dotted-key strings to descriptions")
+    return dict(keys)

@@ -37,6 +37,10 @@ CONFIG_DEFAULTS = {
 EVALUATION_NOTE = ("query accuracy after update_step_test SGD steps on each task's support set, batch norm with "
                    "each task's own batch statistics (transductive, as in MAML); mean over all tasks, 95% CI")
 
+# Named by the trainer when a loss or meta-gradient turns NaN or infinite: the usual culprits.
+NON_FINITE_KEYS = {"hyper_parameters.base_optimizer.learning_rate": "the inner learning rate",
+                   "hyper_parameters.meta_optimizer.learning_rate": "the meta learning rate"}
+
 # tools/benchmark.py times one meta-iteration per variant (first the one a ratio is taken against).
 BENCHMARK_VARIANTS = [{"hyper_parameters.first_order": True}, {"hyper_parameters.first_order": False}]
 
