@@ -88,6 +88,9 @@ def main(argv=None):
     except PrepareError as exc:
         print(f"prepare.py: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # --out not writable or unreadable, a disk full: the message names the path
+        print(f"prepare.py: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("prepare.py: interrupted; no partial split was kept", file=sys.stderr)
         return 130

@@ -38,15 +38,23 @@ def clean_leftovers(out_dir):
 
 
 def count(split_dir):
-    """(characters, images, characters without exactly 20 PNGs) of a split folder."""
+    """(characters, images, characters without exactly 20 PNGs) of a split folder.
+
+    A folder that cannot be read or a symlink loop in it (DirEntry.is_dir raises on a loop) is a
+    PrepareError naming the path, not a traceback.
+    """
     chars = images = odd = 0
-    for alphabet in os.scandir(split_dir):
-        if not alphabet.is_dir():
-            continue
-        for char in os.scandir(alphabet.path):
-            if char.is_dir():
-                n = sum(1 for f in os.scandir(char.path) if f.name.endswith(".png"))
-                chars, images, odd = chars + 1, images + n, odd + (n != IMAGES_PER_CHARACTER)
+    try:
+        for alphabet in os.scandir(split_dir):
+            if not alphabet.is_dir():
+                continue
+            for char in os.scandir(alphabet.path):
+                if char.is_dir():
+                    n = sum(1 for f in os.scandir(char.path) if f.name.endswith(".png"))
+                    chars, images, odd = chars + 1, images + n, odd + (n != IMAGES_PER_CHARACTER)
+    except OSError as exc:
+        raise PrepareError(f"{exc.filename or split_dir}: cannot read this folder ({exc.strerror or exc}); "
+                           "remove or fix it and run again") from None
     return chars, images, odd
 
 
@@ -77,6 +85,9 @@ def write_split(out_dir, folder, characters, sources, progress=None):
         for key in characters:
             zf, members = sources[key]
             char_dir = os.path.join(tmp, *key)
+            # verify.list_characters refuses such names before anything is written; this is the last guard.
+            if os.path.dirname(os.path.dirname(os.path.normpath(char_dir))) != tmp:
+                raise PrepareError(f"{os.path.basename(zf.filename)}: character {'/'.join(key)} is outside {folder}")
             os.makedirs(char_dir)
             for member in members:
                 data = _read(zf, member)

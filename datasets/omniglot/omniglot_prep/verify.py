@@ -4,8 +4,16 @@ The local mirror's archives were repacked (same images, other zip bytes), so an
 md5 outside the known set is not an error by itself: what decides is the
 content, counted from the archive listing (alphabets, characters, 20 PNGs
 each). The copy step re-counts what it actually unpacked.
+
+Before anything is counted or written, every member of an archive must be a
+plain file or folder under the archive's top folder (images_background/...):
+a name with `..`, `.` or empty parts, an absolute path, a backslash, or a
+symbolic link or other special entry refuses the whole archive, so a hostile
+archive writes nothing at all.
 """
 import hashlib
+import re
+import stat
 import zipfile
 from collections import defaultdict
 
@@ -51,6 +59,11 @@ def list_characters(name, path):
     chars = defaultdict(list)
     try:
         with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                reason = unsafe_member_reason(info, top)
+                if reason:
+                    raise PrepareError(f"{name}: refusing {path}: member {info.filename!r} {reason}; "
+                                       "nothing was written")
             for member in zf.namelist():
                 parts = member.split("/")
                 if len(parts) == 4 and parts[0] == top and parts[3].lower().endswith(".png"):
@@ -59,6 +72,24 @@ def list_characters(name, path):
         raise PrepareError(f"{name}: not a readable zip archive ({path}: {exc})") from None
     check_counts(name, path, chars)
     return {key: sorted(members) for key, members in sorted(chars.items())}
+
+
+def unsafe_member_reason(info, top):
+    """Why the zip member `info` must not be unpacked, or None when it is a plain file or folder in top/."""
+    member = info.filename
+    if member.startswith("/") or re.match(r"[A-Za-z]:", member):
+        return "is an absolute path"
+    if "\\" in member:
+        return "has a backslash (a path separator on Windows)"
+    parts = member[:-1].split("/") if member.endswith("/") else member.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "has a '..', '.' or empty path part"
+    if parts[0] != top:
+        return f"is outside the archive's folder {top}/"
+    kind = stat.S_IFMT(info.external_attr >> 16)  # Unix file type; 0 when the archiver stored none
+    if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
+        return "is a symbolic link or special file"
+    return None
 
 
 def check_counts(name, path, chars):
