@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import paddle
@@ -144,3 +145,197 @@ def test_plugin_non_finite_keys_are_checked_and_formatted():
     Module.NON_FINITE_KEYS = ["a.b"]
     with pytest.raises(UserError, match="plugin.py: NON_FINITE_KEYS must be a dict"):
         non_finite_keys(Module)
+
+
+# ----------------------------------------------------------------------------------------- data archives
+PREP_DIR = os.path.join(REPO_ROOT, "datasets", "omniglot")
+if PREP_DIR not in sys.path:
+    sys.path.insert(0, PREP_DIR)
+from omniglot_prep import verify  # noqa: E402
+
+MAML_DIR = os.path.join(REPO_ROOT, "models", "multitask", "maml")
+if MAML_DIR not in sys.path:
+    sys.path.insert(0, MAML_DIR)
+import omniglot_reader  # noqa: E402
+
+
+def _png():
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (105, 105), 1).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _write_archive(path, name, rename=lambda member: member, extra=()):
+    """An archive with the official counts (alphabets, characters, 20 PNGs each) of one tiny synthetic
+    PNG, so it passes the count check; `rename` and `extra` ((ZipInfo, data), ...) make it hostile."""
+    alphabets, characters = verify.EXPECTED[f"{name}.zip"]
+    png = _png()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for c in range(characters):
+            for d in range(1, verify.IMAGES_PER_CHARACTER + 1):
+                # Alphabets named after the archive: the two archives must not share a character.
+                member = f"{name}/{name[7:].title()}_{c % alphabets:02d}/character{c:03d}/{c:04d}_{d:02d}.png"
+                archive.writestr(rename(member), png)
+        for info, data in extra:
+            archive.writestr(info, data)
+
+
+@pytest.fixture(scope="module")
+def good_background(tmp_path_factory):
+    path = tmp_path_factory.mktemp("archives") / "images_background.zip"
+    _write_archive(path, "images_background")
+    return path
+
+
+def _symlink_member(name, target):
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (0o120777 << 16)  # S_IFLNK | rwxrwxrwx, as `zip --symlinks` stores a link
+    return info, target
+
+
+HOSTILE = {
+    # the issue's case: one alphabet folder renamed to `..` (the counts still match)
+    "dot-dot alphabet": dict(rename=lambda m: m.replace("/Evaluation_03/", "/../")),
+    "absolute path": dict(extra=[(zipfile.ZipInfo("/tmp/omniglot_escape/evil.png"), b"x")]),
+    "symlink entry": dict(rename=lambda m: m.replace("0005_20.png", "0005_20.orig"),
+                          extra=[_symlink_member("images_evaluation/Evaluation_05/character005/0005_20.png",
+                                                 "../../../../../etc/passwd")]),
+}
+EXPECTED_MEMBER = {"dot-dot alphabet": "images_evaluation/../character003/0003_01.png",
+                   "absolute path": "/tmp/omniglot_escape/evil.png",
+                   "symlink entry": "images_evaluation/Evaluation_05/character005/0005_20.png"}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_hostile_archive_writes_nothing_and_names_the_member(case, good_background, tmp_path):
+    mirror, out = tmp_path / "mirror", tmp_path / "out"
+    mirror.mkdir()
+    out.mkdir()
+    shutil.copy(good_background, mirror / "images_background.zip")
+    _write_archive(mirror / "images_evaluation.zip", "images_evaluation", **HOSTILE[case])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIGLOT_")}
+    env.update(PYTHON=sys.executable, OMNIGLOT_MIRROR=str(mirror))
+    process = subprocess.run(["sh", os.path.join(PREP_DIR, "run.sh"), "--out", str(out)], env=env,
+                             capture_output=True, text=True, timeout=300)
+    lines = [line for line in process.stderr.splitlines() if line.strip()]
+    assert process.returncode == 1 and len(lines) == 1, process.stderr[-2000:]
+    assert lines[0].startswith("prepare.py: error: images_evaluation.zip: refusing"), lines[0]
+    assert repr(EXPECTED_MEMBER[case]) in lines[0], lines[0]
+    assert os.listdir(out) == [], os.listdir(out)
+    assert sorted(os.listdir(tmp_path)) == ["mirror", "out"]
+    assert not os.path.exists("/tmp/omniglot_escape")
+
+
+@pytest.mark.parametrize("name, info_mode, reason", [
+    ("images_background/A/c/x.png", 0o100644, None),
+    ("images_background/A/c/", 0o040755, None),
+    ("images_background/A/c/x.png", 0, None),  # an archiver that stores no Unix mode
+    ("images_background/A/./x.png", 0o100644, "'..', '.' or empty path part"),
+    ("images_background//c/x.png", 0o100644, "'..', '.' or empty path part"),
+    ("images_background/A\\..\\..\\x.png", 0o100644, "backslash"),
+    ("C:/images_background/A/c/x.png", 0o100644, "absolute path"),
+    ("images_evaluation/A/c/x.png", 0o100644, "outside the archive's folder images_background/"),
+    ("images_background/A/c/fifo.png", 0o010644, "symbolic link or special file"),
+    ("images_background/A/c/dev.png", 0o060644, "symbolic link or special file"),
+])
+def test_every_member_is_checked(name, info_mode, reason):
+    info = zipfile.ZipInfo(name)
+    info.external_attr = info_mode << 16
+    found = verify.unsafe_member_reason(info, "images_background")
+    assert (found is None) if reason is None else (reason in found), found
+
+
+# ---------------------------------------------------------------------------------------- data trees
+READER_CONFIG = {"hyper_parameters.n_way": 2, "hyper_parameters.k_spt": 1, "hyper_parameters.k_query": 1,
+                 "hyper_parameters.imgsize": 28, "runner.tasks_per_epoch": 4, "runner.train_batch_size": 2}
+
+
+def _tree(root):
+    for group in ("g1", "g2"):
+        for char in ("c1", "c2"):
+            folder = root / group / char
+            folder.mkdir(parents=True)
+            for k in range(2):
+                (folder / f"{k}.png").write_bytes(_png())
+    return sorted(str(root / name) for name in os.listdir(root))
+
+
+@pytest.mark.parametrize("where", ["group", "image", "character"])
+def test_a_symlink_loop_in_the_data_tree_is_one_error_naming_it(where, tmp_path):
+    root = tmp_path / "train"
+    _tree(root)
+    loop = {"group": root / "loop", "character": root / "g1" / "loop", "image": root / "g2" / "c1" / "loop.png"}[where]
+    os.symlink(loop.name + ".other", loop)
+    os.symlink(loop.name, loop.parent / (loop.name + ".other"))
+    # Either link of the pair may be met first: both are the loop.
+    with pytest.raises(ValueError, match=rf"^{loop}(\.other)?: cannot read this part of the data tree \(Too many levels"):
+        omniglot_reader.RecDataset(sorted(str(root / name) for name in os.listdir(root)), READER_CONFIG)
+
+
+def test_a_symlink_loop_through_the_trainer_is_one_line(tmp_path):
+    data = tmp_path / "train"
+    shutil.copytree(os.path.join(MAML_DIR, "data", "train"), data)
+    os.symlink("x.png", data / "alphabet_01" / "character01" / "x.png")
+    process = run_tool("trainer.py", "-m", MAML_CONFIG, "-o", f"runner.model_save_path={tmp_path / 'out'}",
+                       f"runner.train_data_dir={data}", *MAML_SMALL)
+    assert_user_error(process, f"{data}/alphabet_01/character01/x.png", "cannot read this part of the data tree")
+
+
+def _refuse(blocked):
+    """os.scandir / os.listdir that raise PermissionError on `blocked`, as for a non-root user on a
+    chmod 000 folder (the tests run as root, whom chmod does not stop)."""
+    real_scandir, real_listdir = os.scandir, os.listdir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(blocked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    def listdir(path="."):
+        if os.fspath(path) == str(blocked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_listdir(path)
+
+    return scandir, listdir
+
+
+@pytest.mark.parametrize("part", ["g1", "g2/c2"])
+def test_an_unreadable_folder_in_the_data_tree_is_one_error_naming_it(part, tmp_path, monkeypatch):
+    root = tmp_path / "train"
+    file_list = _tree(root)
+    scandir, _ = _refuse(root / part)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(ValueError, match=rf"^{root / part}: cannot read this part of the data tree \(Permission denied\)$"):
+        omniglot_reader.RecDataset(file_list, READER_CONFIG)
+
+
+def test_an_unreadable_data_folder_is_one_user_error(tmp_path, monkeypatch):
+    from tools.utils.config import load_config
+    from tools.utils.data import list_data_files
+
+    root = tmp_path / "train"
+    _tree(root)
+    _, listdir = _refuse(root)
+    monkeypatch.setattr(os, "listdir", listdir)
+    config = load_config(MAML_CONFIG, [f"runner.train_data_dir={root}"])
+    with pytest.raises(UserError, match=rf"runner.train_data_dir: cannot read data folder {root}: Permission denied"):
+        list_data_files(config, "runner.train_data_dir")
+
+
+def test_an_unreadable_or_looping_split_folder_is_one_prepare_error(tmp_path, monkeypatch):
+    from omniglot_prep import PrepareError, splits
+
+    split = tmp_path / "omniglot_train"
+    (split / "A" / "c").mkdir(parents=True)
+    os.symlink("loop", split / "A" / "loop")
+    with pytest.raises(PrepareError, match=rf"^{split / 'A' / 'loop'}: cannot read this folder \(Too many levels"):
+        splits.count(str(split))
+    os.remove(split / "A" / "loop")
+    scandir, _ = _refuse(split / "A" / "c")
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(PrepareError, match=rf"^{split / 'A' / 'c'}: cannot read this folder \(Permission denied"):
+        splits.count(str(split))

@@ -44,7 +44,10 @@ def list_data_files(config, dir_key):
         raise config.error(dir_key, f"data folder {folder} does not exist")
     if not os.path.isdir(folder):
         raise config.error(dir_key, f"{folder} is not a folder")
-    entries = sorted(name for name in os.listdir(folder) if not name.startswith("."))
+    try:
+        entries = sorted(name for name in os.listdir(folder) if not name.startswith("."))
+    except OSError as reason:  # no read permission, or the folder vanished
+        raise config.error(dir_key, f"cannot read data folder {folder}: {reason.strerror}") from None
     if not entries:
         raise config.error(dir_key, f"data folder {folder} is empty")
     return [os.path.join(folder, name) for name in entries]

@@ -13,6 +13,7 @@ worker count or sharding.
 import hashlib
 import numbers
 import os
+import stat
 from collections import namedtuple
 
 import numpy as np
@@ -228,17 +229,45 @@ def _visible(entry):
     return not entry.name.startswith(".")
 
 
+def _unreadable(config, path, exc):
+    """One line naming the path of a folder or link the tree cannot be read through (a symlink loop, a
+    folder without read permission) instead of a traceback from deep inside the scan."""
+    return _error(config, path, f"cannot read this part of the data tree ({exc.strerror or exc})")
+
+
+def _is_folder(path, config):
+    """os.path.isdir, except that a symlink loop or an unreadable path is an error, not "no folder"."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:  # a dangling link: not a folder, skipped like a stray file
+        return False
+    except OSError as exc:
+        raise _unreadable(config, path, exc) from None
+
+
+def _visible_entries(folder, config):
+    """(path, is_dir, is_file) of the visible entries of `folder`, sorted by name. DirEntry.is_dir/is_file
+    raise on a symlink loop (they only swallow a missing target), so they are asked here too."""
+    try:
+        with os.scandir(folder) as entries:
+            listing = [(e.name, e.path, e.is_dir(), e.is_file()) for e in entries if _visible(e)]
+    except OSError as exc:
+        raise _unreadable(config, exc.filename or folder, exc) from None
+    return [item[1:] for item in sorted(listing)]
+
+
 def _scan(file_list, config, mode):
     """Sorted class folders and their images; (class_dirs, paths, starts, counts)."""
     class_dirs, paths, starts, counts = [], [], [], []
     for group in sorted(file_list):
-        if os.path.basename(group).startswith(".") or not os.path.isdir(group):
+        if os.path.basename(group).startswith(".") or not _is_folder(group, config):
             continue
-        for char in sorted((e for e in os.scandir(group) if e.is_dir() and _visible(e)),
-                           key=lambda e: e.name):
-            images = sorted(e.path for e in os.scandir(char.path)
-                            if e.is_file() and _visible(e) and e.name.lower().endswith(IMAGE_EXTS))
-            class_dirs.append(char.path)
+        for char_path, is_dir, _ in _visible_entries(group, config):
+            if not is_dir:
+                continue
+            images = [path for path, _, is_file in _visible_entries(char_path, config)
+                      if is_file and path.lower().endswith(IMAGE_EXTS)]
+            class_dirs.append(char_path)
             starts.append(len(paths))
             counts.append(len(images))
             paths.extend(images)
