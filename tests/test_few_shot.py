@@ -231,3 +231,11 @@ def test_bad_input_is_a_one_line_error(checkpoint, tmp_path, case):
     process = _predict(checkpoint, support, query, extra=["--json", tmp_path / "out.json", *extra])
     assert_user_error(process, *expected)
     assert not os.path.exists(tmp_path / "out.json")
+
+
+def test_a_plugin_without_a_predict_hook_is_a_one_line_error(tmp_path):
+    from tool_helpers import TOY_CONFIG
+
+    support, query = _task_folders(tmp_path, CLASSES[:2], [1, 1], 1)
+    process = run_tool("predict.py", "-m", TOY_CONFIG, "--support", support, "--query", query)
+    assert_user_error(process, "toy_model", "no predict() method")

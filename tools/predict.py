@@ -136,11 +136,12 @@ def predict(args):
     support = support_classes(args.support)  # folder mistakes fail before paddle is imported
     queries = query_images(args.query)
     config, _ = load_run_config(args.config, args.overrides)
-    folder, epoch, how = chosen_checkpoint(config)
-    select_device(config)
     model_obj = load_model_plugin(config)
     if not callable(getattr(model_obj, "predict", None)):
-        raise UserError(f"{config.config_dir}: the model plugin's DygraphModel has no predict() method")
+        raise UserError(f"{config.config_dir}: the model plugin's DygraphModel has no predict() method "
+                        "(few-shot prediction is up to the model)")
+    folder, epoch, how = chosen_checkpoint(config)
+    select_device(config)
     model = model_obj.create_model(config)
     load_checkpoint(folder, model)
     log(f"checkpoint: {folder} ({how})")
