@@ -55,10 +55,12 @@ def _predict(checkpoint, support, *query, extra=()):
 def loaded(checkpoint):
     """(config, plugin object, model with the checkpoint, few_shot module), in this process."""
     from tools.utils.checkpoint import load_checkpoint
-    from tools.utils.plugin import import_file, load_model_plugin
-    from tools.utils.startup import load_run_config
+    from tools.utils.config import load_config
+    from tools.utils.plugin import import_file, import_plugin_module, load_model_plugin, plugin_config_defaults
 
-    config, _ = load_run_config(CONFIG, _overrides(checkpoint))
+    # As the tools load it, less preparing the process's environment (paddle is already imported here).
+    defaults = plugin_config_defaults(import_plugin_module(load_config(CONFIG)))
+    config = load_config(CONFIG, _overrides(checkpoint), defaults)
     plugin = load_model_plugin(config)
     model = plugin.create_model(config)
     load_checkpoint(str(checkpoint / "0"), model)
