@@ -251,3 +251,10 @@ class DygraphModel:
         task_acc = maml.evaluate(dy_model, episode, steps, lr).numpy()
         metrics_list[0].update(task_acc)
         return metrics_list, {"acc": float(task_acc.mean())}
+
+    def predict(self, dy_model, config, support, queries):
+        """tools/predict.py's hook: adapt on support [(class name, [image paths])], classify the query image
+        paths; see few_shot.predict_files."""
+        import few_shot  # here, not at the top: few_shot imports this module (inner_settings)
+
+        return few_shot.predict_files(dy_model, config, support, queries)

@@ -14,17 +14,23 @@ import net
 
 
 class Episode:
-    """A meta-batch of tasks as tensors: x [T, n, C, H, W] float, y [T, n] int64."""
+    """A meta-batch of tasks as tensors: x [T, n, C, H, W] float, y [T, n] int64.
 
-    def __init__(self, x_spt, y_spt, x_qry, y_qry, dtype):
+    y_qry may be None (query images to classify, not to score). `classes`: the tasks use only the first
+    `classes` outputs of the network's n_way (None: all); the others are masked out (see adapted_chunks).
+    """
+
+    def __init__(self, x_spt, y_spt, x_qry, y_qry, dtype, classes=None):
         def tensor(value, kind):
             if not isinstance(value, paddle.Tensor):
                 value = paddle.to_tensor(value)
             return value.astype(kind)
 
         self.x_spt, self.x_qry = tensor(x_spt, dtype), tensor(x_qry, dtype)
-        self.y_spt, self.y_qry = tensor(y_spt, "int64"), tensor(y_qry, "int64")
+        self.y_spt = tensor(y_spt, "int64")
+        self.y_qry = None if y_qry is None else tensor(y_qry, "int64")
         self.tasks = self.x_spt.shape[0]
+        self.classes = classes
 
 
 def adapt(model, fast, x, y, steps, lr, first_order):
@@ -55,6 +61,10 @@ def adapted_chunks(model, episode, tasks_per_chunk, steps, lr, first_order):
     for start in range(0, episode.tasks, tasks_per_chunk):
         part = slice(start, min(start + tasks_per_chunk, episode.tasks))
         copies = net.expand_to_tasks(model.adapted_parameters(), part.stop - part.start)
+        if episode.classes is not None:
+            # In every task's own copy of the classifier, so the support loss of every inner step and
+            # the query logits all see the mask.
+            copies = net.mask_outputs(copies, episode.classes)
         yield part, adapt(model, copies, episode.x_spt[part], episode.y_spt[part], steps, lr, first_order)
 
 
@@ -113,16 +123,22 @@ def meta_gradients(model, episode, steps, lr, first_order, stage_weights=None, t
 EVAL_QUERY_IMAGES_PER_CHUNK = 2000
 
 
-def evaluate(model, episode, steps, lr):
-    """Per-task query accuracy [T] after `steps` adaptation steps (no meta-gradient needed)."""
+def query_logits(model, episode, steps, lr):
+    """Query logits [T, n, n_way] after `steps` adaptation steps on each task's support set (no
+    meta-gradient needed); batch norm uses the batch statistics of the support set while adapting and of
+    the query set when classifying. What evaluation scores and what few_shot.py predicts with."""
     tasks_per_chunk = max(1, EVAL_QUERY_IMAGES_PER_CHUNK // episode.x_qry.shape[1])
-    accuracies = []
+    logits = []
     for part, stages in adapted_chunks(model, episode, tasks_per_chunk, steps, lr, first_order=True):
         with paddle.no_grad():
             inputs = model.layer_inputs([p.detach() for p in stages[-1]], steps)
-            logits = net.task_logits(inputs, episode.x_qry[part], model.blocks, model.stride, model.padding)
-            accuracies.append(accuracy(logits, episode.y_qry[part]))
-    return _joined(accuracies)
+            logits.append(net.task_logits(inputs, episode.x_qry[part], model.blocks, model.stride, model.padding))
+    return _joined(logits)
+
+
+def evaluate(model, episode, steps, lr):
+    """Per-task query accuracy [T] after `steps` adaptation steps (no meta-gradient needed)."""
+    return accuracy(query_logits(model, episode, steps, lr), episode.y_qry)
 
 
 def accuracy(logits, labels):

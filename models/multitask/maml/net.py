@@ -132,6 +132,22 @@ def expand_to_tasks(params, tasks):
     return stacked
 
 
+# Added to the logit of an unused output: its softmax is then exactly 0 in float32 and float64, so it takes
+# no probability and its gradient (softmax - one-hot) is exactly 0. Finite, unlike -inf, so that
+# 0 * mask stays 0 in the cross-entropy.
+MASKED_LOGIT = -1e9
+
+
+def mask_outputs(params, classes):
+    """Task-stacked parameters (expand_to_tasks) whose logits beyond the first `classes` are masked out.
+
+    The mask goes into the classifier bias copy: every forward pass of these parameters then has it,
+    and since a masked logit's gradient is exactly 0, inner SGD steps keep it as it is."""
+    fc_bias = params[-1]
+    mask = paddle.to_tensor([0.0] * classes + [MASKED_LOGIT] * (fc_bias.shape[-1] - classes), dtype=fc_bias.dtype)
+    return list(params[:-1]) + [fc_bias + mask]
+
+
 def task_logits(params, x, blocks=4, stride=1, padding=1):
     """Logits [T, n, n_way] for images x [T, n, C, H, W], task t using its own parameters."""
     tasks, n = x.shape[0], x.shape[1]

@@ -220,8 +220,13 @@ class RecDataset(paddle.io.IterableDataset):
             for k in range(1, ROTATIONS):
                 if (turns == k).any():
                     x[turns == k] = np.rot90(x[turns == k], k, axes=(1, 2))
-        # PaddleRec's normalisation: ink (0) -> -1, paper (255) -> 1
-        return (x.astype(np.float32) / 255.0 * 2.0 - 1.0)[:, None]
+        return to_network_input(x)
+
+
+def to_network_input(images):
+    """uint8 grayscale images [n, H, W] (decode_image's) as the network's input: float32 [n, 1, H, W]."""
+    # PaddleRec's normalisation: ink (0) -> -1, paper (255) -> 1
+    return (np.asarray(images).astype(np.float32) / 255.0 * 2.0 - 1.0)[:, None]
 
 
 # ----- scanning the tree -----
@@ -282,7 +287,8 @@ def _scan(file_list, config, mode):
 
 
 # ----- decoding and the decode cache -----
-def _decode(path, size, config):
+def decode_image(path, size, config):
+    """One image file as uint8 grayscale [size, size] (resized with RESAMPLE); a one-line error naming it."""
     try:
         with Image.open(path) as img:
             img = img.convert("L")
@@ -349,7 +355,7 @@ def _load_images(data_dir, paths, size, config):
     images = np.empty((len(paths), size, size), dtype=np.uint8)
     for i, path in enumerate(tqdm(paths, desc=f"decoding {os.path.basename(data_dir)}",
                                   unit="img", leave=False)):
-        images[i] = _decode(path, size, config)
+        images[i] = decode_image(path, size, config)
     for path in candidates:
         if _write_cache(path, fingerprint, images):
             return images, path, "built"
