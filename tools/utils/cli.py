@@ -1,10 +1,12 @@
 """Command-line plumbing shared by the tools: arguments and exit codes."""
 import argparse
+import signal
 import sys
 
 from tools.utils.allocator import reexec_with_allocator_tunables
 from tools.utils.console import rank_prefix
-from tools.utils.errors import EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, DistributedError, UserError
+from tools.utils.errors import (EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR,
+                                DistributedError, Terminated, UserError)
 
 
 def config_arg_parser(description) -> argparse.ArgumentParser:
@@ -17,9 +19,21 @@ def config_arg_parser(description) -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def handle_sigterm():
+    """Make SIGTERM end the tool like Ctrl-C (one line, exit 143). Call after `import paddle`, whose own
+    handler, installed at import, would print a C++ stack dump and die mid-write."""
+    import paddle  # noqa: F401  (installs Paddle's handler now, if the plugin has not imported it yet)
+
+    signal.signal(signal.SIGTERM, _terminate)
+
+
 def run_tool(body, args) -> int:
     """Run body(args); turn a UserError into one `error:` line and exit code 2
-    (a DistributedError: exit code 3). In a data-parallel run the line starts
+    (a DistributedError: exit code 3; Ctrl-C: 130; SIGTERM: 143). In a data-parallel run the line starts
     with the rank, e.g. `[rank 1/2] error: ...`."""
     reexec_with_allocator_tunables()  # before any work: the process may be replaced
     try:
@@ -32,8 +46,9 @@ def run_tool(body, args) -> int:
         sys.stdout.flush()
         print(f"{rank_prefix()}error: {error}", file=sys.stderr)
         return EXIT_DISTRIBUTED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         sys.stdout.flush()
-        print(f"{rank_prefix()}error: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        terminated = isinstance(interrupt, Terminated)
+        print(f"{rank_prefix()}error: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     return EXIT_OK
