@@ -49,7 +49,8 @@ def _write_checkpoint_files(model, optimizer, folder, epoch, extra):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The input state dict is empty")
             paddle.save(optimizer.state_dict(), os.path.join(folder, OPTIMIZER_FILE))
-    meta = {"epoch": epoch, "optimizer": optimizer_name(optimizer), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extra": extra or {}}
+    meta = {"epoch": epoch, "optimizer": optimizer_name(optimizer), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "extra": extra or {}}
     with open(os.path.join(folder, META_FILE), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=1, sort_keys=True)
     for name in os.listdir(folder):

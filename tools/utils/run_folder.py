@@ -116,15 +116,13 @@ def old_run_entries(folder) -> list:
 
 
 def replace_old_run(folder, overwrite, key="runner.overwrite"):
-    """Before a fresh start: refuse a folder with checkpoints, or with `overwrite` remove the old run.
-
-    """
+    """Before a fresh start: refuse a folder with checkpoints, or with `overwrite` remove the old run."""
     entries = old_run_entries(folder)
-    epochs = [name for name in entries if name.isdigit()]
+    epochs = sorted((name for name in entries if name.isdigit()), key=int)
     if not epochs:
         return
     if not overwrite:
-        raise UserError(f"{folder}: holds the checkpoints of another run (epochs {', '.join(sorted(epochs, key=int))}); "
+        raise UserError(f"{folder}: holds the checkpoints of another run (epochs {', '.join(epochs)}); "
                         f"resume it with runner.model_init_path=auto, or replace it with {key}=True")
     moved = []
     try:
