@@ -151,10 +151,11 @@ def test_genuine_paddle_save_files_of_every_protocol_still_load(tmp_path):
         assert optimizer.state_dict()["LR_Scheduler"] == saved_scheduler
     for protocol in (2, 3, 4, 5):
         with open(params, "wb") as handle:
-            pickle.dump({"w": model.weight.numpy(), "x": RunsCode(f"touch {tmp_path / 'ran'}")}, handle, protocol)
-        with pytest.raises(UserError, match="refused"):
-            load_checkpoint(folder, tiny_model()[0])
-    assert not (tmp_path / "ran").exists()
+            pickle.dump({"weight": saved_weight, "x": RunsCode(f"touch {tmp_path / 'ran'}")}, handle, protocol)
+        with pytest.raises(UserError) as caught:
+            load_checkpoint(folder, model)
+        assert not (tmp_path / "ran").exists(), f"protocol {protocol}: the checkpoint's code ran"
+        assert "refused" in str(caught.value)
 
 
 # ----- defect 2/3: meta.json and best.json are checked; the folder name is the epoch ------------------
@@ -178,15 +179,18 @@ def test_a_hostile_meta_json_is_one_line_not_a_hang(run_copy):
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_META))
-def test_every_hostile_meta_json_is_refused_naming_it(run_copy, case):
-    from tools.utils.checkpoint import load_checkpoint
+def test_every_hostile_meta_json_is_refused_naming_it(tmp_path, case):
+    from tools.utils.checkpoint import load_checkpoint, save_checkpoint
     from tools.utils.errors import UserError
 
+    model, optimizer = tiny_model()
+    folder = save_checkpoint(model, optimizer, str(tmp_path), 2)
     content, fragment = HOSTILE_META[case]
-    meta = run_copy / "2" / "meta.json"
-    meta.write_text(content)
+    meta = os.path.join(folder, "meta.json")
+    with open(meta, "w", encoding="utf-8") as handle:
+        handle.write(content)
     with pytest.raises(UserError) as caught:
-        load_checkpoint(str(run_copy / "2"), tiny_model()[0])
+        load_checkpoint(folder, model, optimizer)
     assert str(caught.value).startswith(f"{meta}: ") and fragment in str(caught.value)
 
 
