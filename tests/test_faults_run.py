@@ -264,9 +264,6 @@ def test_overwrite_replaces_the_old_run_completely(run_copy):
     assert sorted(os.listdir(run_copy)) == ["0", "metrics.jsonl"]
     events = [json.loads(line)["event"] for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
     assert events.count("start") == 1
-    resumed = train(run_copy, "runner.epochs=2", "runner.model_init_path=auto")
-    assert_ok(resumed)
-    assert "continuing at epoch 1" in resumed.stdout
 
 
 # ----- defects 5 and 6: the lock, SIGTERM, a killed trainer ------------------------------------------
