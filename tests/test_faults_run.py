@@ -57,9 +57,9 @@ def snapshot(folder):
     return files
 
 
-def start_trainer(out, *overrides):
+def start_trainer(out, *overrides, config=TOY_CONFIG):
     """A trainer in the background, returned once it is training (its first metrics record is written)."""
-    command = [sys.executable, "-u", os.path.join(TOOLS_DIR, "trainer.py"), "-m", TOY_CONFIG, "-o",
+    command = [sys.executable, "-u", os.path.join(TOOLS_DIR, "trainer.py"), "-m", config, "-o",
                f"runner.model_save_path={out}", *overrides]
     metrics = out / "metrics.jsonl"
     old_records = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
@@ -286,6 +286,21 @@ def test_a_second_trainer_is_refused_and_sigterm_ends_the_first_cleanly(three_ep
     resumed = train(out, "runner.epochs=4", "runner.model_init_path=auto")
     assert_ok(resumed)
     assert "continuing at epoch 3" in resumed.stdout
+
+
+def test_sigterm_inside_the_maml_meta_gradient_is_one_line(tmp_path):
+    """Most of a MAML step is spent in backward passes that Paddle runs through Python (PyLayer); a signal's
+    exception raised there reaches the tool wrapped in Paddle's OSError."""
+    maml = os.path.join(REPO_ROOT, "models", "multitask", "maml", "config.yaml")
+    first = start_trainer(tmp_path / "out", "runner.train_batch_size=8", LONG_EPOCH, config=maml)
+    try:
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "error: terminated (SIGTERM)"
+    assert "Traceback" not in stderr and "FatalError" not in stderr
 
 
 def test_the_lock_and_staging_folders_of_a_killed_trainer_are_taken_over(tmp_path):

@@ -19,16 +19,33 @@ def config_arg_parser(description) -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum, frame):
-    raise Terminated()
+_signals_received = []
 
 
-def handle_sigterm():
-    """Make SIGTERM end the tool like Ctrl-C (one line, exit 143). Call after `import paddle`, whose own
-    handler, installed at import, would print a C++ stack dump and die mid-write."""
+def _on_signal(signum, frame):
+    _signals_received.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def handle_signals():
+    """Make SIGTERM end the tool like Ctrl-C (one line, exit 143), and remember which signal arrived. Call after
+    `import paddle`, whose own SIGTERM handler, installed at import, prints a C++ stack dump and dies mid-write."""
     import paddle  # noqa: F401  (installs Paddle's handler now, if the plugin has not imported it yet)
 
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+
+def _signal_behind(error):
+    """The signal that `error` comes from, or None. Paddle re-raises an exception from Python code it
+    calls (a PyLayer's backward) as its own OSError, so the exception may not say: the signal received does."""
+    if isinstance(error, Terminated):
+        return signal.SIGTERM
+    if isinstance(error, KeyboardInterrupt):
+        return signal.SIGINT
+    if isinstance(error, Exception) and _signals_received:
+        return _signals_received[-1]
+    return None
 
 
 def run_tool(body, args) -> int:
@@ -46,9 +63,12 @@ def run_tool(body, args) -> int:
         sys.stdout.flush()
         print(f"{rank_prefix()}error: {error}", file=sys.stderr)
         return EXIT_DISTRIBUTED
-    except KeyboardInterrupt as interrupt:
+    except BaseException as error:
+        signum = _signal_behind(error)
+        if signum is None:
+            raise
         sys.stdout.flush()
-        terminated = isinstance(interrupt, Terminated)
+        terminated = signum == signal.SIGTERM
         print(f"{rank_prefix()}error: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     return EXIT_OK
