@@ -334,3 +334,10 @@ def test_resuming_with_another_optimizer_class_is_an_error(run_copy):
     process = train(run_copy, "runner.epochs=4", "runner.model_init_path=auto", "hyper_parameters.optimizer.class=SGD")
     assert_user_error(process, str(run_copy / "2" / "rec.pdopt"), "optimizer Adam", "this run uses SGD")
     assert not (run_copy / "3").exists()
+
+
+def test_a_deeply_nested_metrics_line_is_one_line_in_plot_metrics(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"event": ' + "[" * 100000 + "]" * 100000 + "}\n")
+    assert_user_error(run_tool("plot_metrics.py", metrics, "-o", tmp_path / "curve.png"),
+                      f"{metrics}: line 1: not valid JSON")

@@ -96,7 +96,7 @@ def read_metrics(path) -> list:
             continue
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: hostile nesting
             if number == len(lines) and not line.endswith("\n"):
                 break  # the unfinished last line of a running or crashed run
             raise UserError(f"{path}: line {number}: not valid JSON") from None
