@@ -97,8 +97,8 @@ def test_interval_min_mode_and_stale_best_json(tmp_path):
     records = read_records(out / "metrics.jsonl", "valid")
     assert [record["epoch"] for record in records] == [1, 2]  # every 2nd epoch, and the last
     assert read_best(out)["epoch"] == selected(records, "xent", "min")
-    # Without validation, a fresh start leaves no best.json behind either.
-    process = train_toy(out, "runner.epochs=1")
+    # Without validation, a fresh start (which must ask to replace the old run) leaves no best.json behind either.
+    process = train_toy(out, "runner.epochs=1", "runner.overwrite=True")
     assert_ok(process)
     assert not (out / "best.json").exists() and not read_records(out / "metrics.jsonl", "valid")
 

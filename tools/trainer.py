@@ -44,6 +44,7 @@ from tools.utils.metric_values import scalar_dict, to_scalar  # noqa: E402
 from tools.utils.metrics_log import MetricsLog, NoMetricsLog  # noqa: E402
 from tools.utils.model_selection import BEST_FILE, MODES, ModelSelection  # noqa: E402
 from tools.utils.plugin import evaluation_note, load_model_plugin, non_finite_keys  # noqa: E402
+from tools.utils.run_folder import lock_run_folder, remove_stale_staging, replace_old_run  # noqa: E402
 from tools.utils.runtime import environment_snapshot, epoch_seed, seed_everything  # noqa: E402
 from tools.utils.startup import load_run_config  # noqa: E402
 from tools.utils.timing import IntervalStats  # noqa: E402
@@ -320,6 +321,8 @@ def validate(run, validation, epoch, folder):
 def train(args):
     config, plugin_module = load_run_config(args.config, args.overrides)
     epochs = config.require("runner.epochs", int)
+    if epochs < 1:
+        raise config.error("runner.epochs", f"must be at least 1, got {epochs}")
     print_interval = config.require("runner.print_interval", int)
     if print_interval < 1:
         raise config.error("runner.print_interval", f"must be at least 1, got {print_interval}")
@@ -330,6 +333,10 @@ def train(args):
     device = select_device(config)
     parallel = setup_data_parallel(config, device)
     rank, world_size = parallel.rank, parallel.world_size
+    overwrite = config.require("runner.overwrite", bool)
+    if parallel.is_main:  # the one writer holds the folder for its whole life (doc/reliability.md)
+        lock_run_folder(save_dir)
+        remove_stale_staging(save_dir)
     batch_size = loader_batch_size(config, "train", world_size)
     validation = Validation.from_config(config, save_dir, world_size)
     note = evaluation_note(plugin_module) if validation else None
@@ -340,6 +347,9 @@ def train(args):
     model = model_obj.create_model(config)
     optimizer = model_obj.create_optimizer(model, config)
     init_path = init_path_of(config, save_dir, parallel)
+    # One run per folder: only a resume from the folder's own checkpoints continues in it.
+    if parallel.is_main and (init_path is None or os.path.dirname(init_path) != save_dir):
+        replace_old_run(save_dir, overwrite)
     start_epoch, step = resume(config, model, optimizer, init_path)
     # Like paddle.DataParallel: start every rank from rank 0's parameters.
     parallel.broadcast_state(model, "sharing rank 0's parameters")

@@ -1,11 +1,15 @@
 """Per-epoch checkpoints in PaddleRec's layout, written atomically.
 
 Layout: <save_dir>/<epoch>/rec.pdparams (model.state_dict()),
-rec.pdopt (optimizer.state_dict()) and meta.json (epoch, time, extra).
+rec.pdopt (optimizer.state_dict()) and meta.json (epoch, optimizer class,
+time, extra). Loading never runs code from these files: the state dicts go
+through tools/utils/safe_pickle.py, meta.json is checked field by field, and
+the folder's name, not meta.json, says which epoch it is.
 A checkpoint folder either exists complete or not at all: files are written
 into a hidden temporary sibling and the folder is renamed into place, so an
 interrupted save never leaves a half-written epoch that a resume would load.
 """
+import io
 import json
 import os
 import shutil
@@ -14,16 +18,12 @@ import time
 import warnings
 
 from tools.utils.errors import UserError
+from tools.utils.json_files import is_count, read_json_object, umask
+from tools.utils.safe_pickle import check_state_pickle
 
 PARAMS_FILE = "rec.pdparams"
 OPTIMIZER_FILE = "rec.pdopt"
 META_FILE = "meta.json"
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _fsync_file(path):
@@ -49,7 +49,8 @@ def _write_checkpoint_files(model, optimizer, folder, epoch, extra):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The input state dict is empty")
             paddle.save(optimizer.state_dict(), os.path.join(folder, OPTIMIZER_FILE))
-    meta = {"epoch": epoch, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extra": extra or {}}
+    meta = {"epoch": epoch, "optimizer": optimizer_name(optimizer), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "extra": extra or {}}
     with open(os.path.join(folder, META_FILE), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=1, sort_keys=True)
     for name in os.listdir(folder):
@@ -73,7 +74,7 @@ def save_checkpoint(model, optimizer, save_dir, epoch, extra=None) -> str:
     try:
         # mkdtemp makes the folder private (0700); a checkpoint should get
         # the permissions any folder made by os.makedirs would.
-        os.chmod(staging, 0o777 & ~_current_umask())
+        os.chmod(staging, 0o777 & ~umask())
         _write_checkpoint_files(model, optimizer, staging, epoch, extra)
         if os.path.exists(final):
             retired = tempfile.mkdtemp(prefix=f".{epoch}.old-", dir=save_dir)
@@ -91,17 +92,29 @@ def save_checkpoint(model, optimizer, save_dir, epoch, extra=None) -> str:
     return final
 
 
+def optimizer_name(optimizer):
+    return None if optimizer is None else type(optimizer).__name__
+
+
 def read_checkpoint_meta(path) -> dict:
-    """meta.json of a checkpoint folder, or {} when it has none."""
+    """meta.json of a checkpoint folder, checked ({} when it has none); UserError naming it when malformed."""
     meta_path = os.path.join(path, META_FILE)
     if not os.path.isfile(meta_path):
         return {}
-    try:
-        with open(meta_path, encoding="utf-8") as handle:
-            meta = json.load(handle)
-    except (OSError, ValueError) as reason:
-        raise UserError(f"{meta_path}: unreadable checkpoint metadata: {reason}") from None
-    return meta if isinstance(meta, dict) else {}
+    meta = read_json_object(meta_path, "checkpoint metadata")
+    extra = meta.get("extra", {})
+    problem = None
+    if "epoch" in meta and not is_count(meta["epoch"]):
+        problem = f'"epoch" must be a non-negative integer, got {str(meta["epoch"])[:40]}'
+    elif not isinstance(extra, dict):
+        problem = f'"extra" must be an object, got {type(extra).__name__}'
+    elif "step" in extra and not is_count(extra["step"]):
+        problem = f'"extra.step" must be a non-negative integer, got {str(extra["step"])[:40]}'
+    elif not isinstance(meta.get("optimizer", ""), (str, type(None))):
+        problem = '"optimizer" must be a class name'
+    if problem:
+        raise UserError(f"{meta_path}: corrupt checkpoint metadata ({problem})")
+    return meta
 
 
 def _load_state(path):
@@ -110,7 +123,14 @@ def _load_state(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: checkpoint file not found")
     try:
-        state = paddle.load(path)
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as reason:
+        raise UserError(f"{path}: cannot read checkpoint file: {reason.strerror}") from None
+    # Checked first, then loaded from the same bytes: a file swapped in between cannot slip through.
+    check_state_pickle(data, path)
+    try:
+        state = paddle.load(io.BytesIO(data))
     except Exception as reason:  # paddle raises ValueError, EOFError, pickle errors...
         raise UserError(f"{path}: corrupt or unreadable checkpoint file ({type(reason).__name__}: {reason})") from None
     if not isinstance(state, dict):
@@ -144,22 +164,33 @@ def _check_matches_model(path, state, model_state):
             raise UserError(f"{path}: parameter {name}: checkpoint shape {_shape(saved)} does not match model shape {_shape(value)}")
 
 
-def _epoch_of(path):
-    epoch = read_checkpoint_meta(path).get("epoch")
-    if isinstance(epoch, int) and not isinstance(epoch, bool):
-        return epoch
+def checkpoint_epoch(path, meta):
+    """The epoch of a checkpoint folder: its name when that is a number (meta.json must agree), else
+    meta.json's "epoch", else None."""
     name = os.path.basename(os.path.normpath(path))
-    return int(name) if name.isdigit() else None
+    if not (name.isascii() and name.isdigit()):
+        return meta.get("epoch")
+    if meta.get("epoch", int(name)) != int(name):
+        raise UserError(f"{os.path.join(path, META_FILE)}: says epoch {meta['epoch']}, but the folder is "
+                        f"epoch {int(name)}: not a checkpoint written here")
+    return int(name)
 
 
 def load_checkpoint(path, model, optimizer=None):
     """Load an epoch folder into `model` (and `optimizer` when given).
 
-    Returns the checkpoint's epoch (from meta.json, else the folder name if
-    it is a number, else None). Every problem is a UserError naming the file.
+    Returns the checkpoint's epoch (checkpoint_epoch(): the folder name when
+    it is a number). Every problem is a UserError naming the file.
     """
     if not os.path.isdir(path):
         raise UserError(f"{path}: checkpoint folder not found")
+    meta = read_checkpoint_meta(path)
+    epoch = checkpoint_epoch(path, meta)
+    saved_optimizer = meta.get("optimizer")
+    if optimizer is not None and saved_optimizer and saved_optimizer != optimizer_name(optimizer):
+        # Paddle would silently ignore the other optimizer's state (Adam moments into SGD, or none into Adam).
+        raise UserError(f"{os.path.join(path, OPTIMIZER_FILE)}: holds the state of optimizer {saved_optimizer}; "
+                        f"this run uses {optimizer_name(optimizer)} (resume with the same optimizer class)")
     params_path = os.path.join(path, PARAMS_FILE)
     state = _load_state(params_path)
     _check_matches_model(params_path, state, model.state_dict())
@@ -169,7 +200,7 @@ def load_checkpoint(path, model, optimizer=None):
     model.set_state_dict(state)
     if optimizer_state is not None:
         optimizer.set_state_dict(optimizer_state)
-    return _epoch_of(path)
+    return epoch
 
 
 def latest_checkpoint(save_dir):

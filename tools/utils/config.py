@@ -29,6 +29,7 @@ RUNNER_DEFAULTS = {
     "runner.infer_batch_size": RunnerKey(None, int, "Batch size of the evaluation loader (required for infer)."),
     "runner.print_interval": RunnerKey(10, int, "Log a line and a metrics record every this many batches."),
     "runner.model_save_path": RunnerKey("output_model", str, "Folder that receives one checkpoint folder per epoch, named by the epoch number, holding rec.pdparams and rec.pdopt."),
+    "runner.overwrite": RunnerKey(False, bool, "A fresh start (no runner.model_init_path) into a runner.model_save_path that holds checkpoints is refused unless this is True; then the old run (epoch folders, metrics.jsonl, best.json, infer_metrics.jsonl) is removed, as a whole, before training starts."),
     "runner.model_init_path": RunnerKey("", str, "Checkpoint epoch folder to resume from (params + optimizer state); training continues at the next epoch. Empty: start fresh. auto: the newest complete epoch folder in runner.model_save_path, or a fresh start when there is none."),
     "runner.infer_load_path": RunnerKey("", str, "Folder holding the epoch checkpoints to evaluate. Empty: runner.model_save_path."),
     "runner.infer_start_epoch": RunnerKey(0, int, "First checkpoint epoch evaluated by infer."),

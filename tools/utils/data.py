@@ -103,14 +103,15 @@ def create_data_loader(config, mode, rank=0, world_size=1, epoch=0):
     With world_size > 1 the reader keeps this rank's share (shard hook) and
     the loader's batch size is runner.*_batch_size / world_size.
     """
-    import paddle
+    from tools.utils.guarded_loader import GuardedDataLoader
 
     batch_size = loader_batch_size(config, mode, world_size)
     dataset = create_dataset(config, mode, rank, world_size, epoch)
     # num_workers=0: readers generate episodes from seeded generators, and
-    # worker processes would make the order depend on scheduling.
-    return paddle.io.DataLoader(dataset, batch_size=batch_size, num_workers=0,
-                                return_list=True, drop_last=False)
+    # worker processes would make the order depend on scheduling. Guarded: an
+    # error in Paddle's reading thread ends the run instead of hanging it.
+    return GuardedDataLoader(dataset, f"{config.path}: {MODE_KEYS[mode][2]}", batch_size=batch_size,
+                             num_workers=0, return_list=True, drop_last=False)
 
 
 def batches_then_none(loader):

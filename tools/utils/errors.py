@@ -28,8 +28,13 @@ class DistributedError(Exception):
         super().__init__(" ".join(line for line in lines if line))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (kill, a scheduler, a container stop): unwinds like Ctrl-C, so saves stay atomic."""
+
+
 # Exit codes shared by every tool (documented in doc/tools.md).
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_DISTRIBUTED = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what shells report for a process it ended

@@ -1,11 +1,11 @@
-"""JSON-lines metrics file: one event object per line, flushed per line.
+"""JSON-lines metrics file: one event object per line, written per line.
 
 Records (all numbers plain JSON numbers; each also has "timestamp"):
   {"event": "start", ...run settings...}
   {"event": "train", "epoch", "batch", "step", "loss", <metrics>, "reader_cost", "batch_cost", "ips"}
   {"event": "epoch", "epoch", "step", "batches", "samples", "seconds", "loss", <metrics>, "checkpoint"}
   {"event": "infer", "epoch", "checkpoint", <metric values>, "batches", "samples", "seconds"}
-Flushing each line keeps the file readable (and plottable) while a run is
+Writing each line at once keeps the file readable (and plottable) while a run is
 still going, and leaves at most one partial line after a crash.
 """
 import json
@@ -31,7 +31,9 @@ class MetricsLog:
         folder = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(folder, exist_ok=True)
-            self._handle = open(path, "a" if append else "w", encoding="utf-8")
+            # Unbuffered: each record is one write() that reaches the file at once (nothing is left in a
+            # buffer to fail again at exit when the disk is full).
+            self._handle = open(path, "ab" if append else "wb", buffering=0)
         except OSError as reason:
             raise UserError(f"{path}: cannot open metrics file: {reason.strerror}") from None
 
@@ -44,8 +46,12 @@ class MetricsLog:
             record.setdefault(key, value)
         record.setdefault("timestamp", round(time.time(), 3))
         record = {key: _json_safe(value) for key, value in record.items()}
-        self._handle.write(json.dumps(record, sort_keys=False) + "\n")
-        self._handle.flush()
+        line = memoryview((json.dumps(record, sort_keys=False) + "\n").encode("utf-8"))
+        try:
+            while line:
+                line = line[self._handle.write(line):]
+        except OSError as reason:  # a full disk, a quota, a vanished network share
+            raise UserError(f"{self.path}: cannot write metrics: {reason.strerror}") from None
 
     def close(self):
         self._handle.close()
@@ -90,7 +96,7 @@ def read_metrics(path) -> list:
             continue
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: hostile nesting
             if number == len(lines) and not line.endswith("\n"):
                 break  # the unfinished last line of a running or crashed run
             raise UserError(f"{path}: line {number}: not valid JSON") from None

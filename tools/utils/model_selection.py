@@ -15,12 +15,11 @@ run keeps the results of the epochs before the one it continues at and
 selects among them again (so a changed metric or mode applies to them too);
 infer.py's runner.infer_best reads "epoch".
 """
-import json
 import math
 import os
-import tempfile
 
 from tools.utils.errors import UserError
+from tools.utils.json_files import is_count, read_json_object, write_json_atomically
 
 BEST_FILE = "best.json"
 MODES = ("max", "min")
@@ -29,17 +28,6 @@ SETTING_KEYS = ("valid_data_dir", "valid_tasks")  # what the values were measure
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _json_safe(value):
-    """JSON has no NaN/Infinity: write null (as the metrics files do)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    return value
 
 
 def better(value, best_value, mode) -> bool:
@@ -51,63 +39,29 @@ def better(value, best_value, mode) -> bool:
     return value > best_value if mode == "max" else value < best_value
 
 
-def write_json_atomically(path, data):
-    """Write `data` to `path` through a temporary sibling and a rename: readers see the old or the new file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    except OSError as reason:
-        raise UserError(f"{path}: cannot write: {reason.strerror}") from None
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(_json_safe(data), handle, indent=1)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException as reason:
-        try:
-            os.remove(temporary)
-        except OSError:
-            pass
-        if isinstance(reason, OSError) and reason.strerror:
-            raise UserError(f"{path}: cannot write: {reason.strerror}") from None
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _is_epoch(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _plain_values(values) -> bool:
+    return isinstance(values, dict) and all(
+        isinstance(value, (int, float, str)) or value is None for value in values.values())
 
 
 def read_best_file(path) -> dict:
     """best.json as a dict, checked; a missing or corrupt file is a one-line UserError naming it."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: not found (written by training with runner.valid_data_dir set)")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, UnicodeDecodeError, ValueError) as reason:
-        detail = getattr(reason, "strerror", None) or str(reason)
-        raise UserError(f"{path}: corrupt best.json ({detail})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: corrupt best.json (expected an object, got {type(data).__name__})")
+    data = read_json_object(path, "best.json")
     history = data.get("history", [])
     if not isinstance(history, list) or not all(
-            isinstance(entry, dict) and _is_epoch(entry.get("epoch")) and isinstance(entry.get("values"), dict)
-            for entry in history):
+            isinstance(entry, dict) and is_count(entry.get("epoch")) and _plain_values(entry.get("values"))
+            and isinstance(entry.get("checkpoint", ""), (str, type(None))) for entry in history):
         raise UserError(f"{path}: corrupt best.json (\"history\" must be a list of "
-                        "{\"epoch\": <int>, \"values\": {...}} objects)")
-    if data.get("epoch") is not None and not _is_epoch(data.get("epoch")):
+                        "{\"epoch\": <int>, \"values\": {<name>: <number>}} objects)")
+    if data.get("epoch") is not None and not is_count(data.get("epoch")):
         raise UserError(f"{path}: corrupt best.json (\"epoch\" must be a non-negative integer, "
                         f"got {data.get('epoch')!r})")
+    for key, check in (("metric", lambda value: isinstance(value, str)), ("mode", lambda value: value in MODES),
+                       ("value", lambda value: value is None or _finite(value))):
+        if key in data and not check(data[key]):
+            raise UserError(f"{path}: corrupt best.json (bad \"{key}\": {str(data[key])[:40]!r})")
     return data
 
 

@@ -5,7 +5,9 @@
 3. Import the model plugin (this imports paddle) to learn its CONFIG_DEFAULTS.
 4. Load the config for real, so -o is checked against YAML + runner
    defaults + plugin defaults.
+5. Replace the SIGTERM handler Paddle installed at import by ours (SIGINT too).
 """
+from tools.utils.cli import handle_signals
 from tools.utils.config import RUNNER_DEFAULTS, load_config
 from tools.utils.overrides import split_override
 from tools.utils.plugin import import_plugin_module, plugin_config_defaults
@@ -28,4 +30,5 @@ def load_run_config(config_path, overrides=()):
     prepare_environment(early.require("runner.deterministic", bool))
     plugin_module = import_plugin_module(early)
     config = load_config(config_path, overrides, plugin_config_defaults(plugin_module))
+    handle_signals()
     return config, plugin_module
