@@ -142,7 +142,7 @@ def test_resume_continues_at_next_epoch_and_matches_uninterrupted_run(full_run, 
     full_out, _ = full_run
     half_out, _ = first_epoch_from_model_folder
     process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={half_out}",
-                       "runner.epochs=2", f"runner.model_init_path={half_out / '0'}")
+                       "runner.epochs=2", f"runner.resume_path={half_out / '0'}")
     assert_ok(process)
     assert "continuing at epoch 1" in process.stdout
     assert "epoch: 0, batch_id" not in process.stdout
@@ -162,8 +162,34 @@ def test_resume_continues_at_next_epoch_and_matches_uninterrupted_run(full_run, 
 
 def test_resume_from_missing_folder_names_the_key(tmp_path):
     process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={tmp_path / 'out'}",
-                       f"runner.model_init_path={tmp_path / 'nowhere' / '0'}")
-    assert_user_error(process, TOY_CONFIG, "runner.model_init_path", str(tmp_path / "nowhere" / "0"))
+                       f"runner.resume_path={tmp_path / 'nowhere' / '0'}")
+    assert_user_error(process, TOY_CONFIG, "runner.resume_path", str(tmp_path / "nowhere" / "0"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_init_path_is_a_warm_start_from_epoch_0(full_run, tmp_path):
+    # PaddleRec's meaning: parameters only, training from epoch 0 (a resume of epoch 1 would train nothing).
+    full_out, _ = full_run
+    out = tmp_path / "warm"
+    process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={out}", "runner.epochs=1",
+                       f"runner.model_init_path={full_out / '1'}")
+    assert_ok(process)
+    assert f"warm start: parameters from {full_out / '1'}" in process.stdout
+    assert "epoch: 0, batch_id: 0" in process.stdout and os.path.isdir(out / "0")
+    start = read_records(out / "metrics.jsonl", "start")
+    assert len(start) == 1 and start[0]["start_epoch"] == 0 and start[0]["warm_start_from"] == str(full_out / "1")
+    # It starts from the trained parameters: its first loss is below the random start's, near the trained one's.
+    assert losses(out / "metrics.jsonl")[0] < losses(full_out / "metrics.jsonl")[0] / 2
+
+
+def test_warm_start_and_resume_together_is_an_error(full_run, tmp_path):
+    full_out, _ = full_run
+    process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={tmp_path / 'out'}",
+                       f"runner.model_init_path={full_out / '0'}", "runner.resume_path=auto")
+    assert_user_error(process, "runner.model_init_path", "runner.resume_path", "not both")
+    process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={tmp_path / 'out'}",
+                       "runner.model_init_path=auto")
+    assert_user_error(process, "runner.model_init_path", "use runner.resume_path=auto")
     assert not (tmp_path / "out").exists()
 
 

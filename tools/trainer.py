@@ -62,21 +62,42 @@ def learning_rate_scheduler(optimizer):
     return None
 
 
-def init_path_of(config, save_dir, parallel):
+def resume_path_of(config, save_dir, parallel):
     """The checkpoint folder to resume from, or None for a fresh start.
 
-    runner.model_init_path "auto" is the newest complete epoch folder in
+    runner.resume_path "auto" is the newest complete epoch folder in
     runner.model_save_path (None when there is none); all ranks must find the same one.
     """
-    if config.get("runner.model_init_path") != AUTO_RESUME:
-        return config.resolve_path("runner.model_init_path", required=False)
+    if config.get("runner.resume_path") != AUTO_RESUME:
+        return config.resolve_path("runner.resume_path", required=False)
     folder = latest_checkpoint(save_dir)
     # Compared by name: the absolute paths may differ between hosts.
     parallel.check_same(folder and os.path.basename(folder),
-                        f"the newest checkpoint in {save_dir} (runner.model_init_path=auto; it must be a shared folder)")
+                        f"the newest checkpoint in {save_dir} (runner.resume_path=auto; it must be a shared folder)")
     if folder is None:
-        log(f"runner.model_init_path=auto: no checkpoint in {save_dir}; starting fresh")
+        log(f"runner.resume_path=auto: no checkpoint in {save_dir}; starting fresh")
     return folder
+
+
+def warm_start_path_of(config):
+    """runner.model_init_path as PaddleRec means it: parameters to start from (epoch 0, fresh optimizer)."""
+    path = config.resolve_path("runner.model_init_path", required=False)
+    if path is None:
+        return None
+    if config.get("runner.resume_path"):
+        raise config.error("runner.model_init_path", "set either it (warm start: parameters only, from epoch 0) "
+                           "or runner.resume_path (continue a run), not both")
+    if not os.path.isdir(path):
+        hint = " (to continue a run use runner.resume_path=auto)" if config.get("runner.model_init_path") == \
+            AUTO_RESUME else ""
+        raise config.error("runner.model_init_path", f"checkpoint folder {path} not found{hint}")
+    return path
+
+
+def warm_start(model, path):
+    """Load the parameters of the epoch folder `path` (PaddleRec's load_model); the optimizer starts fresh."""
+    load_checkpoint(path, model)
+    log(f"warm start: parameters from {path}; training starts at epoch 0 with a fresh optimizer")
 
 
 def resume(config, model, optimizer, init_path):
@@ -84,7 +105,7 @@ def resume(config, model, optimizer, init_path):
     if init_path is None:
         return 0, 0
     if not os.path.isdir(init_path):
-        raise config.error("runner.model_init_path", f"checkpoint folder {init_path} not found")
+        raise config.error("runner.resume_path", f"checkpoint folder {init_path} not found")
     epoch = load_checkpoint(init_path, model, optimizer)
     scheduler = learning_rate_scheduler(optimizer)
     if scheduler is not None:
@@ -309,7 +330,7 @@ def validate(run, validation, epoch, folder):
     if validation.metric not in values:
         raise run.config.error("runner.valid_metric", f"{validation.metric!r} is not among the validation results "
                                f"({', '.join(values) or 'none'}); the checkpoint of epoch {epoch} is saved, resume "
-                               "with -o runner.model_init_path=auto and another runner.valid_metric")
+                               "with -o runner.resume_path=auto and another runner.valid_metric")
     if parallel.is_main:
         selection.save()
 
@@ -335,7 +356,10 @@ def train(args):
     model_obj = load_model_plugin(config)
     model = model_obj.create_model(config)
     optimizer = model_obj.create_optimizer(model, config)
-    init_path = init_path_of(config, save_dir, parallel)
+    warm_path = warm_start_path_of(config)
+    if warm_path is not None:
+        warm_start(model, warm_path)
+    init_path = resume_path_of(config, save_dir, parallel)
     start_epoch, step = resume(config, model, optimizer, init_path)
     # Like paddle.DataParallel: start every rank from rank 0's parameters.
     parallel.broadcast_state(model, "sharing rank 0's parameters")
@@ -360,7 +384,7 @@ def train(args):
     metrics_log.write("start", {
         "config": os.path.abspath(config.path), "overrides": list(args.overrides), "device": device,
         "threads": cpu_thread_count(config), "seed": seed, "start_epoch": start_epoch, "epochs": epochs,
-        "step": step, "resumed_from": init_path, "world_size": world_size,
+        "step": step, "resumed_from": init_path, "warm_start_from": warm_path, "world_size": world_size,
         "environment": environment_snapshot()})
     run = TrainingRun(model_obj, model, optimizer, config, metrics_log, print_interval, batch_size, step, parallel,
                       seed)
