@@ -20,6 +20,7 @@ Each rank trains on its share of every batch; gradients are averaged after
 backward(), so every rank applies the same update; rank 0 writes the
 checkpoints and the metrics file.
 """
+import contextlib
 import os
 import sys
 import time
@@ -46,6 +47,7 @@ from tools.utils.plugin import evaluation_note, load_model_plugin  # noqa: E402
 from tools.utils.runtime import environment_snapshot, epoch_seed, seed_everything  # noqa: E402
 from tools.utils.startup import load_run_config  # noqa: E402
 from tools.utils.timing import IntervalStats  # noqa: E402
+from tools.utils.visual import open_visual_log  # noqa: E402
 
 
 AUTO_RESUME = "auto"
@@ -133,6 +135,7 @@ class TrainingRun:
     step: int  # global batch count, continued across a resume
     parallel: object  # tools.utils.distributed.DataParallel
     seed: int  # runner.seed
+    visual: object = None  # tools.utils.visual.VisualLog when runner.use_visual is on (rank 0)
 
 
 def run_epoch(run, epoch, loader):
@@ -207,6 +210,8 @@ def run_epoch(run, epoch, loader):
             run.metrics_log.write(
                 "train", {"epoch": epoch, "batch": batch_id, "step": run.step, "lr": learning_rate},
                 {**values, **speed})
+            if run.visual is not None:
+                run.visual.add(values, run.step)
             interval.reset()
         bar.update(1)
         batch_id += 1
@@ -379,6 +384,7 @@ def train(args):
     selection = prepare_selection(validation, save_dir, start_epoch, resumed, parallel.is_main)
     if validation is not None:
         validation.selection = selection
+    visual = open_visual_log(config, "train", parallel.is_main)
     # Only rank 0 writes the metrics file and the checkpoints.
     metrics_log = MetricsLog(metrics_path, append=resumed) if parallel.is_main else NoMetricsLog()
     metrics_log.write("start", {
@@ -387,7 +393,7 @@ def train(args):
         "step": step, "resumed_from": init_path, "warm_start_from": warm_path, "world_size": world_size,
         "environment": environment_snapshot()})
     run = TrainingRun(model_obj, model, optimizer, config, metrics_log, print_interval, batch_size, step, parallel,
-                      seed)
+                      seed, visual)
     ranks = f", {world_size} data-parallel ranks of {batch_size} samples per batch" if parallel.enabled else ""
     log(f"training {config.path} on {device} ({cpu_thread_count(config)} CPU threads{ranks}), "
         f"epochs {start_epoch}-{epochs - 1}, seed {seed}")
@@ -397,7 +403,7 @@ def train(args):
             f"best epoch by {validation.metric} ({validation.mode}) in {validation.selection.path}")
     run_start = time.perf_counter()
     summary = {}
-    with metrics_log:
+    with metrics_log, visual or contextlib.nullcontext():
         for epoch in range(start_epoch, epochs):
             if epoch != start_epoch:
                 seed_everything(epoch_seed(seed, epoch))

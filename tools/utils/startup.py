@@ -6,7 +6,8 @@
 4. Load the config for real, so -o is checked against YAML + runner
    defaults + plugin defaults.
 """
-from tools.utils.config import RUNNER_DEFAULTS, load_config
+from tools.utils.config import RUNNER_DEFAULTS, keys_without_effect, load_config
+from tools.utils.console import warn
 from tools.utils.overrides import split_override
 from tools.utils.plugin import import_plugin_module, plugin_config_defaults
 from tools.utils.runtime import prepare_environment
@@ -28,4 +29,7 @@ def load_run_config(config_path, overrides=()):
     prepare_environment(early.require("runner.deterministic", bool))
     plugin_module = import_plugin_module(early)
     config = load_config(config_path, overrides, plugin_config_defaults(plugin_module))
+    # PaddleRec keys are never unknown; those that cannot act here say so once.
+    for key, why in keys_without_effect(config):
+        warn(f"{key} = {config[key]!r} has no effect here: {why}")
     return config, plugin_module
