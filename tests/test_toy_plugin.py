@@ -201,8 +201,44 @@ def test_plot_metrics_writes_a_png(full_run, tmp_path):
     assert_ok(process)
     from PIL import Image
 
-    with Image.open(png) as image:
-        assert image.format == "PNG" and image.width >= 600 and image.height >= 400
+    with Image.open(png) as image:  # two panels (loss, acc) of 8 x 3 inches at 100 dpi
+        assert image.format == "PNG" and image.size == (800, 600)
+        # Not a blank canvas: the curves and text leave thousands of non-white pixels.
+        assert sum(image.convert("L").point(lambda v: v < 200 and 255).histogram()[255:]) > 2000
+
+
+def test_plot_metrics_draws_each_record_as_a_point():
+    pytest.importorskip("matplotlib")
+    from tools.plot_metrics import build_figure
+
+    records = [{"event": "train", "epoch": 0, "step": 1, "loss": 2.0, "acc": 0.2},
+               {"event": "train", "epoch": 0, "step": 3, "loss": 1.5, "acc": 0.4},
+               {"event": "epoch", "epoch": 0, "step": 4},
+               {"event": "train", "epoch": 1, "step": 5, "loss": 1.0, "acc": 0.6},
+               {"event": "valid", "epoch": 0, "step": 4, "acc": 0.5, "acc_ci95": 0.1},
+               {"event": "infer", "epoch": 0, "acc": 0.55, "acc_ci95": 0.05},  # placed at epoch 0's end, step 4
+               {"event": "train", "epoch": 1, "step": 6, "loss": float("nan"), "acc": True}]  # not numbers: skipped
+    figure = build_figure(records, ["loss", "acc", "xent"], "t")
+    loss, acc = figure.axes  # no panel for xent, which no record has
+    (loss_line,) = loss.get_lines()
+    assert loss_line.get_xdata().tolist() == [1, 3, 5, 6] and not loss.containers  # nan is drawn as a gap
+    train_line = acc.get_lines()[0]
+    assert train_line.get_label() == "train acc"
+    assert train_line.get_xdata().tolist() == [1, 3, 5] and train_line.get_ydata().tolist() == [0.2, 0.4, 0.6]
+    (errorbar,) = acc.containers  # the two evaluation points with their intervals
+    assert errorbar.get_label() == "eval acc (95% CI)"
+    assert errorbar.lines[0].get_xdata().tolist() == [4, 4] and errorbar.lines[0].get_ydata().tolist() == [0.5, 0.55]
+    assert build_figure(records, ["xent"], "t") is None
+
+
+def test_plot_metrics_without_matplotlib_is_one_clear_error(full_run, tmp_path):
+    out, _ = full_run
+    hide = tmp_path / "no_matplotlib"
+    hide.mkdir()
+    (hide / "matplotlib.py").write_text("raise ImportError(\"No module named 'matplotlib'\")\n")
+    process = run_tool("plot_metrics.py", out / "metrics.jsonl", "-o", tmp_path / "c.png", env={"PYTHONPATH": str(hide)})
+    assert_user_error(process, "matplotlib", 'pip install -e ".[plot]"')
+    assert not (tmp_path / "c.png").exists()
 
 
 def test_plot_metrics_rejects_bad_input(tmp_path):
