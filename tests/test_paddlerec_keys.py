@@ -61,7 +61,7 @@ def test_keys_without_effect_warn_once_and_name_why(toy):
     assert len(warnings) == len(overrides), process.stderr
     for item in overrides:
         key = item.split("=")[0]
-        assert sum(line.startswith(f"warning: {key} = ") for line in warnings) == 1, (key, warnings)
+        assert sum(f" - WARNING - {key} = " in line for line in warnings) == 1, (key, warnings)
     assert "num_workers = 4 has no effect here: PaddleRec's DataLoader worker processes" in process.stderr
     # Left at their PaddleRec defaults they say nothing.
     quiet = run_tool("trainer.py", "-m", toy / "config.yaml", "-o", *SMALL, "runner.use_xpu=False", cwd=toy)

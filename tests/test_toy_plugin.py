@@ -271,8 +271,9 @@ def test_use_gpu_without_cuda_warns_once_and_trains_on_cpu(tmp_path):
     process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={tmp_path}",
                        "runner.epochs=1", "runner.use_gpu=True")
     assert_ok(process)
-    warnings = [line for line in process.stderr.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: runner.use_gpu is True but this Paddle build has no CUDA; running on CPU"]
+    warnings = [line for line in process.stderr.splitlines() if " - WARNING - " in line]
+    assert [line.split(" - WARNING - ")[1] for line in warnings] == [
+        "runner.use_gpu is True but this Paddle build has no CUDA; running on CPU"]
     assert process.stderr.strip().splitlines() == warnings  # nothing else on stderr
     assert "on cpu" in process.stdout
     assert (tmp_path / "0" / "rec.pdparams").exists()

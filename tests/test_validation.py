@@ -177,10 +177,10 @@ def test_plugin_evaluation_note_is_printed_once(tmp_path):
     process = train_toy(tmp_path / "out", "runner.epochs=2", "runner.valid_data_dir=data/test", config=config)
     assert_ok(process)
     assert process.stdout.count("evaluation: dropout off, no gradients") == 1
-    assert process.stdout.rstrip().splitlines()[-2] == "evaluation: dropout off, no gradients"
+    assert process.stdout.rstrip().splitlines()[-2].endswith(" - INFO - evaluation: dropout off, no gradients")
     process = run_tool("infer.py", "-m", config, "-o", f"runner.infer_load_path={tmp_path / 'out'}")
     assert_ok(process)
-    assert process.stdout.rstrip().splitlines()[-1] == "evaluation: dropout off, no gradients"
+    assert process.stdout.rstrip().splitlines()[-1].endswith(" - INFO - evaluation: dropout off, no gradients")
 
 
 def test_maml_sample_with_validation(tmp_path):
