@@ -53,7 +53,7 @@ def test_every_paddlerec_key_is_known_and_documented():
 def test_keys_without_effect_warn_once_and_name_why(toy):
     overrides = ["runner.use_xpu=True", "runner.num_workers=4", "runner.reader_type=QueueDataset",
                  "runner.thread_num=8", "runner.use_inference=True", "runner.save_inference_feed_varnames=[x]",
-                 "runner.user_define_reader=True", "runner.use_npu=True", "runner.use_auc=True",
+                 "runner.user_define_reader=True", "runner.use_npu=True",
                  "runner.save_inference_fetch_varnames=[y]"]
     process = run_tool("trainer.py", "-m", toy / "config.yaml", "-o", *SMALL, *overrides, cwd=toy)
     assert_ok(process)
