@@ -380,11 +380,11 @@ def train(args):
         evaluation_loader(validation.config, "valid", rank, world_size, seed)
     seed_everything(epoch_seed(seed, start_epoch))
     loader = create_data_loader(config, "train", rank, world_size, epoch=start_epoch)
+    visual = open_visual_log(config, "train", parallel.is_main)  # a missing visualdl stops the run here
     resumed = init_path is not None
     selection = prepare_selection(validation, save_dir, start_epoch, resumed, parallel.is_main)
     if validation is not None:
         validation.selection = selection
-    visual = open_visual_log(config, "train", parallel.is_main)
     # Only rank 0 writes the metrics file and the checkpoints.
     metrics_log = MetricsLog(metrics_path, append=resumed) if parallel.is_main else NoMetricsLog()
     metrics_log.write("start", {
