@@ -4,6 +4,7 @@ They need a PaddleRec checkout; the project machines keep one, unchanged, beside
 (../shared/reference/paddlerec). The run is shrunk with PaddleRec's own -o overrides (it types a value like the
 YAML value it replaces) and writes its checkpoints to a temporary folder.
 """
+import importlib.util
 import math
 import os
 import re
@@ -37,6 +38,8 @@ def epoch_accuracies(process):
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(PADDLEREC, "tools", "trainer.py")),
                     reason=f"no PaddleRec checkout at {PADDLEREC}")
+@pytest.mark.skipif(importlib.util.find_spec("six") is None,
+                    reason="PaddleRec's tools/utils/envs.py imports six, which is not installed")
 def test_paddlerec_trainer_and_infer_run_the_model_folder(tmp_path):
     out = str(tmp_path / "out")
     trained = epoch_accuracies(run_paddlerec("trainer.py", SMALL + [f"runner.model_save_path={out}"]))
