@@ -13,6 +13,7 @@ setup(
     description="Config-driven, exact second-order MAML for PaddlePaddle (PaddleRec-compatible layout)",
     python_requires=">=3.8",
     install_requires=requirements(),
-    extras_require={"test": ["pytest"]},
+    # Optional: runner.use_visual (VisualDL scalars, as PaddleRec) and tools/plot_metrics.py (matplotlib).
+    extras_require={"test": ["pytest"], "visual": ["visualdl"], "plot": ["matplotlib"]},
     packages=[],
 )

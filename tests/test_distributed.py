@@ -2,7 +2,7 @@
 
 One meta-step on 2 ranks must equal one single-process meta-step on the union of their tasks (up to float
 rounding), 2-rank evaluation must report the single-process figures, a dead or hung rank must end the job
-quickly with a visible error, and runner.model_init_path=auto must resume from the newest checkpoint.
+quickly with a visible error, and runner.resume_path=auto must resume from the newest checkpoint.
 Settings are tiny; every launcher run writes its logs into tmp_path (--log_dir).
 """
 import json
@@ -173,7 +173,7 @@ def test_batch_size_must_split_over_the_ranks():
         loader_batch_size(config, "train", 4)
 
 
-# ----- runner.model_init_path=auto -----
+# ----- runner.resume_path=auto -----
 
 def test_latest_checkpoint_is_the_newest_complete_epoch_folder(tmp_path):
     from tools.utils.checkpoint import PARAMS_FILE, latest_checkpoint
@@ -189,11 +189,11 @@ def test_latest_checkpoint_is_the_newest_complete_epoch_folder(tmp_path):
 def test_auto_starts_fresh_then_resumes_like_an_uninterrupted_run(tmp_path):
     out, whole = tmp_path / "out", tmp_path / "whole"
     first = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={out}",
-                     "runner.model_init_path=auto", "runner.epochs=1")
+                     "runner.resume_path=auto", "runner.epochs=1")
     assert_ok(first)
-    assert "runner.model_init_path=auto: no checkpoint" in first.stdout and "starting fresh" in first.stdout
+    assert "runner.resume_path=auto: no checkpoint" in first.stdout and "starting fresh" in first.stdout
     again = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={out}",
-                     "runner.model_init_path=auto", "runner.epochs=2")
+                     "runner.resume_path=auto", "runner.epochs=2")
     assert_ok(again)
     assert f"resumed from {out / '0'}: continuing at epoch 1" in again.stdout
     assert_ok(run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={whole}", "runner.epochs=2"))
@@ -209,7 +209,7 @@ def test_restarted_two_rank_job_resumes_from_the_last_checkpoint(maml_runs, tmp_
     out = tmp_path / "dist"
     shutil.copytree(root / "dist", out)
     process = launch("trainer.py", tmp_path / "log", "-m", MAML_CONFIG, "-o", f"runner.model_save_path={out}",
-                     "runner.use_fleet=True", *MAML_SMALL, "runner.epochs=2", "runner.model_init_path=auto")
+                     "runner.use_fleet=True", *MAML_SMALL, "runner.epochs=2", "runner.resume_path=auto")
     assert_ok(process)
     assert f"[rank 0/2] resumed from {out / '0'}: continuing at epoch 1" in process.stdout
     single = tmp_path / "single"

@@ -68,7 +68,7 @@ def test_nan_loss_stops_before_the_update_and_saves_nothing(tmp_path):
 def test_nan_after_resume_keeps_the_good_checkpoints_and_names_the_plugins_keys(tmp_path):
     config, out = toy_with_keys(tmp_path), tmp_path / "out"
     assert_ok(train(config, out, "runner.epochs=1"))
-    process = train(config, out, "runner.epochs=3", "runner.model_init_path=auto",
+    process = train(config, out, "runner.epochs=3", "runner.resume_path=auto",
                     "hyper_parameters.optimizer.learning_rate=1e38")
     assert_user_error(process, "epoch 1, batch 1: the loss is nan", "nothing of epoch 1 saved",
                       "hyper_parameters.optimizer.learning_rate (the learning rate, now 1e+38)")

@@ -107,7 +107,7 @@ def test_an_optimizer_state_that_would_run_code_is_refused_on_resume(run_copy, t
     marker = tmp_path / "code_ran"
     optimizer_state = run_copy / "2" / "rec.pdopt"
     optimizer_state.write_bytes(hostile_state(optimizer_state, marker, 4))
-    process = train(run_copy, "runner.epochs=4", "runner.model_init_path=auto")
+    process = train(run_copy, "runner.epochs=4", "runner.resume_path=auto")
     assert_user_error(process, str(optimizer_state), "refused")
     assert not marker.exists()
     assert not (run_copy / "3").exists()
@@ -173,7 +173,7 @@ HOSTILE_META = {
 def test_a_hostile_meta_json_is_one_line_not_a_hang(run_copy):
     meta = run_copy / "2" / "meta.json"
     meta.write_text(HOSTILE_META["negative epoch"][0])  # used to hang: the reader's thread died on epoch -2
-    process = train(run_copy, "runner.epochs=4", "runner.model_init_path=auto")  # run_tool's timeout: 120 s
+    process = train(run_copy, "runner.epochs=4", "runner.resume_path=auto")  # run_tool's timeout: 120 s
     assert_user_error(process, str(meta), HOSTILE_META["negative epoch"][1])
     assert not (run_copy / "3").exists()
 
@@ -271,9 +271,9 @@ def test_overwrite_replaces_the_old_run_completely(run_copy):
 def test_a_second_trainer_is_refused_and_sigterm_ends_the_first_cleanly(three_epochs, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(three_epochs, out)
-    first = start_trainer(out, "runner.epochs=4", "runner.model_init_path=auto", LONG_EPOCH)
+    first = start_trainer(out, "runner.epochs=4", "runner.resume_path=auto", LONG_EPOCH)
     try:
-        second = train(out, "runner.epochs=4", "runner.model_init_path=auto")
+        second = train(out, "runner.epochs=4", "runner.resume_path=auto")
         assert_user_error(second, f"{out}: in use by another trainer (pid {first.pid} on host")
         first.send_signal(signal.SIGTERM)
         stdout, stderr = first.communicate(timeout=60)
@@ -283,7 +283,7 @@ def test_a_second_trainer_is_refused_and_sigterm_ends_the_first_cleanly(three_ep
     assert stderr.strip().splitlines()[-1] == "error: terminated (SIGTERM)"
     assert "Traceback" not in stderr and "FatalError" not in stderr
     assert sorted(os.listdir(out)) == ["0", "1", "2", "metrics.jsonl"]  # no lock, no half-written epoch
-    resumed = train(out, "runner.epochs=4", "runner.model_init_path=auto")
+    resumed = train(out, "runner.epochs=4", "runner.resume_path=auto")
     assert_ok(resumed)
     assert "continuing at epoch 3" in resumed.stdout
 
@@ -331,7 +331,7 @@ def test_epochs_below_one_is_an_error(tmp_path):
 
 
 def test_resuming_with_another_optimizer_class_is_an_error(run_copy):
-    process = train(run_copy, "runner.epochs=4", "runner.model_init_path=auto", "hyper_parameters.optimizer.class=SGD")
+    process = train(run_copy, "runner.epochs=4", "runner.resume_path=auto", "hyper_parameters.optimizer.class=SGD")
     assert_user_error(process, str(run_copy / "2" / "rec.pdopt"), "optimizer Adam", "this run uses SGD")
     assert not (run_copy / "3").exists()
 

@@ -50,7 +50,7 @@ def test_resume_continues_to_the_same_parameters(two_epochs, tmp_path):
     first = tmp_path / "first"
     assert_ok(_train(first, "runner.epochs=1"))
     resumed = tmp_path / "resumed"
-    process = _train(resumed, "runner.epochs=2", f"runner.model_init_path={first / '0'}")
+    process = _train(resumed, "runner.epochs=2", f"runner.resume_path={first / '0'}")
     assert_ok(process)
     assert not os.path.exists(resumed / "0")  # epoch 0 came from the checkpoint
     reference, got = _params(out / "1" / "rec.pdparams"), _params(resumed / "1" / "rec.pdparams")
@@ -133,13 +133,13 @@ def test_maml_plus_plus_options_through_the_tools_and_resume(tmp_path):
     inner_lr = next(v for k, v in params.items() if "inner_lr" in k)
     assert inner_lr.shape == (2, 6) and np.abs(inner_lr - 0.1).max() > 1e-6  # 4 convs + fc weight, bias
 
-    assert_ok(_train(resumed, "runner.epochs=2", f"runner.model_init_path={straight / '0'}", *MAML_PLUS_PLUS))
+    assert_ok(_train(resumed, "runner.epochs=2", f"runner.resume_path={straight / '0'}", *MAML_PLUS_PLUS))
     np.testing.assert_allclose(rates(resumed), cosine([2, 3], 4), rtol=1e-6)
     got = _params(resumed / "1" / "rec.pdparams")
     for name in params:
         np.testing.assert_allclose(got[name], params[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
-    assert_ok(_train(longer, "runner.epochs=3", f"runner.model_init_path={straight / '0'}", *MAML_PLUS_PLUS))
+    assert_ok(_train(longer, "runner.epochs=3", f"runner.resume_path={straight / '0'}", *MAML_PLUS_PLUS))
     np.testing.assert_allclose(rates(longer), cosine([2, 3, 4, 5], 6), rtol=1e-6)
 
     # Test-time adaptation with the learned rates and per-step batch norm (3 steps: beyond the trained 2).

@@ -154,6 +154,15 @@ def test_defaults(sample):
     assert RecDataset(entries(sample / "train"), cfg, mode="infer").tasks_per_epoch == 1000
 
 
+def test_without_a_mode_the_folder_picks_it(sample):
+    # PaddleRec's tools build RecDataset(file_list, config=config) for training and inference alike.
+    cfg = config(config_abs_dir=str(sample), runner__train_data_dir="train", runner__test_data_dir="test")
+    assert RecDataset(entries(sample / "test"), config=cfg).mode == "infer"
+    assert RecDataset(entries(sample / "train"), config=cfg).mode == "train"
+    same = dict(cfg, **{"runner.test_data_dir": "./train"})  # one folder for both: it is training data
+    assert RecDataset(entries(sample / "train"), config=same).mode == "train"
+
+
 # ----- sharding -----
 def labels_of(ds):
     return [task[3].tolist() for task in ds]

@@ -60,3 +60,21 @@ def test_seed_everything_repeats_all_generators():
 def test_epoch_seeds_differ_per_epoch_and_from_the_seed():
     seeds = [epoch_seed(2026, epoch) for epoch in range(100)]
     assert len(set(seeds)) == 100 and 2026 not in seeds
+
+
+def test_log_lines_have_paddlerec_format_and_go_through_tqdm(monkeypatch, capsys):
+    import re
+
+    from tools.utils import console
+
+    written = []  # tqdm.write clears and redraws any active bar around the line
+    real_write = console.tqdm.write
+    monkeypatch.setattr(console.tqdm, "write", lambda text, file=None, **kw: (written.append(text),
+                                                                               real_write(text, file=file)))
+    console.log("epoch: 0 done, acc: 0.5000")
+    console.warn("runner.use_xpu = True has no effect here")
+    out, err = capsys.readouterr()
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"  # PaddleRec: '%(asctime)s - %(levelname)s - %(message)s'
+    assert re.fullmatch(stamp + r" - INFO - epoch: 0 done, acc: 0\.5000\n", out), out
+    assert re.fullmatch(stamp + r" - WARNING - runner\.use_xpu = True has no effect here\n", err), err
+    assert written == [out.rstrip("\n"), err.rstrip("\n")]

@@ -142,7 +142,7 @@ def test_resume_continues_at_next_epoch_and_matches_uninterrupted_run(full_run, 
     full_out, _ = full_run
     half_out, _ = first_epoch_from_model_folder
     process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={half_out}",
-                       "runner.epochs=2", f"runner.model_init_path={half_out / '0'}")
+                       "runner.epochs=2", f"runner.resume_path={half_out / '0'}")
     assert_ok(process)
     assert "continuing at epoch 1" in process.stdout
     assert "epoch: 0, batch_id" not in process.stdout
@@ -162,8 +162,34 @@ def test_resume_continues_at_next_epoch_and_matches_uninterrupted_run(full_run, 
 
 def test_resume_from_missing_folder_names_the_key(tmp_path):
     process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={tmp_path / 'out'}",
-                       f"runner.model_init_path={tmp_path / 'nowhere' / '0'}")
-    assert_user_error(process, TOY_CONFIG, "runner.model_init_path", str(tmp_path / "nowhere" / "0"))
+                       f"runner.resume_path={tmp_path / 'nowhere' / '0'}")
+    assert_user_error(process, TOY_CONFIG, "runner.resume_path", str(tmp_path / "nowhere" / "0"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_init_path_is_a_warm_start_from_epoch_0(full_run, tmp_path):
+    # PaddleRec's meaning: parameters only, training from epoch 0 (a resume of epoch 1 would train nothing).
+    full_out, _ = full_run
+    out = tmp_path / "warm"
+    process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={out}", "runner.epochs=1",
+                       f"runner.model_init_path={full_out / '1'}")
+    assert_ok(process)
+    assert f"warm start: parameters from {full_out / '1'}" in process.stdout
+    assert "epoch: 0, batch_id: 0" in process.stdout and os.path.isdir(out / "0")
+    start = read_records(out / "metrics.jsonl", "start")
+    assert len(start) == 1 and start[0]["start_epoch"] == 0 and start[0]["warm_start_from"] == str(full_out / "1")
+    # It starts from the trained parameters: its first loss is below the random start's, near the trained one's.
+    assert losses(out / "metrics.jsonl")[0] < losses(full_out / "metrics.jsonl")[0] / 2
+
+
+def test_warm_start_and_resume_together_is_an_error(full_run, tmp_path):
+    full_out, _ = full_run
+    process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={tmp_path / 'out'}",
+                       f"runner.model_init_path={full_out / '0'}", "runner.resume_path=auto")
+    assert_user_error(process, "runner.model_init_path", "runner.resume_path", "not both")
+    process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={tmp_path / 'out'}",
+                       "runner.model_init_path=auto")
+    assert_user_error(process, "runner.model_init_path", "use runner.resume_path=auto")
     assert not (tmp_path / "out").exists()
 
 
@@ -175,8 +201,44 @@ def test_plot_metrics_writes_a_png(full_run, tmp_path):
     assert_ok(process)
     from PIL import Image
 
-    with Image.open(png) as image:
-        assert image.format == "PNG" and image.width >= 600 and image.height >= 400
+    with Image.open(png) as image:  # two panels (loss, acc) of 8 x 3 inches at 100 dpi
+        assert image.format == "PNG" and image.size == (800, 600)
+        # Not a blank canvas: the curves and text leave thousands of non-white pixels.
+        assert sum(image.convert("L").point(lambda v: v < 200 and 255).histogram()[255:]) > 2000
+
+
+def test_plot_metrics_draws_each_record_as_a_point():
+    pytest.importorskip("matplotlib")
+    from tools.plot_metrics import build_figure
+
+    records = [{"event": "train", "epoch": 0, "step": 1, "loss": 2.0, "acc": 0.2},
+               {"event": "train", "epoch": 0, "step": 3, "loss": 1.5, "acc": 0.4},
+               {"event": "epoch", "epoch": 0, "step": 4},
+               {"event": "train", "epoch": 1, "step": 5, "loss": 1.0, "acc": 0.6},
+               {"event": "valid", "epoch": 0, "step": 4, "acc": 0.5, "acc_ci95": 0.1},
+               {"event": "infer", "epoch": 0, "acc": 0.55, "acc_ci95": 0.05},  # placed at epoch 0's end, step 4
+               {"event": "train", "epoch": 1, "step": 6, "loss": float("nan"), "acc": True}]  # not numbers: skipped
+    figure = build_figure(records, ["loss", "acc", "xent"], "t")
+    loss, acc = figure.axes  # no panel for xent, which no record has
+    (loss_line,) = loss.get_lines()
+    assert loss_line.get_xdata().tolist() == [1, 3, 5, 6] and not loss.containers  # nan is drawn as a gap
+    train_line = acc.get_lines()[0]
+    assert train_line.get_label() == "train acc"
+    assert train_line.get_xdata().tolist() == [1, 3, 5] and train_line.get_ydata().tolist() == [0.2, 0.4, 0.6]
+    (errorbar,) = acc.containers  # the two evaluation points with their intervals
+    assert errorbar.get_label() == "eval acc (95% CI)"
+    assert errorbar.lines[0].get_xdata().tolist() == [4, 4] and errorbar.lines[0].get_ydata().tolist() == [0.5, 0.55]
+    assert build_figure(records, ["xent"], "t") is None
+
+
+def test_plot_metrics_without_matplotlib_is_one_clear_error(full_run, tmp_path):
+    out, _ = full_run
+    hide = tmp_path / "no_matplotlib"
+    hide.mkdir()
+    (hide / "matplotlib.py").write_text("raise ImportError(\"No module named 'matplotlib'\")\n")
+    process = run_tool("plot_metrics.py", out / "metrics.jsonl", "-o", tmp_path / "c.png", env={"PYTHONPATH": str(hide)})
+    assert_user_error(process, "matplotlib", 'pip install -e ".[plot]"')
+    assert not (tmp_path / "c.png").exists()
 
 
 def test_plot_metrics_rejects_bad_input(tmp_path):
@@ -209,8 +271,9 @@ def test_use_gpu_without_cuda_warns_once_and_trains_on_cpu(tmp_path):
     process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={tmp_path}",
                        "runner.epochs=1", "runner.use_gpu=True")
     assert_ok(process)
-    warnings = [line for line in process.stderr.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: runner.use_gpu is True but this Paddle build has no CUDA; running on CPU"]
+    warnings = [line for line in process.stderr.splitlines() if " - WARNING - " in line]
+    assert [line.split(" - WARNING - ")[1] for line in warnings] == [
+        "runner.use_gpu is True but this Paddle build has no CUDA; running on CPU"]
     assert process.stderr.strip().splitlines() == warnings  # nothing else on stderr
     assert "on cpu" in process.stdout
     assert (tmp_path / "0" / "rec.pdparams").exists()

@@ -108,7 +108,7 @@ def test_resume_keeps_the_best_so_far(validated, tmp_path):
     out = tmp_path / "out"
     assert_ok(train_toy(out, "runner.epochs=2", *VALID))
     first = read_best(out)
-    process = train_toy(out, "runner.epochs=4", "runner.model_init_path=auto", *VALID)
+    process = train_toy(out, "runner.epochs=4", "runner.resume_path=auto", *VALID)
     assert_ok(process)
     assert "continuing at epoch 2" in process.stdout
     assert f"best epoch so far (from {out / 'best.json'}): {first['epoch']}" in process.stdout
@@ -121,7 +121,7 @@ def test_resume_keeps_the_best_so_far(validated, tmp_path):
     assert best["epoch"] == selected(records, "xent", "max") == read_best(full)["epoch"]
     assert [entry["epoch"] for entry in best["history"]] == [0, 1, 2, 3]
     # Resuming from an earlier epoch drops the results of the epochs that are trained again.
-    process = train_toy(out, "runner.epochs=2", f"runner.model_init_path={out / '0'}", *VALID)
+    process = train_toy(out, "runner.epochs=2", f"runner.resume_path={out / '0'}", *VALID)
     assert_ok(process)
     assert "dropped the validation results of epoch(s) [1, 2, 3]" in process.stdout
     assert [entry["epoch"] for entry in read_best(out)["history"]] == [0, 1]
@@ -177,10 +177,10 @@ def test_plugin_evaluation_note_is_printed_once(tmp_path):
     process = train_toy(tmp_path / "out", "runner.epochs=2", "runner.valid_data_dir=data/test", config=config)
     assert_ok(process)
     assert process.stdout.count("evaluation: dropout off, no gradients") == 1
-    assert process.stdout.rstrip().splitlines()[-2] == "evaluation: dropout off, no gradients"
+    assert process.stdout.rstrip().splitlines()[-2].endswith(" - INFO - evaluation: dropout off, no gradients")
     process = run_tool("infer.py", "-m", config, "-o", f"runner.infer_load_path={tmp_path / 'out'}")
     assert_ok(process)
-    assert process.stdout.rstrip().splitlines()[-1] == "evaluation: dropout off, no gradients"
+    assert process.stdout.rstrip().splitlines()[-1].endswith(" - INFO - evaluation: dropout off, no gradients")
 
 
 def test_maml_sample_with_validation(tmp_path):

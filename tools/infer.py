@@ -17,6 +17,7 @@ Data-parallel (doc/distributed.md):
 Each rank evaluates its share of every batch; the metrics are merged over
 all ranks (metric state()/merge_states()) and rank 0 reports.
 """
+import contextlib
 import os
 import sys
 import time
@@ -39,6 +40,7 @@ from tools.utils.model_selection import BEST_FILE, best_epoch_of  # noqa: E402
 from tools.utils.plugin import evaluation_note, load_model_plugin  # noqa: E402
 from tools.utils.runtime import seed_everything  # noqa: E402
 from tools.utils.startup import load_run_config  # noqa: E402
+from tools.utils.visual import open_visual_log  # noqa: E402
 
 INFER_METRICS_FILE = "infer_metrics.jsonl"
 RANGE_KEYS = "runner.infer_start_epoch/runner.infer_end_epoch"
@@ -107,14 +109,20 @@ def infer(args):
     loader = evaluation_loader(config, "infer", rank, world_size, seed)
     results_path = os.path.join(load_dir, INFER_METRICS_FILE)
     best = {"best": True} if selection_note else {}
+    visual = open_visual_log(config, "infer", parallel.is_main)
+    steps_before = 0  # VisualDL steps count batches over all checkpoints, as in PaddleRec
     # Only rank 0 appends to the results file.
-    with (MetricsLog(results_path, append=True) if parallel.is_main else NoMetricsLog()) as results_log:
+    with (MetricsLog(results_path, append=True) if parallel.is_main else NoMetricsLog()) as results_log, \
+            visual or contextlib.nullcontext():
         for index, (epoch, folder) in enumerate(folders.items()):
             load_checkpoint(folder, model)
             if index > 0:
                 loader = evaluation_loader(config, "infer", rank, world_size, seed)
             start = time.perf_counter()
-            values, batches, samples = evaluate(model_obj, model, config, epoch, loader, parallel, batch_size)
+            on_interval = visual and (lambda batch_id, shown: visual.add(shown, steps_before + batch_id))
+            values, batches, samples = evaluate(model_obj, model, config, epoch, loader, parallel, batch_size,
+                                                on_interval=on_interval)
+            steps_before += batches
             seconds = time.perf_counter() - start
             log(f"epoch {epoch}: {format_results(values)}")
             results_log.write("infer", {"epoch": epoch, "checkpoint": folder, **best},

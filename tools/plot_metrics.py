@@ -1,11 +1,11 @@
-"""Draw the learning curve of a run into a PNG (Pillow only).
+"""Draw the learning curve of a run into a PNG with matplotlib (optional extra: pip install -e ".[plot]").
 
     python tools/plot_metrics.py output/metrics.jsonl [output/infer_metrics.jsonl] [-o curve.png]
 
 Plots the "train" records' loss and acc against the global step, one panel
-per key, and "infer" records (evaluation of epoch checkpoints) as points
-with their 95% interval when X_ci95 is present, placed at the step where
-that epoch ended. Other keys can be chosen with --keys.
+per key, and evaluation records ("infer", "valid") as points with their 95%
+interval when X_ci95 is present, placed at the step where that epoch ended.
+Other keys can be chosen with --keys.
 """
 import argparse
 import os
@@ -15,7 +15,6 @@ import sys
 if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
-from tools.utils.chart import Panel, Series, render_chart  # noqa: E402
 from tools.utils.cli import run_tool  # noqa: E402
 from tools.utils.console import log, warn  # noqa: E402
 from tools.utils.errors import UserError  # noqa: E402
@@ -35,15 +34,14 @@ def epoch_end_steps(records):
             if record["event"] == "epoch" and _number(record.get("epoch")) and _number(record.get("step"))}
 
 
-def train_series(records, key):
-    points = [(record["step"], record[key]) for record in records
-              if record["event"] == "train" and _number(record.get("step")) and _number(record.get(key))]
-    return Series(f"train {key}", points) if points else None
+def train_points(records, key):
+    return [(record["step"], record[key]) for record in records
+            if record["event"] == "train" and _number(record.get("step")) and _number(record.get(key))]
 
 
-def evaluation_series(records, key, steps):
-    """Evaluation points of `key` at the step where their epoch ended."""
-    points, errors, unplaced = [], [], 0
+def evaluation_points(records, key, steps):
+    """[(step, value, ci95 or 0)] of the evaluation records of `key`, at the step where their epoch ended."""
+    points, unplaced = [], 0
     for record in records:
         if record["event"] not in EVALUATION_EVENTS or not _number(record.get(key)):
             continue
@@ -51,37 +49,54 @@ def evaluation_series(records, key, steps):
         if not _number(step):
             unplaced += 1
             continue
-        points.append((step, record[key]))
-        errors.append(record.get(f"{key}_ci95") if _number(record.get(f"{key}_ci95")) else 0.0)
+        interval = record.get(f"{key}_ci95")
+        points.append((step, record[key], interval if _number(interval) else 0.0))
     if unplaced:
         warn(f"{unplaced} evaluation record(s) of {key} skipped: no epoch record tells their step")
-    if not points:
-        return None
-    label = f"eval {key}" + (" (95% CI)" if any(errors) else "")
-    return Series(label, points, style="points", errors=errors)
+    return points
 
 
-def build_panels(records, keys):
+def build_figure(records, keys, title):
+    """A matplotlib Figure with one panel per key that has data, or None when no key has any."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
     steps = epoch_end_steps(records)
-    panels = []
-    for key in keys:
-        series = [item for item in (train_series(records, key), evaluation_series(records, key, steps)) if item]
-        if series:
-            panels.append(Panel(key, series))
-    return panels
+    panels = [(key, train_points(records, key), evaluation_points(records, key, steps)) for key in keys]
+    panels = [panel for panel in panels if panel[1] or panel[2]]
+    if not panels:
+        return None
+    figure = Figure(figsize=(8, 3 * len(panels)), dpi=100, layout="constrained")
+    figure.suptitle(title, fontsize=9)
+    for axes, (key, train, evaluation) in zip(figure.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
+        if train:
+            axes.plot(*zip(*train), label=f"train {key}")
+        if evaluation:
+            x, y, errors = zip(*evaluation)
+            label = f"eval {key}" + (" (95% CI)" if any(errors) else "")
+            axes.errorbar(x, y, yerr=errors, fmt="o", capsize=3, label=label)
+        axes.set_ylabel(key)
+        axes.set_xlabel("step (batches)")
+        axes.grid(alpha=0.3)
+        axes.legend()
+    return figure
 
 
 def plot(args):
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError('plot_metrics.py needs the optional package matplotlib: pip install -e ".[plot]" '
+                        "(or pip install matplotlib)") from None
     records = []
     for path in args.metrics_files:
         records += read_metrics(path)
-    panels = build_panels(records, args.keys)
-    if not panels:
+    title = args.title or f"Learning curve: {os.path.abspath(args.metrics_files[0])}"
+    figure = build_figure(records, args.keys, title)
+    if figure is None:
         raise UserError(f"{args.metrics_files[0]}: no train or evaluation records with {', '.join(args.keys)} to plot")
     output = args.output or os.path.splitext(args.metrics_files[0])[0] + ".png"
-    title = args.title or f"Learning curve: {os.path.abspath(args.metrics_files[0])}"
     try:
-        render_chart(output, title, panels, xlabel="step (batches)")
+        figure.savefig(output, format="png")
     except OSError as reason:
         raise UserError(f"{output}: cannot write PNG: {reason.strerror or reason}") from None
     log(f"wrote {output}")

@@ -20,6 +20,7 @@ Each rank trains on its share of every batch; gradients are averaged after
 backward(), so every rank applies the same update; rank 0 writes the
 checkpoints and the metrics file.
 """
+import contextlib
 import os
 import sys
 import time
@@ -48,6 +49,7 @@ from tools.utils.run_folder import lock_run_folder, remove_stale_staging, replac
 from tools.utils.runtime import environment_snapshot, epoch_seed, seed_everything  # noqa: E402
 from tools.utils.startup import load_run_config  # noqa: E402
 from tools.utils.timing import IntervalStats  # noqa: E402
+from tools.utils.visual import open_visual_log  # noqa: E402
 
 
 AUTO_RESUME = "auto"
@@ -64,21 +66,42 @@ def learning_rate_scheduler(optimizer):
     return None
 
 
-def init_path_of(config, save_dir, parallel):
+def resume_path_of(config, save_dir, parallel):
     """The checkpoint folder to resume from, or None for a fresh start.
 
-    runner.model_init_path "auto" is the newest complete epoch folder in
+    runner.resume_path "auto" is the newest complete epoch folder in
     runner.model_save_path (None when there is none); all ranks must find the same one.
     """
-    if config.get("runner.model_init_path") != AUTO_RESUME:
-        return config.resolve_path("runner.model_init_path", required=False)
+    if config.get("runner.resume_path") != AUTO_RESUME:
+        return config.resolve_path("runner.resume_path", required=False)
     folder = latest_checkpoint(save_dir)
     # Compared by name: the absolute paths may differ between hosts.
     parallel.check_same(folder and os.path.basename(folder),
-                        f"the newest checkpoint in {save_dir} (runner.model_init_path=auto; it must be a shared folder)")
+                        f"the newest checkpoint in {save_dir} (runner.resume_path=auto; it must be a shared folder)")
     if folder is None:
-        log(f"runner.model_init_path=auto: no checkpoint in {save_dir}; starting fresh")
+        log(f"runner.resume_path=auto: no checkpoint in {save_dir}; starting fresh")
     return folder
+
+
+def warm_start_path_of(config):
+    """runner.model_init_path as PaddleRec means it: parameters to start from (epoch 0, fresh optimizer)."""
+    path = config.resolve_path("runner.model_init_path", required=False)
+    if path is None:
+        return None
+    if config.get("runner.resume_path"):
+        raise config.error("runner.model_init_path", "set either it (warm start: parameters only, from epoch 0) "
+                           "or runner.resume_path (continue a run), not both")
+    if not os.path.isdir(path):
+        hint = " (to continue a run use runner.resume_path=auto)" if config.get("runner.model_init_path") == \
+            AUTO_RESUME else ""
+        raise config.error("runner.model_init_path", f"checkpoint folder {path} not found{hint}")
+    return path
+
+
+def warm_start(model, path):
+    """Load the parameters of the epoch folder `path` (PaddleRec's load_model); the optimizer starts fresh."""
+    load_checkpoint(path, model)
+    log(f"warm start: parameters from {path}; training starts at epoch 0 with a fresh optimizer")
 
 
 def resume(config, model, optimizer, init_path):
@@ -86,7 +109,7 @@ def resume(config, model, optimizer, init_path):
     if init_path is None:
         return 0, 0
     if not os.path.isdir(init_path):
-        raise config.error("runner.model_init_path", f"checkpoint folder {init_path} not found")
+        raise config.error("runner.resume_path", f"checkpoint folder {init_path} not found")
     epoch = load_checkpoint(init_path, model, optimizer)
     scheduler = learning_rate_scheduler(optimizer)
     if scheduler is not None:
@@ -115,6 +138,7 @@ class TrainingRun:
     parallel: object  # tools.utils.distributed.DataParallel
     seed: int  # runner.seed
     numeric_guard: NumericGuard  # stops the run at a NaN or infinite loss, gradient or parameter
+    visual: object = None  # tools.utils.visual.VisualLog when runner.use_visual is on (rank 0)
 
 
 def run_epoch(run, epoch, loader):
@@ -190,6 +214,8 @@ def run_epoch(run, epoch, loader):
             run.metrics_log.write(
                 "train", {"epoch": epoch, "batch": batch_id, "step": run.step, "lr": learning_rate},
                 {**values, **speed})
+            if run.visual is not None:
+                run.visual.add(values, run.step)
             interval.reset()
         bar.update(1)
         batch_id += 1
@@ -313,7 +339,7 @@ def validate(run, validation, epoch, folder):
     if validation.metric not in values:
         raise run.config.error("runner.valid_metric", f"{validation.metric!r} is not among the validation results "
                                f"({', '.join(values) or 'none'}); the checkpoint of epoch {epoch} is saved, resume "
-                               "with -o runner.model_init_path=auto and another runner.valid_metric")
+                               "with -o runner.resume_path=auto and another runner.valid_metric")
     if parallel.is_main:
         selection.save()
 
@@ -346,8 +372,12 @@ def train(args):
     model_obj = load_model_plugin(config)
     model = model_obj.create_model(config)
     optimizer = model_obj.create_optimizer(model, config)
-    init_path = init_path_of(config, save_dir, parallel)
-    # One run per folder: only a resume from the folder's own checkpoints continues in it.
+    warm_path = warm_start_path_of(config)
+    if warm_path is not None:
+        warm_start(model, warm_path)
+    init_path = resume_path_of(config, save_dir, parallel)
+    # One run per folder: only a resume from the folder's own checkpoints continues in it; a warm start
+    # (runner.model_init_path) begins a new run like a fresh start.
     if parallel.is_main and (init_path is None or os.path.dirname(init_path) != save_dir):
         replace_old_run(save_dir, overwrite)
     start_epoch, step = resume(config, model, optimizer, init_path)
@@ -365,6 +395,7 @@ def train(args):
         evaluation_loader(validation.config, "valid", rank, world_size, seed)
     seed_everything(epoch_seed(seed, start_epoch))
     loader = create_data_loader(config, "train", rank, world_size, epoch=start_epoch)
+    visual = open_visual_log(config, "train", parallel.is_main)  # a missing visualdl stops the run here
     resumed = init_path is not None
     selection = prepare_selection(validation, save_dir, start_epoch, resumed, parallel.is_main)
     if validation is not None:
@@ -374,10 +405,10 @@ def train(args):
     metrics_log.write("start", {
         "config": os.path.abspath(config.path), "overrides": list(args.overrides), "device": device,
         "threads": cpu_thread_count(config), "seed": seed, "start_epoch": start_epoch, "epochs": epochs,
-        "step": step, "resumed_from": init_path, "world_size": world_size,
+        "step": step, "resumed_from": init_path, "warm_start_from": warm_path, "world_size": world_size,
         "environment": environment_snapshot()})
     run = TrainingRun(model_obj, model, optimizer, config, metrics_log, print_interval, batch_size, step, parallel,
-                      seed, numeric_guard)
+                      seed, numeric_guard, visual)
     ranks = f", {world_size} data-parallel ranks of {batch_size} samples per batch" if parallel.enabled else ""
     log(f"training {config.path} on {device} ({cpu_thread_count(config)} CPU threads{ranks}), "
         f"epochs {start_epoch}-{epochs - 1}, seed {seed}")
@@ -387,7 +418,7 @@ def train(args):
             f"best epoch by {validation.metric} ({validation.mode}) in {validation.selection.path}")
     run_start = time.perf_counter()
     summary = {}
-    with metrics_log:
+    with metrics_log, visual or contextlib.nullcontext():
         for epoch in range(start_epoch, epochs):
             if epoch != start_epoch:
                 seed_everything(epoch_seed(seed, epoch))

@@ -1,199 +1,94 @@
-"""Draw doc/figures/maml_loop.png: MAML's inner and outer loop, and where the meta-gradient flows.
+"""Draw doc/figures/maml_loop.png with matplotlib: MAML's inner and outer loop, and where the meta-gradient flows.
 
-    python doc/figures/make_maml_loop.py [output.png]
-
-Pillow only. Uses DejaVu Sans when the system has it (for the Greek letters), else Pillow's own font.
+    python doc/figures/make_maml_loop.py [output.png]          (pip install -e ".[plot]")
 """
-import os
 import sys
 
-from PIL import Image, ImageDraw, ImageFont
+import matplotlib
 
-S = 2  # drawn at twice the size, then scaled down for smooth lines
-W, H = 1800, 1000
-INK = (30, 30, 30)
-GREY = (120, 120, 120)
-BLUE_FILL, BLUE_LINE = (222, 235, 250), (40, 90, 160)
-STEP_FILL, STEP_LINE = (255, 244, 214), (170, 120, 20)
-LOSS_FILL, LOSS_LINE = (238, 238, 238), (90, 90, 90)
-RED = (200, 40, 40)
-GREEN = (30, 140, 60)
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import FancyBboxPatch  # noqa: E402
 
-FONT_PATHS = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-    "/Library/Fonts/DejaVuSans.ttf",
-]
-BOLD_PATHS = [p.replace("DejaVuSans.ttf", "DejaVuSans-Bold.ttf") for p in FONT_PATHS]
+BLUE, BLUE_FILL = "#285aa0", "#deebfa"
+STEP, STEP_FILL = "#aa7814", "#fff4d6"
+LOSS, LOSS_FILL = "#5a5a5a", "#eeeeee"
+RED, GREEN, GREY = "#c82828", "#1e8c3c", "#787878"
 
 
-def font(size, bold=False):
-    for path in BOLD_PATHS if bold else FONT_PATHS:
-        if os.path.exists(path):
-            return ImageFont.truetype(path, size * S)
-    return ImageFont.load_default(size=size * S)
+def box(ax, x, y, w, h, lines, edge, fill, size=13):
+    """A rounded box centred on (x, y); lines[0] is bold."""
+    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0,rounding_size=8",
+                                ec=edge, fc=fill, lw=2))
+    for i, line in enumerate(lines):
+        ax.text(x, y + (i - (len(lines) - 1) / 2) * 24, line, ha="center", va="center",
+                fontsize=size if i == 0 else size - 2, weight="bold" if i == 0 else "normal")
 
 
-def P(*xy):
-    """Scale figure coordinates to the supersampled canvas."""
-    return tuple(int(round(v * S)) for v in xy)
+def arrow(ax, points, color="black", style="-", head=True):
+    """A polyline through `points`, with an arrow head on its last segment."""
+    xs, ys = zip(*points)
+    ax.plot(xs[:-1] if head else xs, ys[:-1] if head else ys, color=color, ls=style, lw=2)
+    if head:
+        ax.annotate("", xy=points[-1], xytext=points[-2],
+                    arrowprops=dict(arrowstyle="-|>", color=color, lw=2, ls=style, mutation_scale=18))
 
 
-class Fig:
-    def __init__(self):
-        self.img = Image.new("RGB", (W * S, H * S), "white")
-        self.d = ImageDraw.Draw(self.img)
-
-    # ----- text: a list of (text, kind) with kind "" normal, "_" subscript, "^" superscript
-    def rich(self, x, y, parts, size=20, fill=INK, anchor="mm", bold=False):
-        normal, small = font(size, bold), font(int(size * 0.68), bold)
-        widths = [self.d.textlength(t, font=small if k else normal) / S for t, k in parts]
-        total = sum(widths)
-        left = {"m": x - total / 2, "l": x, "r": x - total}[anchor[0]]
-        for (text, kind), width in zip(parts, widths):
-            dy = {"": 0, "_": size * 0.32, "^": -size * 0.38}[kind]
-            self.d.text(P(left, y + dy), text, font=small if kind else normal, fill=fill, anchor="lm")
-            left += width
-        return total
-
-    def text(self, x, y, s, size=20, fill=INK, anchor="mm", bold=False):
-        self.d.text(P(x, y), s, font=font(size, bold), fill=fill, anchor=anchor)
-
-    def box(self, x0, y0, x1, y1, fill, line, width=2, radius=12, dash=False):
-        self.d.rounded_rectangle(P(x0, y0, x1, y1), radius=radius * S, fill=fill, outline=line, width=width * S)
-
-    def line(self, points, fill=INK, width=2, dash=None):
-        pts = [P(*p) for p in points]
-        if not dash:
-            self.d.line(pts, fill=fill, width=width * S, joint="curve")
-            return
-        on, off = dash
-        for (xa, ya), (xb, yb) in zip(pts, pts[1:]):
-            length = ((xb - xa) ** 2 + (yb - ya) ** 2) ** 0.5
-            ux, uy = (xb - xa) / length, (yb - ya) / length
-            pos = 0.0
-            while pos < length:
-                end = min(pos + on * S, length)
-                self.d.line([(xa + ux * pos, ya + uy * pos), (xa + ux * end, ya + uy * end)],
-                            fill=fill, width=width * S)
-                pos = end + off * S
-
-    def arrow(self, points, fill=INK, width=2, dash=None, head=13):
-        self.line(points, fill, width, dash)
-        (xa, ya), (xb, yb) = points[-2], points[-1]
-        length = ((xb - xa) ** 2 + (yb - ya) ** 2) ** 0.5
-        ux, uy = (xb - xa) / length, (yb - ya) / length
-        px, py = -uy, ux
-        tip = (xb, yb)
-        left = (xb - ux * head + px * head * 0.5, yb - uy * head + py * head * 0.5)
-        right = (xb - ux * head - px * head * 0.5, yb - uy * head - py * head * 0.5)
-        self.d.polygon([P(*tip), P(*left), P(*right)], fill=fill)
-
-    def save(self, path):
-        self.img.resize((W, H), Image.LANCZOS).save(path, optimize=True)
+def task_row(ax, y, name):
+    ax.text(330, y - 55, name, fontsize=12, weight="bold")
+    box(ax, 380, y, 100, 74, [r"$\theta_t^{(0)}$", r"$= \theta$"], BLUE, BLUE_FILL, 15)
+    box(ax, 600, y, 190, 90, ["SGD step 1", r"on support set $S_t$", r"$\theta \leftarrow \theta - \alpha\nabla L_S$"],
+        STEP, STEP_FILL)
+    box(ax, 870, y, 190, 90, ["SGD step K", r"on support set $S_t$", r"$\theta \leftarrow \theta - \alpha\nabla L_S$"],
+        STEP, STEP_FILL)
+    box(ax, 1040, y, 100, 74, [r"$\theta_t^{(K)}$"], BLUE, BLUE_FILL, 15)
+    box(ax, 1235, y, 240, 80, [r"query loss $L_{Q,t}$", r"on query set $Q_t$"], LOSS, LOSS_FILL)
+    for x0, x1 in ((430, 505), (965, 990), (1090, 1115)):
+        arrow(ax, [(x0, y), (x1, y)])
+    arrow(ax, [(695, y), (775, y)], GREY, "--")
+    ax.text(735, y - 14, r"$\theta_t^{(1)}$  ...", ha="center", fontsize=12)
+    arrow(ax, [(1190, y - 40), (1190, y - 80), (420, y - 80), (420, y - 40)], GREEN, "--")
+    arrow(ax, [(1230, y + 40), (1230, y + 85), (380, y + 85), (380, y + 37)], RED, "--")
+    for x in (565, 835):
+        ax.plot([x, x], [y + 45, y + 85], color=RED, lw=2)
 
 
-def theta_t(k):
-    return [("θ", ""), ("t", "_"), (f"({k})", "^")]
-
-
-def task_row(f, y, task, label_paths):
-    """One task's inner loop at height y (centre of its boxes)."""
-    # the task's copy of the meta-parameters
-    f.box(330, y - 38, 430, y + 38, BLUE_FILL, BLUE_LINE)
-    f.rich(380, y - 8, theta_t(0), 24)
-    f.text(380, y + 22, "= θ", 17, GREY)
-    f.text(330, y - 56, f"task {task}", 18, INK, anchor="lm", bold=True)
-    f.arrow([(260, 500), (295, 500), (295, y), (328, y)], INK)
-
-    # inner SGD steps
-    steps = [(470, "step 1", theta_t(1)), (740, "step K", theta_t("K"))]
-    for i, (x0, name, after) in enumerate(steps):
-        f.box(x0, y - 46, x0 + 190, y + 46, STEP_FILL, STEP_LINE)
-        f.text(x0 + 95, y - 22, f"SGD {name}", 19, bold=True)
-        f.rich(x0 + 95, y + 4, [("on support set S", ""), ("t", "_")], 17)
-        f.rich(x0 + 95, y + 28, [("θ ← θ − α ∇L", ""), ("S", "_")], 17)
-        x_prev = 430 if i == 0 else 705
-        f.arrow([(x_prev, y), (x0 - 2, y)])
-        if i == 0:
-            f.rich(690, y - 12, after, 22)
-            f.line([(660, y), (720, y)], GREY, 2, dash=(5, 5))
-            f.text(690, y + 18, "…", 22, GREY)
-    f.box(965, y - 38, 1065, y + 38, BLUE_FILL, BLUE_LINE)
-    f.rich(1015, y, theta_t("K"), 24)
-    f.arrow([(930, y), (963, y)])
-
-    # query loss of the adapted parameters
-    f.box(1105, y - 42, 1345, y + 42, LOSS_FILL, LOSS_LINE)
-    f.rich(1225, y - 14, [("query loss L", ""), ("Q,t", "_")], 19, bold=True)
-    f.rich(1225, y + 16, [("on query set Q", ""), ("t", "_")], 17)
-    f.arrow([(1065, y), (1103, y)])
-    f.arrow([(1345, y), (1420, y), (1420, 500), (1478, 500)])
-
-    # second order: back through every inner step (red, below the row)
-    yb = y + 88
-    f.line([(1225, y + 42), (1225, yb), (380, yb)], RED, 3, dash=(14, 8))
-    f.arrow([(380, yb), (380, y + 40)], RED, 3)
-    for x in (565, 835):  # it passes through each step: the arrowheads point back along the path
-        f.arrow([(x + 60, yb), (x - 20, yb)], RED, 3, head=14)
-        f.line([(x, yb), (x, y + 46)], RED, 3)
-    # first order: straight to θ, past the inner steps (green, above the row)
-    ya = y - 80
-    f.arrow([(1185, y - 42), (1185, ya), (418, ya), (418, y - 40)], GREEN, 3, dash=(14, 8))
-    if label_paths:
-        f.text(815, yb + 22, "first_order: False — meta-gradient flows back through every inner step "
-               "(second derivatives of the support loss)", 17, RED)
-        f.text(770, ya - 18, "first_order: True — query-loss gradient at the adapted parameters, "
-               "passed straight back (inner gradients treated as constants)", 17, GREEN)
-
-
-def main(out):
-    f = Fig()
-    f.text(W / 2, 34, "MAML: an inner loop per task, an outer loop over the meta-batch", 28, bold=True)
-
-    # meta-parameters
-    f.box(40, 430, 260, 570, BLUE_FILL, BLUE_LINE, width=3)
-    f.text(150, 465, "meta-parameters", 19, bold=True)
-    f.text(150, 505, "θ", 34)
-    f.text(150, 545, "(model.parameters())", 15, GREY)
-
-    task_row(f, 290, 1, True)
-    f.text(380, 500, "⋮", 34, GREY)
-    f.rich(470, 500, [("one copy θ", ""), ("t", "_"), (" of θ per task; all T tasks run at once (stacked on channels)", "")],
-           17, GREY, anchor="lm")
-    f.rich(470, 528, [("θ", ""), ("t", "_"), ("(0)", "^"), (" = θ for every t, so the gradients that reach the copies add up in ∇", ""),
-                      ("θ", "_"), ("L", "")], 17, GREY, anchor="lm")
-    task_row(f, 740, "T", False)
-
-    # mean over tasks
-    f.box(1480, 440, 1760, 560, LOSS_FILL, LOSS_LINE, width=3)
-    f.rich(1620, 470, [("L(θ) = mean", ""), ("t", "_"), (" L", ""), ("Q,t", "_")], 21, bold=True)
-    f.text(1620, 505, "mean query loss", 17)
-    f.text(1620, 532, "over the meta-batch", 17)
-
-    # outer step, back to θ
-    f.box(1480, 140, 1760, 250, BLUE_FILL, BLUE_LINE, width=3)
-    f.text(1620, 168, "outer step", 19, bold=True)
-    f.text(1620, 196, "meta_optimizer (Adam)", 17)
-    f.rich(1620, 224, [("θ ← Adam(θ, ∇", ""), ("θ", "_"), ("L)", "")], 17)
-    f.arrow([(1620, 438), (1620, 252)], RED, 3)
-    f.rich(1632, 352, [("∇", ""), ("θ", "_"), ("L", "")], 20, RED, anchor="lm")
-    f.text(1632, 384, "meta-gradient", 17, RED, anchor="lm")
-    f.arrow([(1620, 140), (1620, 100), (150, 100), (150, 428)], BLUE_LINE, 3)
-    f.text(820, 84, "outer loop: next meta-batch of T tasks starts from the updated θ", 18, BLUE_LINE)
-
-    # legend
-    y = 915
-    f.line([(60, y), (110, y)], INK, 2)
-    f.text(120, y, "forward", 17, anchor="lm")
-    f.line([(230, y), (280, y)], RED, 3, dash=(14, 8))
-    f.text(290, y, "second-order meta-gradient (default)", 17, RED, anchor="lm")
-    f.line([(660, y), (710, y)], GREEN, 3, dash=(14, 8))
-    f.text(720, y, "first-order (FOMAML) meta-gradient", 17, GREEN, anchor="lm")
-    f.text(60, y + 42, "K = update_step,  α = base_optimizer.learning_rate,  T = train_batch_size,  "
-           "Adam learning rate = meta_optimizer.learning_rate", 17, GREY, anchor="lm")
-    f.save(out)
+def main(output):
+    fig = plt.figure(figsize=(18, 10), dpi=100)
+    ax = fig.add_axes([0, 0, 1, 1], xlim=(0, 1800), ylim=(1000, 0))
+    ax.axis("off")
+    ax.text(900, 35, "MAML: an inner loop per task, an outer loop over the meta-batch", ha="center", fontsize=20,
+            weight="bold")
+    box(ax, 150, 500, 215, 135, ["meta-parameters", r"$\theta$", "(model.parameters())"], BLUE, BLUE_FILL, 15)
+    box(ax, 1620, 195, 275, 105, ["outer step", "meta_optimizer (Adam)", r"$\theta \leftarrow$ Adam$(\theta, \nabla_\theta L)$"],
+        BLUE, BLUE_FILL, 14)
+    box(ax, 1620, 500, 275, 115, [r"$L(\theta)$ = mean$_t\ L_{Q,t}$", "mean query loss", "over the meta-batch"],
+        LOSS, LOSS_FILL, 14)
+    for y, name in ((290, "task 1"), (740, "task T")):
+        task_row(ax, y, name)
+        arrow(ax, [(258, 500), (295, 500), (295, y), (330, y)])
+        arrow(ax, [(1355, y), (1420, y), (1420, 500), (1482, 500)])
+    arrow(ax, [(1620, 442), (1620, 248)], RED)
+    ax.text(1632, 365, r"$\nabla_\theta L$" + "\nmeta-gradient", color=RED, fontsize=13, va="center")
+    arrow(ax, [(1620, 142), (1620, 100), (150, 100), (150, 432)], BLUE)
+    ax.text(820, 85, r"outer loop: next meta-batch of T tasks starts from the updated $\theta$", color=BLUE,
+            fontsize=13, ha="center")
+    ax.text(330, 195, "first_order: True: query-loss gradient at the adapted parameters, passed straight back "
+            "(inner gradients treated as constants)", color=GREEN, fontsize=12)
+    ax.text(340, 400, "first_order: False: the meta-gradient flows back through every inner step "
+            "(second derivatives of the support loss)", color=RED, fontsize=12)
+    ax.text(470, 515, "one copy $\\theta_t$ of $\\theta$ per task; all T tasks run at once (stacked on channels)\n"
+            "$\\theta_t^{(0)} = \\theta$ for every t, so the gradients that reach the copies add up in "
+            "$\\nabla_\\theta L$", color=GREY, fontsize=12, va="center", linespacing=1.8)
+    legend = [("black", "-", "forward"), (RED, "--", "second-order meta-gradient (default)"),
+              (GREEN, "--", "first-order (FOMAML) meta-gradient")]
+    for x, (color, style, label) in zip((60, 230, 660), legend):
+        ax.plot([x, x + 50], [915, 915], color=color, ls=style, lw=2)
+        ax.text(x + 60, 915, label, color=color, fontsize=12, va="center")
+    ax.text(60, 958, r"K = update_step,  $\alpha$ = base_optimizer.learning_rate,  T = train_batch_size,  "
+            "Adam learning rate = meta_optimizer.learning_rate", color=GREY, fontsize=12, va="center")
+    fig.savefig(output)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "maml_loop.png"))
+    main(sys.argv[1] if len(sys.argv) > 1 else "doc/figures/maml_loop.png")

@@ -16,36 +16,50 @@ import yaml
 from tools.utils.errors import UserError
 from tools.utils.overrides import convert_value, split_override
 
-RunnerKey = namedtuple("RunnerKey", ["default", "type", "doc"])
+# paddlerec: how the key relates to PaddleRec's tools/trainer.py and infer.py: "same", "extended" (same meaning,
+# more to it, said in the doc), NO_EFFECT + why (accepted; a warning when set), or "" (not a PaddleRec key).
+RunnerKey = namedtuple("RunnerKey", ["default", "type", "doc", "paddlerec"], defaults=[""])
+NO_EFFECT = "no effect here"
 
 # The runner.* keys the tools understand. `type` drives -o typing and the
 # load-time check of YAML values; a default of None means "no default" (the
 # tool that needs the key raises "missing required key") or, where the doc
 # says so, "derived from another key".
 RUNNER_DEFAULTS = {
-    "runner.use_gpu": RunnerKey(False, bool, "Run on a GPU when this Paddle build and the machine have one; else warn and use the CPU."),
-    "runner.epochs": RunnerKey(1, int, "Number of training epochs (counted from 0; a resumed run continues up to this number)."),
-    "runner.train_batch_size": RunnerKey(None, int, "Batch size of the training loader (required for training)."),
-    "runner.infer_batch_size": RunnerKey(None, int, "Batch size of the evaluation loader (required for infer)."),
-    "runner.print_interval": RunnerKey(10, int, "Log a line and a metrics record every this many batches."),
-    "runner.model_save_path": RunnerKey("output_model", str, "Folder that receives one checkpoint folder per epoch, named by the epoch number, holding rec.pdparams and rec.pdopt."),
-    "runner.overwrite": RunnerKey(False, bool, "A fresh start (no runner.model_init_path) into a runner.model_save_path that holds checkpoints is refused unless this is True; then the old run (epoch folders, metrics.jsonl, best.json, infer_metrics.jsonl) is removed, as a whole, before training starts."),
-    "runner.model_init_path": RunnerKey("", str, "Checkpoint epoch folder to resume from (params + optimizer state); training continues at the next epoch. Empty: start fresh. auto: the newest complete epoch folder in runner.model_save_path, or a fresh start when there is none."),
-    "runner.infer_load_path": RunnerKey("", str, "Folder holding the epoch checkpoints to evaluate. Empty: runner.model_save_path."),
-    "runner.infer_start_epoch": RunnerKey(0, int, "First checkpoint epoch evaluated by infer."),
-    "runner.infer_end_epoch": RunnerKey(None, int, "Checkpoint epoch where infer stops (exclusive). Unset: runner.epochs."),
+    "runner.use_gpu": RunnerKey(False, bool, "Run on a GPU when this Paddle build and the machine have one; else warn and use the CPU.", "extended: default False, and a GPU that is missing gives a warning and the CPU"),
+    "runner.epochs": RunnerKey(1, int, "Number of training epochs (counted from 0; a resumed run continues up to this number).", "same"),
+    "runner.train_batch_size": RunnerKey(None, int, "Batch size of the training loader (required for training).", "same"),
+    "runner.infer_batch_size": RunnerKey(None, int, "Batch size of the evaluation loader (required for infer).", "same"),
+    "runner.print_interval": RunnerKey(10, int, "Log a line and a metrics record every this many batches.", "same"),
+    "runner.model_save_path": RunnerKey("output_model", str, "Folder that receives one checkpoint folder per epoch, named by the epoch number, holding rec.pdparams and rec.pdopt.", "extended: written atomically with meta.json; a relative path is relative to the config's folder (PaddleRec: the current folder)"),
+    "runner.overwrite": RunnerKey(False, bool, "A fresh start (no runner.resume_path; a warm start from runner.model_init_path counts as fresh) into a runner.model_save_path that holds checkpoints is refused unless this is True; then the old run (epoch folders, metrics.jsonl, best.json, infer_metrics.jsonl) is removed, as a whole, before training starts."),
+    "runner.model_init_path": RunnerKey("", str, "Warm start, as in PaddleRec: a checkpoint epoch folder whose parameters (only) the model starts from; training runs from epoch 0 with a fresh optimizer. Empty: random initialisation.", "same"),
+    "runner.resume_path": RunnerKey("", str, "Continue a run: a checkpoint epoch folder (parameters + optimizer state); training continues at the next epoch, bit-identical to an uninterrupted run. auto: the newest complete epoch folder in runner.model_save_path, or a fresh start when there is none. Empty: start fresh."),
+    "runner.infer_load_path": RunnerKey("", str, "Folder holding the epoch checkpoints to evaluate. Empty: runner.model_save_path.", "extended: empty means runner.model_save_path; relative to the config's folder"),
+    "runner.infer_start_epoch": RunnerKey(0, int, "First checkpoint epoch evaluated by infer.", "same"),
+    "runner.infer_end_epoch": RunnerKey(None, int, "Checkpoint epoch where infer stops (exclusive). Unset: runner.epochs.", "extended: unset means runner.epochs (PaddleRec: 10)"),
     "runner.infer_best": RunnerKey(False, bool, "infer evaluates only the epoch named in best.json of the infer load folder (written by training with validation), instead of runner.infer_start_epoch/runner.infer_end_epoch."),
-    "runner.train_data_dir": RunnerKey(None, str, "Folder whose entries (sorted, absolute paths) are handed to the training reader."),
-    "runner.test_data_dir": RunnerKey(None, str, "Folder whose entries (sorted, absolute paths) are handed to the evaluation reader."),
-    "runner.train_reader_path": RunnerKey(None, str, "Reader module for training, relative to the config folder (importlib name, .py optional)."),
-    "runner.infer_reader_path": RunnerKey(None, str, "Reader module for evaluation, relative to the config folder (importlib name, .py optional)."),
-    "runner.seed": RunnerKey(2026, int, "Seed for random, numpy and paddle; each epoch reseeds from it so resumed runs match uninterrupted ones."),
+    "runner.train_data_dir": RunnerKey(None, str, "Folder whose entries (sorted, absolute paths) are handed to the training reader.", "same"),
+    "runner.test_data_dir": RunnerKey(None, str, "Folder whose entries (sorted, absolute paths) are handed to the evaluation reader.", "same"),
+    "runner.train_reader_path": RunnerKey(None, str, "Reader module for training, relative to the config folder (importlib name, .py optional).", "same"),
+    "runner.infer_reader_path": RunnerKey(None, str, "Reader module for evaluation, relative to the config folder (importlib name, .py optional).", "same"),
+    "runner.seed": RunnerKey(2026, int, "Seed for random, numpy and paddle; each epoch reseeds from it so resumed runs match uninterrupted ones.", "extended: also seeds random and numpy, and reseeds every epoch (PaddleRec's default: 12345)"),
     "runner.deterministic": RunnerKey(True, bool, "Set FLAGS_cudnn_deterministic=1 before Paddle starts."),
     "runner.num_threads": RunnerKey(0, int, "CPU threads for Paddle; 0 means all cores (divided among the data-parallel processes of a host)."),
     "runner.metrics_path": RunnerKey("", str, "JSON-lines metrics file of a training run. Empty: metrics.jsonl inside runner.model_save_path."),
-    "runner.use_fleet": RunnerKey(False, bool, "Data-parallel training and evaluation over the processes of python -m paddle.distributed.launch (see doc/distributed.md). True without a launcher is an error."),
+    "runner.use_fleet": RunnerKey(False, bool, "Data-parallel training and evaluation over the processes of python -m paddle.distributed.launch (see doc/distributed.md). True without a launcher is an error.", "extended: also shards evaluation and checks the ranks agree"),
     "runner.sync_timeout": RunnerKey(1800, int, "Data-parallel runs: seconds a rank waits for the others at the start of each epoch or evaluation before failing with an error naming the missing ranks (inside an epoch the backend's own limit applies, see doc/distributed.md)."),
-    "runner.use_auc": RunnerKey(False, bool, "PaddleRec key, accepted and unused."),
+    "runner.use_auc": RunnerKey(False, bool, "PaddleRec resets the metrics after each epoch only when True (else its infer accumulates them over the checkpoints); here they always start afresh for every epoch and every evaluated checkpoint.", "extended: always as PaddleRec with True"),
+    "runner.use_visual": RunnerKey(False, bool, "Write VisualDL scalars, as PaddleRec: <config folder>/visualDL_log/train (tags train/<key>: loss, metrics, every runner.print_interval batches) and visualDL_log/infer (infer/<key>). Needs the optional visualdl package (pip install -e \".[visual]\"); view with visualdl --logdir visualDL_log.", "same"),
+    "runner.use_xpu": RunnerKey(False, bool, "PaddleRec runs on a Kunlun XPU; these tools run on the CPU or a CUDA GPU only.", NO_EFFECT),
+    "runner.use_npu": RunnerKey(False, bool, "PaddleRec runs on an Ascend NPU; these tools run on the CPU or a CUDA GPU only.", NO_EFFECT),
+    "runner.use_inference": RunnerKey(False, bool, "PaddleRec's static-graph trainer exports an inference model; these tools save dygraph checkpoints (rec.pdparams) only.", NO_EFFECT),
+    "runner.save_inference_feed_varnames": RunnerKey(None, list, "Inputs of PaddleRec's exported inference model (runner.use_inference); nothing is exported here.", NO_EFFECT),
+    "runner.save_inference_fetch_varnames": RunnerKey(None, list, "Outputs of PaddleRec's exported inference model (runner.use_inference); nothing is exported here.", NO_EFFECT),
+    "runner.num_workers": RunnerKey(0, int, "PaddleRec's DataLoader worker processes; here the loader reads in the main process, since readers draw seeded samples whose order workers would make depend on scheduling.", NO_EFFECT),
+    "runner.thread_num": RunnerKey(None, int, "Threads of PaddleRec's static-graph QueueDataset/InMemoryDataset; there is no such dataset here (CPU threads: runner.num_threads).", NO_EFFECT),
+    "runner.reader_type": RunnerKey(None, str, "PaddleRec's static-graph reader (QueueDataset, InMemoryDataset, DataLoader); here it is always a DataLoader over the reader's RecDataset.", NO_EFFECT),
+    "runner.user_define_reader": RunnerKey(False, bool, "PaddleRec's flag for a reader of its own making; every reader here is the model's RecDataset.", NO_EFFECT),
     "runner.tasks_per_epoch": RunnerKey(None, int, "Read by readers: training samples or tasks per epoch (reader's own default when unset)."),
     "runner.infer_tasks": RunnerKey(None, int, "Read by readers: evaluation samples or tasks (reader's own default when unset)."),
     "runner.valid_data_dir": RunnerKey("", str, "Validation data folder, read by the evaluation reader (runner.infer_reader_path) like runner.test_data_dir. Empty: no validation during training."),
@@ -57,6 +71,12 @@ RUNNER_DEFAULTS = {
 
 # Keys the loader computes; never read from YAML or -o.
 COMPUTED_KEYS = ("config_abs_dir",)
+
+
+def keys_without_effect(config):
+    """[(key, why)] of the PaddleRec keys this config sets to something that would act in PaddleRec but not here."""
+    return [(key, spec.doc) for key, spec in RUNNER_DEFAULTS.items()
+            if spec.paddlerec == NO_EFFECT and config.get(key) not in (None, False, "", spec.default)]
 
 
 def type_name(value) -> str:

@@ -1,4 +1,5 @@
-"""The runner.* keys table of doc/tools.md, generated from RUNNER_DEFAULTS.
+"""The runner.* keys table of doc/tools.md, generated from RUNNER_DEFAULTS, with how each
+key relates to PaddleRec's tools (same / extended / no effect here).
 
     python -m tools.utils.config_docs      # prints the Markdown table
 
@@ -17,10 +18,11 @@ def _default_text(value) -> str:
 
 
 def runner_keys_markdown() -> str:
-    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    lines = ["| key | type | default | PaddleRec | meaning |", "| --- | --- | --- | --- | --- |"]
     for key, spec in RUNNER_DEFAULTS.items():
         doc = spec.doc.replace("|", "\\|")  # a bare | would split the table cell
-        lines.append(f"| `{key}` | {spec.type.__name__} | {_default_text(spec.default)} | {doc} |")
+        paddlerec = (spec.paddlerec or "not a PaddleRec key").replace("|", "\\|")
+        lines.append(f"| `{key}` | {spec.type.__name__} | {_default_text(spec.default)} | {paddlerec} | {doc} |")
     return "\n".join(lines) + "\n"
 
 

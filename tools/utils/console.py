@@ -1,19 +1,49 @@
 """Console output that coexists with tqdm progress bars.
 
-Log lines go to stdout through tqdm.write, so an active bar (on stderr) is
-redrawn below them instead of being torn. Warnings are single
-`warning: ...` lines on stderr. Bars only appear on a terminal: in log
-files and CI they would be a stream of carriage returns.
+Log lines and warnings go through `logging` in PaddleRec's format
+(`2026-01-01 12:00:00,000 - INFO - epoch: 0, ...`; warnings at level WARNING on
+stderr). Their handler writes with tqdm.write, so an active bar (on stderr) is
+redrawn below them instead of being torn. Bars only appear on a terminal: in
+log files and CI they would be a stream of carriage returns. Errors that end a
+tool are not log lines: they are one `error: ...` line (tools/utils/cli.py).
 
 In a data-parallel run (set_rank with world_size > 1) every line starts with
 `[rank R/N] `, only rank 0 logs and draws bars, and every rank still prints
 its warnings and errors.
 """
+import logging
 import sys
 
 from tqdm import tqdm
 
 _rank, _world_size = 0, 1
+LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"  # PaddleRec's tools/trainer.py and infer.py
+
+
+class _TqdmHandler(logging.Handler):
+    """Writes records with tqdm.write: INFO to stdout, WARNING and above to stderr (looked up per record)."""
+
+    def emit(self, record):
+        try:
+            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            tqdm.write(self.format(record), file=stream)
+            stream.flush()
+        except Exception:  # noqa: BLE001 (logging's own contract: a failing handler must not raise)
+            self.handleError(record)
+
+
+def _tools_logger():
+    logger = logging.getLogger("paddle_maml_tools")
+    if not logger.handlers:
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # Paddle configures the root logger with its own format
+    return logger
+
+
+_logger = _tools_logger()
 
 
 def set_rank(rank: int, world_size: int):
@@ -30,13 +60,11 @@ def rank_prefix() -> str:
 def log(line: str):
     if _rank != 0:
         return  # one voice per job: rank 0 speaks for all ranks
-    tqdm.write(f"{rank_prefix()}{line}", file=sys.stdout)
-    sys.stdout.flush()
+    _logger.info(f"{rank_prefix()}{line}")
 
 
 def warn(message: str):
-    tqdm.write(f"{rank_prefix()}warning: {message}", file=sys.stderr)
-    sys.stderr.flush()
+    _logger.warning(f"{rank_prefix()}{message}")
 
 
 def progress_bar(total, description):

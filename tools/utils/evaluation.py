@@ -49,12 +49,14 @@ def format_results(values) -> str:
     return format_infer_values(values) or "no results"
 
 
-def evaluate(model_obj, model, config, epoch, loader, parallel, batch_size, name="infer"):
+def evaluate(model_obj, model, config, epoch, loader, parallel, batch_size, name="infer", on_interval=None):
     """Run infer_forward over the loader; return (metric values, batches, samples).
 
     `name` ("infer" or "valid") labels the log lines, the progress bar and
     the data-parallel sync points. The tool does not call model.eval() or
     paddle.no_grad(): the plugin chooses (MAML adapts with gradients).
+
+    on_interval(batch_id, values), when given, also gets every logged line's values (VisualDL).
 
     Data-parallel: the ranks go through their batches in step (a small
     all-reduce per batch says which ranks still have one), so a rank that
@@ -90,6 +92,8 @@ def evaluate(model_obj, model, config, epoch, loader, parallel, batch_size, name
                                                   f"{name} epoch {epoch}, batch {batch_id}: merging metrics",
                                                   scalar_dict(print_dict), own_samples)
             log(f"{line_prefix}epoch: {epoch}, batch_id: {batch_id}, {format_values({**shown, **metric_values})}")
+            if on_interval is not None:
+                on_interval(batch_id, {**shown, **metric_values})
         bar.update(1)
         batch_id += 1
     bar.close()

@@ -1,8 +1,9 @@
 """Turning tensors, numpy values and metric results into plain numbers.
 
 Plugins hand the tools tensors (loss, print_dict values) and metric objects
-whose accumulate() returns a float or a dict of floats; logs and the metrics
-file need plain Python numbers.
+whose accumulate() returns a float (PaddleRec's contract; a metric may add a
+details() method returning a dict with more keys, e.g. a confidence interval)
+or a dict of floats; logs and the metrics file need plain Python numbers.
 """
 import numbers
 
@@ -27,7 +28,7 @@ def to_scalar(value):
 
 
 def metric_results(metrics, names) -> dict:
-    """{key: number} from each metric's accumulate().
+    """{key: number} from each metric's details() if it has one, else its accumulate().
 
     A float result is stored under the metric's name; a dict result (e.g.
     {"acc": .97, "acc_ci95": .004, "tasks": 1000}) contributes its own keys,
@@ -35,7 +36,8 @@ def metric_results(metrics, names) -> dict:
     """
     results = {}
     for metric, name in zip(metrics, names):
-        value = metric.accumulate()
+        details = getattr(metric, "details", None)
+        value = details() if callable(details) else metric.accumulate()
         if isinstance(value, dict):
             for key, item in value.items():
                 results[key if key not in results else f"{name}.{key}"] = to_scalar(item)

@@ -123,7 +123,7 @@ def replace_old_run(folder, overwrite, key="runner.overwrite"):
         return
     if not overwrite:
         raise UserError(f"{folder}: holds the checkpoints of another run (epochs {', '.join(epochs)}); "
-                        f"resume it with runner.model_init_path=auto, or replace it with {key}=True")
+                        f"resume it with runner.resume_path=auto, or replace it with {key}=True")
     moved = []
     try:
         aside = tempfile.mkdtemp(prefix=".replaced-", dir=folder)

@@ -8,7 +8,8 @@
 5. Replace the SIGTERM handler Paddle installed at import by ours (SIGINT too).
 """
 from tools.utils.cli import handle_signals
-from tools.utils.config import RUNNER_DEFAULTS, load_config
+from tools.utils.config import RUNNER_DEFAULTS, keys_without_effect, load_config
+from tools.utils.console import warn
 from tools.utils.overrides import split_override
 from tools.utils.plugin import import_plugin_module, plugin_config_defaults
 from tools.utils.runtime import prepare_environment
@@ -31,4 +32,7 @@ def load_run_config(config_path, overrides=()):
     plugin_module = import_plugin_module(early)
     config = load_config(config_path, overrides, plugin_config_defaults(plugin_module))
     handle_signals()
+    # PaddleRec keys are never unknown; those that cannot act here say so once.
+    for key, why in keys_without_effect(config):
+        warn(f"{key} = {config[key]!r} has no effect here: {why}")
     return config, plugin_module

@@ -118,10 +118,15 @@ def multi_step_weights(config, epoch):
     return {stage: w for stage, w in weights.items() if w > 0}
 
 
-class TaskAccuracy:
-    """Mean query accuracy over every evaluated task, with its 95% confidence interval."""
+class TaskAccuracy(paddle.metric.Metric):
+    """Mean query accuracy over every evaluated task, with its 95% confidence interval.
+
+    accumulate() is the mean accuracy (a number, as PaddleRec's tools print it with {:.6f});
+    details() adds the interval and the task count for our tools' logs and metrics file.
+    """
 
     def __init__(self):
+        super().__init__()
         self.reset()
 
     def reset(self):
@@ -142,10 +147,13 @@ class TaskAccuracy:
         self._accs = [float(a) for state in states for a in state]
 
     def accumulate(self):
+        return float(np.mean(self._accs)) if self._accs else float("nan")
+
+    def details(self):
         accs = np.asarray(self._accs, dtype=np.float64)
         n = len(accs)
         ci95 = 1.96 * accs.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
-        return {"acc": float(accs.mean()) if n else float("nan"), "acc_ci95": float(ci95), "tasks": n}
+        return {"acc": self.accumulate(), "acc_ci95": float(ci95), "tasks": n}
 
 
 def _meta_steps(config):
@@ -250,7 +258,8 @@ class DygraphModel:
         episode = maml.Episode(*batch_data[:4], dtype=dy_model.parameters()[0].dtype)
         task_acc = maml.evaluate(dy_model, episode, steps, lr).numpy()
         metrics_list[0].update(task_acc)
-        return metrics_list, {"acc": float(task_acc.mean())}
+        # A tensor, as PaddleRec's infer prints every value's .numpy().
+        return metrics_list, {"acc": paddle.to_tensor(float(task_acc.mean()))}
 
     def predict(self, dy_model, config, support, queries):
         """tools/predict.py's hook: adapt on support [(class name, [image paths])], classify the query image

@@ -51,6 +51,25 @@ def _mode_key(config, mode, key):
     return key
 
 
+def _mode_of_files(file_list, config):
+    """"infer" when file_list is runner.test_data_dir's content and not the training data's, else "train".
+
+    PaddleRec's tools build RecDataset(file_list, config=config) for training and inference alike, so
+    without a mode the files' folder tells which settings (batch size, task count, k_query_test) apply.
+    """
+    base = config.get("config_abs_dir") or os.getcwd()
+
+    def folder(key):
+        value = config.get(key)
+        return os.path.realpath(os.path.join(base, value)) if isinstance(value, str) else None
+
+    parents = {os.path.realpath(os.path.dirname(path)) for path in file_list}
+    test_dir = folder("runner.test_data_dir")
+    if test_dir is not None and parents == {test_dir} and test_dir != folder("runner.train_data_dir"):
+        return "infer"
+    return "train"
+
+
 def _positive_int(config, key, default=None):
     value = config.get(key)
     if value is None:  # unset, or declared without a value by the tools (runner.tasks_per_epoch)
@@ -72,8 +91,10 @@ class RecDataset(paddle.io.IterableDataset):
 
     MODES = tuple(_MODES)  # the modes this reader accepts (tools/utils/data.py reads it)
 
-    def __init__(self, file_list, config, mode="train"):
+    def __init__(self, file_list, config, mode=None):
         super().__init__()
+        if mode is None:
+            mode = _mode_of_files(file_list, config)
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
         self.mode, self._mode_id, self._config = mode, _MODES[mode], config
