@@ -14,6 +14,7 @@ setup(
     python_requires=">=3.8",
     install_requires=requirements(),
     # Optional: runner.use_visual (VisualDL scalars, as PaddleRec) and tools/plot_metrics.py (matplotlib).
-    extras_require={"test": ["pytest"], "visual": ["visualdl"], "plot": ["matplotlib"]},
+    # The tests cover both extras and run PaddleRec's own tools (../shared/reference/paddlerec), which import six.
+    extras_require={"test": ["pytest", "visualdl", "matplotlib", "six"], "visual": ["visualdl"], "plot": ["matplotlib"]},
     packages=[],
 )
