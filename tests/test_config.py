@@ -7,7 +7,7 @@ import pytest
 import tool_helpers  # noqa: F401  (puts the repository root on sys.path)
 from tools.utils.cli import config_arg_parser
 from tools.utils.config import RUNNER_DEFAULTS, load_config
-from tools.utils.errors import UserError
+from tools.utils.console import UserError
 
 YAML = """\
 runner:

@@ -2,10 +2,10 @@
 import os
 
 from tool_helpers import REPO_ROOT
-from tools.utils.config_docs import runner_keys_markdown
+from tools.utils.config import runner_keys_markdown
 
 
 def test_runner_keys_table_in_doc_matches_defaults():
     with open(os.path.join(REPO_ROOT, "doc", "tools.md"), encoding="utf-8") as handle:
         doc = handle.read()
-    assert runner_keys_markdown() in doc, "regenerate with: python -m tools.utils.config_docs"
+    assert runner_keys_markdown() in doc, "regenerate with: python -m tools.utils.config"

@@ -15,8 +15,8 @@ import paddle
 import pytest
 
 from tests.tool_helpers import REPO_ROOT, TOY_CONFIG, TOY_DIR, assert_ok, assert_user_error, run_tool
-from tools.utils.errors import UserError
-from tools.utils.finite import NonFiniteError, NumericGuard, likely_causes
+from tools.utils.console import UserError
+from tools.utils.metrics import NonFiniteError, NumericGuard, likely_causes
 from tools.utils.plugin import non_finite_keys
 
 MAML_CONFIG = os.path.join(REPO_ROOT, "models", "multitask", "maml", "config.yaml")

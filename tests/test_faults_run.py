@@ -130,7 +130,7 @@ def test_genuine_paddle_save_files_of_every_protocol_still_load(tmp_path):
     import paddle
 
     from tools.utils.checkpoint import load_checkpoint, save_checkpoint
-    from tools.utils.errors import UserError
+    from tools.utils.console import UserError
 
     model, optimizer = tiny_model()
     folder = save_checkpoint(model, optimizer, str(tmp_path), 0)
@@ -181,7 +181,7 @@ def test_a_hostile_meta_json_is_one_line_not_a_hang(run_copy):
 @pytest.mark.parametrize("case", sorted(HOSTILE_META))
 def test_every_hostile_meta_json_is_refused_naming_it(tmp_path, case):
     from tools.utils.checkpoint import load_checkpoint, save_checkpoint
-    from tools.utils.errors import UserError
+    from tools.utils.console import UserError
 
     model, optimizer = tiny_model()
     folder = save_checkpoint(model, optimizer, str(tmp_path), 2)
@@ -206,8 +206,8 @@ def test_a_hostile_best_json_is_one_line(run_copy, content, fragment):
     if fragment == "nested":  # through the tool once; the other cases through the reader it uses
         assert_user_error(infer(run_copy, "runner.infer_best=True"), str(best), fragment)
         return
-    from tools.utils.errors import UserError
-    from tools.utils.model_selection import best_epoch_of
+    from tools.utils.console import UserError
+    from tools.utils.evaluation import best_epoch_of
 
     with pytest.raises(UserError, match=f"^{re.escape(str(best))}: .*{re.escape(fragment)}"):
         best_epoch_of(str(best))

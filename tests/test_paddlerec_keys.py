@@ -10,7 +10,7 @@ import pytest
 
 from tool_helpers import TOY_DIR, assert_ok, assert_user_error, run_tool
 from tools.utils.config import NO_EFFECT, RUNNER_DEFAULTS, load_config
-from tools.utils.config_docs import runner_keys_markdown
+from tools.utils.config import runner_keys_markdown
 
 # The runner.* keys read by PaddleRec's dygraph tools/trainer.py, tools/infer.py and tools/utils (and its
 # static-graph trainer's use_inference, save_inference_*, thread_num, reader_type).

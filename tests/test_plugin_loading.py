@@ -3,7 +3,7 @@ import pytest
 
 from tool_helpers import TOY_CONFIG
 from tools.utils.config import load_config
-from tools.utils.errors import UserError
+from tools.utils.console import UserError
 from tools.utils.plugin import import_plugin_module, load_model_plugin, plugin_config_defaults
 
 # Paddle warns about ccache when imported; irrelevant to these tests.

@@ -1,4 +1,4 @@
-"""tools/utils/runtime.py: environment before paddle, seeding."""
+"""tools/utils/environment.py: environment before paddle, seeding."""
 import os
 import subprocess
 import sys
@@ -6,13 +6,13 @@ import sys
 import pytest
 
 from tool_helpers import REPO_ROOT
-from tools.utils.runtime import epoch_seed, prepare_environment
+from tools.utils.environment import epoch_seed, prepare_environment
 
 
 def test_tool_modules_do_not_import_paddle_at_import_time():
     # The environment must be prepared before Paddle starts, so the entry
     # points may only import paddle after loading the config.
-    code = ("import sys; import tools.trainer, tools.infer, tools.plot_metrics, tools.utils.startup; "
+    code = ("import sys; import tools.trainer, tools.infer, tools.plot_metrics, tools.utils.cli; "
             "print('paddle' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -44,7 +44,7 @@ def test_seed_everything_repeats_all_generators():
     import numpy as np
     import paddle
 
-    from tools.utils.runtime import seed_everything
+    from tools.utils.environment import seed_everything
 
     def draw():
         return random.random(), float(np.random.rand()), float(paddle.rand([1]).item())

@@ -345,7 +345,7 @@ def test_failed_save_keeps_the_previous_checkpoint_of_that_epoch(tmp_path, monke
 
 def test_load_checkpoint_errors_name_the_file(tmp_path):
     from tools.utils.checkpoint import load_checkpoint, save_checkpoint
-    from tools.utils.errors import UserError
+    from tools.utils.console import UserError
 
     model, optimizer = _tiny_model_and_optimizer()
     with pytest.raises(UserError, match="checkpoint folder not found"):

@@ -200,7 +200,7 @@ def test_validation_reader_mode_and_config_view():
     Both see runner.valid_tasks as runner.infer_tasks; a bad value is reported under runner.valid_tasks."""
     from tools.utils.config import load_config
     from tools.utils.data import create_dataset
-    from tools.utils.errors import UserError
+    from tools.utils.console import UserError
     from tools.utils.evaluation import validation_config
 
     maml = load_config(MAML_CONFIG, ["runner.valid_data_dir=data/test", "runner.valid_tasks=6"])
@@ -220,7 +220,7 @@ def test_validation_reader_mode_and_config_view():
 
 
 def test_selection_rules(tmp_path):
-    from tools.utils.model_selection import ModelSelection, read_best_file
+    from tools.utils.evaluation import ModelSelection, read_best_file
 
     selection = ModelSelection(str(tmp_path / "best.json"), "acc", "max")
     assert selection.add(0, "c0", {"acc": float("nan")}) is False  # non-finite never wins

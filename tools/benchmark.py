@@ -21,19 +21,18 @@ if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
 from tools.utils.cli import config_arg_parser, run_tool  # noqa: E402
-from tools.utils.errors import UserError  # noqa: E402
+from tools.utils.console import UserError  # noqa: E402
 
 
 def measure(args):
     """Child process: time one variant and print one JSON line."""
-    from tools.utils.startup import load_run_config
+    from tools.utils.cli import load_run_config
 
     config, _ = load_run_config(args.config, args.overrides)
 
     from tools.utils.data import create_data_loader
-    from tools.utils.device import cpu_thread_count, select_device
+    from tools.utils.environment import cpu_thread_count, seed_everything, select_device
     from tools.utils.plugin import load_model_plugin
-    from tools.utils.runtime import seed_everything
 
     device = select_device(config)
     seed_everything(config.require("runner.seed", int))
@@ -68,7 +67,7 @@ def measure(args):
 
 def compare(args):
     """Parent process: run every variant in a child and print the table."""
-    from tools.utils.startup import load_run_config
+    from tools.utils.cli import load_run_config
 
     _, plugin_module = load_run_config(args.config, args.overrides)  # validates config and overrides first
     variants = getattr(plugin_module, "BENCHMARK_VARIANTS", [{}])

@@ -28,19 +28,14 @@ if not __package__:  # run as a script, not imported as tools.<name>
 
 # None of these import paddle at import time (see trainer.py).
 from tools.utils.checkpoint import PARAMS_FILE, load_checkpoint  # noqa: E402
-from tools.utils.cli import config_arg_parser, run_tool  # noqa: E402
-from tools.utils.console import log  # noqa: E402
+from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa: E402
+from tools.utils.console import UserError, log  # noqa: E402
 from tools.utils.data import loader_batch_size  # noqa: E402
-from tools.utils.device import select_device  # noqa: E402
 from tools.utils.distributed import setup_data_parallel  # noqa: E402
-from tools.utils.errors import UserError  # noqa: E402
-from tools.utils.evaluation import evaluate, evaluation_loader, format_results  # noqa: E402
-from tools.utils.metrics_log import MetricsLog, NoMetricsLog  # noqa: E402
-from tools.utils.model_selection import BEST_FILE, best_epoch_of  # noqa: E402
+from tools.utils.environment import seed_everything, select_device  # noqa: E402
+from tools.utils.evaluation import BEST_FILE, best_epoch_of, evaluate, evaluation_loader, format_results  # noqa: E402
+from tools.utils.metrics import MetricsLog, NoMetricsLog, open_visual_log  # noqa: E402
 from tools.utils.plugin import evaluation_note, load_model_plugin  # noqa: E402
-from tools.utils.runtime import seed_everything  # noqa: E402
-from tools.utils.startup import load_run_config  # noqa: E402
-from tools.utils.visual import open_visual_log  # noqa: E402
 
 INFER_METRICS_FILE = "infer_metrics.jsonl"
 RANGE_KEYS = "runner.infer_start_epoch/runner.infer_end_epoch"

@@ -16,41 +16,37 @@ if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
 from tools.utils.cli import run_tool  # noqa: E402
-from tools.utils.console import log, warn  # noqa: E402
-from tools.utils.errors import UserError  # noqa: E402
-from tools.utils.metrics_log import read_metrics  # noqa: E402
+from tools.utils.config import is_number  # noqa: E402
+from tools.utils.console import UserError, log, warn  # noqa: E402
+from tools.utils.metrics import read_metrics  # noqa: E402
 
 DEFAULT_KEYS = ("loss", "acc")
 EVALUATION_EVENTS = ("infer", "eval", "valid")
 
 
-def _number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def epoch_end_steps(records):
     """{epoch: global step at its end} from "epoch" records (last one wins)."""
     return {record["epoch"]: record["step"] for record in records
-            if record["event"] == "epoch" and _number(record.get("epoch")) and _number(record.get("step"))}
+            if record["event"] == "epoch" and is_number(record.get("epoch")) and is_number(record.get("step"))}
 
 
 def train_points(records, key):
     return [(record["step"], record[key]) for record in records
-            if record["event"] == "train" and _number(record.get("step")) and _number(record.get(key))]
+            if record["event"] == "train" and is_number(record.get("step")) and is_number(record.get(key))]
 
 
 def evaluation_points(records, key, steps):
     """[(step, value, ci95 or 0)] of the evaluation records of `key`, at the step where their epoch ended."""
     points, unplaced = [], 0
     for record in records:
-        if record["event"] not in EVALUATION_EVENTS or not _number(record.get(key)):
+        if record["event"] not in EVALUATION_EVENTS or not is_number(record.get(key)):
             continue
         step = record.get("step", steps.get(record.get("epoch")))
-        if not _number(step):
+        if not is_number(step):
             unplaced += 1
             continue
         interval = record.get(f"{key}_ci95")
-        points.append((step, record[key], interval if _number(interval) else 0.0))
+        points.append((step, record[key], interval if is_number(interval) else 0.0))
     if unplaced:
         warn(f"{unplaced} evaluation record(s) of {key} skipped: no epoch record tells their step")
     return points

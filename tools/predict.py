@@ -27,14 +27,11 @@ if not __package__:  # run as a script, not imported as tools.<name>
 
 # None of these import paddle at import time (see trainer.py).
 from tools.infer import checkpoint_folders  # noqa: E402
-from tools.utils.checkpoint import load_checkpoint  # noqa: E402
-from tools.utils.cli import config_arg_parser, run_tool  # noqa: E402
-from tools.utils.console import format_values, log, warn  # noqa: E402
-from tools.utils.device import select_device  # noqa: E402
-from tools.utils.errors import UserError  # noqa: E402
-from tools.utils.model_selection import write_json_atomically  # noqa: E402
+from tools.utils.checkpoint import load_checkpoint, write_json_atomically  # noqa: E402
+from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa: E402
+from tools.utils.console import UserError, format_values, log, warn  # noqa: E402
+from tools.utils.environment import select_device  # noqa: E402
 from tools.utils.plugin import load_model_plugin  # noqa: E402
-from tools.utils.startup import load_run_config  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 

@@ -12,7 +12,7 @@ Validation (runner.valid_data_dir set): after the checkpoint of every
 runner.valid_interval-th epoch (and of the last one), the plugin's
 infer_forward runs over the validation data through the same evaluation
 loop as infer.py; the best epoch by runner.valid_metric goes into
-<runner.model_save_path>/best.json (tools/utils/model_selection.py).
+<runner.model_save_path>/best.json (tools/utils/evaluation.py).
 
 Data-parallel (doc/distributed.md):
     python -m paddle.distributed.launch --nproc_per_node N tools/trainer.py -m <config> -o runner.use_fleet=True
@@ -32,24 +32,18 @@ if not __package__:  # run as a script, not imported as tools.<name>
 
 # None of these import paddle at import time: the environment must be
 # prepared (startup.load_run_config) before Paddle starts.
-from tools.utils.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_meta, save_checkpoint  # noqa: E402
-from tools.utils.cli import config_arg_parser, run_tool  # noqa: E402
-from tools.utils.console import format_train_line, format_values, log, progress_bar, warn  # noqa: E402
+from tools.utils.checkpoint import (latest_checkpoint, load_checkpoint, lock_run_folder, read_checkpoint_meta,  # noqa: E402
+                                    remove_stale_staging, replace_old_run, save_checkpoint)
+from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa: E402
+from tools.utils.console import UserError, format_train_line, format_values, log, progress_bar, warn  # noqa: E402
 from tools.utils.data import batches_then_none, count_samples, create_data_loader, expected_batches, loader_batch_size  # noqa: E402
-from tools.utils.device import cpu_thread_count, select_device  # noqa: E402
 from tools.utils.distributed import merged_results, setup_data_parallel  # noqa: E402
-from tools.utils.errors import UserError  # noqa: E402
-from tools.utils.evaluation import evaluate, evaluation_loader, format_results, validation_config, validation_enabled  # noqa: E402
-from tools.utils.finite import NumericGuard, likely_causes  # noqa: E402
-from tools.utils.metric_values import scalar_dict, to_scalar  # noqa: E402
-from tools.utils.metrics_log import MetricsLog, NoMetricsLog  # noqa: E402
-from tools.utils.model_selection import BEST_FILE, MODES, ModelSelection  # noqa: E402
+from tools.utils.environment import cpu_thread_count, environment_snapshot, epoch_seed, seed_everything, select_device  # noqa: E402
+from tools.utils.evaluation import (BEST_FILE, MODES, ModelSelection, evaluate, evaluation_loader, format_results,  # noqa: E402
+                                    validation_config, validation_enabled)
+from tools.utils.metrics import (IntervalStats, MetricsLog, NoMetricsLog, NumericGuard, likely_causes,  # noqa: E402
+                                 open_visual_log, scalar_dict, to_scalar)
 from tools.utils.plugin import evaluation_note, load_model_plugin, non_finite_keys  # noqa: E402
-from tools.utils.run_folder import lock_run_folder, remove_stale_staging, replace_old_run  # noqa: E402
-from tools.utils.runtime import environment_snapshot, epoch_seed, seed_everything  # noqa: E402
-from tools.utils.startup import load_run_config  # noqa: E402
-from tools.utils.timing import IntervalStats  # noqa: E402
-from tools.utils.visual import open_visual_log  # noqa: E402
 
 
 AUTO_RESUME = "auto"
@@ -138,7 +132,7 @@ class TrainingRun:
     parallel: object  # tools.utils.distributed.DataParallel
     seed: int  # runner.seed
     numeric_guard: NumericGuard  # stops the run at a NaN or infinite loss, gradient or parameter
-    visual: object = None  # tools.utils.visual.VisualLog when runner.use_visual is on (rank 0)
+    visual: object = None  # tools.utils.metrics.VisualLog when runner.use_visual is on (rank 0)
 
 
 def run_epoch(run, epoch, loader):

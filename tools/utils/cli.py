@@ -1,12 +1,24 @@
-"""Command-line plumbing shared by the tools: arguments and exit codes."""
+"""What every tool does first and last: its arguments, the start of a run, signals and exit codes.
+
+The start of every tool run (load_run_config), in the only order that works:
+1. Read the YAML and the runner.* overrides, without paddle.
+2. prepare_environment(): Paddle reads FLAGS_* once, when it is imported.
+3. Import the model plugin (this imports paddle) to learn its CONFIG_DEFAULTS.
+4. Load the config for real, so -o is checked against YAML + runner
+   defaults + plugin defaults.
+5. Replace the SIGTERM handler Paddle installed at import by ours (SIGINT too).
+The end (run_tool): a UserError becomes one `error: ...` line and exit code 2.
+"""
 import argparse
 import signal
 import sys
 
 from tools.utils.allocator import reexec_with_allocator_tunables
-from tools.utils.console import rank_prefix
-from tools.utils.errors import (EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR,
-                                DistributedError, Terminated, UserError)
+from tools.utils.config import RUNNER_DEFAULTS, keys_without_effect, load_config, split_override
+from tools.utils.console import (EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR,
+                                 DistributedError, Terminated, UserError, rank_prefix, warn)
+from tools.utils.environment import prepare_environment
+from tools.utils.plugin import import_plugin_module, plugin_config_defaults
 
 
 def config_arg_parser(description) -> argparse.ArgumentParser:
@@ -17,6 +29,29 @@ def config_arg_parser(description) -> argparse.ArgumentParser:
                         metavar="KEY=VALUE",
                         help="override a config key, e.g. -o runner.epochs=3 runner.seed=1 (repeatable)")
     return parser
+
+
+def _runner_overrides(overrides):
+    """Overrides of tool-owned keys, which can be checked before step 3."""
+    selected = []
+    for item in overrides:
+        parsed = split_override(item)
+        if parsed is None or parsed[0] in RUNNER_DEFAULTS:
+            selected.append(item)  # malformed items fail early too
+    return selected
+
+
+def load_run_config(config_path, overrides=()):
+    """(config, plugin_module) with the process environment prepared."""
+    early = load_config(config_path, _runner_overrides(overrides))
+    prepare_environment(early.require("runner.deterministic", bool))
+    plugin_module = import_plugin_module(early)
+    config = load_config(config_path, overrides, plugin_config_defaults(plugin_module))
+    handle_signals()
+    # PaddleRec keys are never unknown; those that cannot act here say so once.
+    for key, why in keys_without_effect(config):
+        warn(f"{key} = {config[key]!r} has no effect here: {why}")
+    return config, plugin_module
 
 
 _signals_received = []

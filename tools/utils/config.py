@@ -1,20 +1,82 @@
-"""Loading a PaddleRec-style YAML config into a flat dict of dotted keys.
+"""The run's settings: a PaddleRec-style YAML config as a flat dict of dotted keys, `-o key=value` overrides,
+and the runner.* key table (RUNNER_DEFAULTS, printed for doc/tools.md by `python -m tools.utils.config`).
 
 Model plugins read the config the PaddleRec way,
 `config.get("hyper_parameters.n_way")`, so every YAML leaf becomes one
 dotted key (lists are leaves). Tool-owned `runner.*` keys have defaults and
 types in RUNNER_DEFAULTS; a plugin may add its own defaults through a
-module-level CONFIG_DEFAULTS dict. This module must not import paddle: the
-entry points load the config before Paddle starts (see runtime.py).
+module-level CONFIG_DEFAULTS dict. An override is typed like the value it
+replaces, so a typo such as `-o runner.epochs=0.5` fails loudly instead of
+training for 0.5 epochs. This module must not import paddle: the entry points
+load the config before Paddle starts (see environment.py).
 """
 import difflib
+import numbers
 import os
+import re
 from collections import namedtuple
 
 import yaml
 
-from tools.utils.errors import UserError
-from tools.utils.overrides import convert_value, split_override
+from tools.utils.console import UserError
+
+_INT_TEXT = re.compile(r"^[+-]?\d+$")
+_TRUE_WORDS = {"true", "1", "yes", "on"}
+_FALSE_WORDS = {"false", "0", "no", "off"}
+_NONE_WORDS = {"null", "none", "~"}
+
+
+def split_override(item: str):
+    """'key=value' -> (key, value text). Returns None when there is no '='."""
+    if "=" not in item:
+        return None
+    key, text = item.split("=", 1)
+    return key.strip(), text
+
+
+def convert_value(text: str, type_, none_allowed: bool = False):
+    """Turn override text into `type_`; raises ValueError with a short reason.
+
+    `type_` is one of bool, int, float, str, list, or None (unknown type: the
+    text is read as YAML, so `-o a=3` gives 3 and `-o a=x` gives 'x').
+    `none_allowed` lets keys whose default is None be reset with `null`.
+    """
+    stripped = text.strip()
+    if none_allowed and stripped.lower() in _NONE_WORDS:
+        return None
+    if type_ is bool:
+        word = stripped.lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+        raise ValueError(f"expected bool (true/false/1/0/yes/no), got {text!r}")
+    if type_ is int:
+        if not _INT_TEXT.match(stripped):
+            raise ValueError(f"expected int, got {text!r}")
+        return int(stripped)
+    if type_ is float:
+        try:
+            return float(stripped)
+        except ValueError:
+            raise ValueError(f"expected float, got {text!r}") from None
+    if type_ is str:
+        return text
+    if type_ is list:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = None
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list such as [3, 3], got {text!r}")
+        return value
+    # Unknown type (the key's current value is None): YAML decides, and text
+    # that is not valid YAML on its own stays a plain string.
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
 
 # paddlerec: how the key relates to PaddleRec's tools/trainer.py and infer.py: "same", "extended" (same meaning,
 # more to it, said in the doc), NO_EFFECT + why (accepted; a warning when set), or "" (not a PaddleRec key).
@@ -83,6 +145,11 @@ def type_name(value) -> str:
     return "None" if value is None else type(value).__name__
 
 
+def is_number(value, type_=numbers.Real) -> bool:
+    """A number of `type_` (int, float, numbers.Real...) that is not a bool: YAML/JSON true is no count."""
+    return isinstance(value, type_) and not isinstance(value, bool)
+
+
 def check_type(value, type_):
     """Return `value` if it fits `type_`, else raise ValueError.
 
@@ -91,7 +158,7 @@ def check_type(value, type_):
     """
     if type_ is None:
         return value
-    if type_ is float and isinstance(value, int) and not isinstance(value, bool):
+    if type_ is float and is_number(value, int):
         return float(value)
     if type_ in (int, float) and isinstance(value, bool):
         raise ValueError(f"expected {type_.__name__}, got bool {value!r}")
@@ -247,7 +314,7 @@ def load_config(path, overrides=(), plugin_defaults=None) -> Config:
 
     Precedence, lowest first: plugin CONFIG_DEFAULTS, runner defaults, YAML,
     overrides. An override must name a key that exists in one of the first
-    three, so load the plugin's defaults first (see startup.py) when plugin
+    three, so load the plugin's defaults first (see cli.load_run_config) when plugin
     keys may be overridden. Types for -o come from RUNNER_DEFAULTS, else the
     plugin default's type, else the YAML value's type.
     """
@@ -282,3 +349,24 @@ def _type_of(value):
     if isinstance(value, (bool, int, float, str, list)):
         return type(value)
     return None
+
+
+def _default_text(value) -> str:
+    if value is None:
+        return "(unset)"
+    if value == "":
+        return '`""`'
+    return f"`{value}`"
+
+
+def runner_keys_markdown() -> str:
+    lines = ["| key | type | default | PaddleRec | meaning |", "| --- | --- | --- | --- | --- |"]
+    for key, spec in RUNNER_DEFAULTS.items():
+        doc = spec.doc.replace("|", "\\|")  # a bare | would split the table cell
+        paddlerec = (spec.paddlerec or "not a PaddleRec key").replace("|", "\\|")
+        lines.append(f"| `{key}` | {spec.type.__name__} | {_default_text(spec.default)} | {paddlerec} | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(runner_keys_markdown(), end="")

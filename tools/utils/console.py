@@ -1,11 +1,12 @@
-"""Console output that coexists with tqdm progress bars.
+"""What the user sees: log lines, warnings, progress bars, and the errors that end a tool.
 
 Log lines and warnings go through `logging` in PaddleRec's format
 (`2026-01-01 12:00:00,000 - INFO - epoch: 0, ...`; warnings at level WARNING on
 stderr). Their handler writes with tqdm.write, so an active bar (on stderr) is
 redrawn below them instead of being torn. Bars only appear on a terminal: in
 log files and CI they would be a stream of carriage returns. Errors that end a
-tool are not log lines: they are one `error: ...` line (tools/utils/cli.py).
+tool are not log lines: they are one `error: ...` line (UserError, printed by
+tools/utils/cli.py with the exit codes below).
 
 In a data-parallel run (set_rank with world_size > 1) every line starts with
 `[rank R/N] `, only rank 0 logs and draws bars, and every rank still prints
@@ -15,6 +16,47 @@ import logging
 import sys
 
 from tqdm import tqdm
+
+
+def one_line(message) -> str:
+    """Tools print exactly one line per error; collapse stray newlines from wrapped library messages."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+class UserError(ValueError):
+    """A mistake the user can fix (bad config, missing file, wrong key).
+
+    The message is a single line that names the file and the key or path at
+    fault, so the tools can print it without a traceback and exit with code 2.
+    Anything else that escapes a tool is a bug and keeps its traceback.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
+
+
+class DistributedError(Exception):
+    """A data-parallel run cannot go on: a peer rank died, hung or disagrees.
+
+    Printed like a UserError (one `error:` line naming the rank), with its
+    own exit code, so a job's logs say which rank gave up and why.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (kill, a scheduler, a container stop): unwinds like Ctrl-C, so saves stay atomic."""
+
+
+# Exit codes shared by every tool (documented in doc/tools.md).
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+EXIT_DISTRIBUTED = 3
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what shells report for a process it ended
+
 
 _rank, _world_size = 0, 1
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"  # PaddleRec's tools/trainer.py and infer.py

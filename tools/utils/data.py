@@ -10,11 +10,22 @@ Validation ("valid") uses the evaluation reader and batch size on
 runner.valid_data_dir. The reader gets mode="valid" only if RecDataset
 declares it in a MODES attribute (e.g. MODES = ("train", "infer", "valid"));
 otherwise mode="infer", since older readers know only train and infer.
+
+The loader is guarded: with num_workers=0 Paddle still reads the dataset in a
+background thread. An exception there (a reader bug, a bad file, a hostile
+setting) ends only that thread, prints its traceback, and leaves the main
+thread waiting for a batch for ever. Here the reader and the collate step run
+under a guard that keeps the first exception and ends the stream cleanly; the
+loader's iterator then raises it in the main thread as one UserError line, so
+the tool exits.
 """
+import functools
 import inspect
 import math
 import os
+import traceback
 
+from tools.utils.console import UserError
 from tools.utils.plugin import import_from_config_folder
 
 # mode -> (data dir key, batch size key, reader key)
@@ -103,15 +114,70 @@ def create_data_loader(config, mode, rank=0, world_size=1, epoch=0):
     With world_size > 1 the reader keeps this rank's share (shard hook) and
     the loader's batch size is runner.*_batch_size / world_size.
     """
-    from tools.utils.guarded_loader import GuardedDataLoader
-
     batch_size = loader_batch_size(config, mode, world_size)
     dataset = create_dataset(config, mode, rank, world_size, epoch)
     # num_workers=0: readers generate episodes from seeded generators, and
     # worker processes would make the order depend on scheduling. Guarded: an
     # error in Paddle's reading thread ends the run instead of hanging it.
-    return GuardedDataLoader(dataset, f"{config.path}: {MODE_KEYS[mode][2]}", batch_size=batch_size,
+    return guarded_loader_class()(dataset, f"{config.path}: {MODE_KEYS[mode][2]}", batch_size=batch_size,
                              num_workers=0, return_list=True, drop_last=False)
+
+
+@functools.lru_cache(maxsize=None)
+def guarded_loader_class():
+    """GuardedDataLoader: a paddle.io.DataLoader over an IterableDataset that re-raises the reader's errors
+    in the main thread; `label` (config file and reader key) starts them. Built on first use, so that
+    importing this module does not import paddle (the environment is prepared first)."""
+    import paddle
+    from paddle.io.dataloader.collate import default_collate_fn
+
+    class _GuardedDataset(paddle.io.IterableDataset):
+        """Iterates the reader's dataset, keeping its first exception instead of letting it kill the thread."""
+
+        def __init__(self, dataset):
+            super().__init__()
+            self.dataset, self.error = dataset, None
+
+        def __iter__(self):
+            try:
+                yield from self.dataset
+            except Exception as error:  # noqa: BLE001  (re-raised in the main thread by GuardedDataLoader)
+                self.error = self.error or error
+
+        def collate(self, samples):
+            try:
+                return default_collate_fn(samples)
+            except Exception as error:  # noqa: BLE001
+                self.error = self.error or error
+                return None  # Paddle's reading thread ends the stream on a None batch
+
+        def __len__(self):
+            return len(self.dataset)
+
+        def __getattr__(self, name):  # the reader's own hints (num_batches) stay visible to the tools
+            if name == "dataset":
+                raise AttributeError(name)
+            return getattr(self.dataset, name)
+
+    class GuardedDataLoader(paddle.io.DataLoader):
+        """paddle.io.DataLoader over an IterableDataset; `label` (config file and reader key) starts its errors."""
+
+        def __init__(self, dataset, label, **options):
+            self.guard, self.label = _GuardedDataset(dataset), label
+            super().__init__(self.guard, collate_fn=self.guard.collate, **options)
+
+        def __iter__(self):
+            self.guard.error = None
+            yield from super().__iter__()
+            error = self.guard.error
+            if isinstance(error, UserError):
+                raise error
+            if error is not None:
+                frame = traceback.extract_tb(error.__traceback__)[-1]
+                raise UserError(f"{self.label}: the reader failed: {type(error).__name__}: {error} "
+                                f"({os.path.basename(frame.filename)}, line {frame.lineno})") from None
+
+    return GuardedDataLoader
 
 
 def batches_then_none(loader):

@@ -35,8 +35,7 @@ import socket
 import sys
 import time
 
-from tools.utils.console import log, rank_prefix, set_rank, warn
-from tools.utils.errors import DistributedError, UserError
+from tools.utils.console import DistributedError, UserError, log, rank_prefix, set_rank, warn
 
 RANK_VARIABLE = "PADDLE_TRAINER_ID"
 WORLD_SIZE_VARIABLE = "PADDLE_TRAINERS_NUM"
@@ -319,7 +318,7 @@ def merged_results(parallel, metrics, names, create_metrics, label, values=None,
     merge_states([state of rank 0, state of rank 1, ...]). Any other metric
     reports rank 0's share, with a warning.
     """
-    from tools.utils.metric_values import metric_results
+    from tools.utils.metrics import metric_results
 
     values = dict(values or {})
     if not parallel.enabled:

@@ -12,7 +12,7 @@ import importlib.util
 import os
 import sys
 
-from tools.utils.errors import UserError
+from tools.utils.console import UserError
 
 PLUGIN_FILE = "dygraph_model.py"
 _MODULE_PREFIX = "_rec_plugin_"
