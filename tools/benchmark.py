@@ -1,4 +1,4 @@
-"""Time meta-iterations of a model plugin, one variant per child process, and print a comparison.
+"""Time training steps of a model plugin, one variant per child process, and print a comparison.
 
     python tools/benchmark.py -m models/multitask/maml/config.yaml [-o key=value ...] [--iterations 5]
 
@@ -7,6 +7,8 @@ fresh process so its peak memory is its own. A timed iteration is exactly the tr
 train_forward, backward, optimizer step, on one fixed batch (reader time excluded), after a warm-up.
 If the plugin has `kernel_seconds(model, batch, config)`, the same compute kernels are replayed bare in the
 same process, and their share of the iteration time is reported: what is left is overhead we own.
+The plugin may name what its samples and kernels are with BENCHMARK_LABELS, e.g. {"samples": "tasks",
+"kernels": "conv"} (defaults: "samples", "kernel"); the tool knows no model.
 """
 import argparse
 import json
@@ -57,7 +59,7 @@ def measure(args):
         step()
         times.append(time.perf_counter() - start)
     result = {"seconds": statistics.median(times), "all_seconds": times, "device": device,
-              "tasks": int(config.get("runner.train_batch_size")),
+              "samples": int(config.get("runner.train_batch_size")),
               "threads": cpu_thread_count(config)}
     if hasattr(plugin, "kernel_seconds"):
         result["kernel_seconds"], result["kernel_calls"] = plugin.kernel_seconds(model, batch, config)
@@ -71,6 +73,8 @@ def compare(args):
 
     _, plugin_module = load_run_config(args.config, args.overrides)  # validates config and overrides first
     variants = getattr(plugin_module, "BENCHMARK_VARIANTS", [{}])
+    labels = {"samples": "samples", "kernels": "kernel", **getattr(plugin_module, "BENCHMARK_LABELS", {})}
+    per_second, kernel_s, kernel_share = f"{labels['samples']}/s", f"{labels['kernels']} s", f"{labels['kernels']} %"
     rows = []
     for variant in variants:
         extra = [f"{k}={v}" for k, v in variant.items()]
@@ -87,22 +91,23 @@ def compare(args):
             raise UserError(f"{args.config}: benchmark of {label} failed (exit {done.returncode})")
         rows.append((label, json.loads(lines[-1][len("BENCHMARK "):])))
     base = rows[0][1]["seconds"]
-    print(f"\nmedian of {args.iterations} meta-iterations after {args.warmup} warm-up, device "
+    print(f"\nmedian of {args.iterations} iterations after {args.warmup} warm-up, device "
           f"{rows[0][1]['device']}, {rows[0][1]['threads']} CPU threads")
-    print(f"{'variant':38s} {'s/iter':>8s} {'tasks/s':>8s} {'vs first':>8s} {'peak MB':>8s} {'conv s':>7s} {'conv %':>7s}")
+    print(f"{'variant':38s} {'s/iter':>8s} {per_second:>8s} {'vs first':>8s} {'peak MB':>8s} {kernel_s:>7s} "
+          f"{kernel_share:>7s}")
     for label, r in rows:
         kernel = r.get("kernel_seconds")
         share = f"{100 * kernel / r['seconds']:6.1f}%" if kernel is not None else "     -"
         ktext = f"{kernel:7.3f}" if kernel is not None else "      -"
-        print(f"{label:38s} {r['seconds']:8.3f} {r['tasks'] / r['seconds']:8.2f} {r['seconds'] / base:7.2f}x "
+        print(f"{label:38s} {r['seconds']:8.3f} {r['samples'] / r['seconds']:8.2f} {r['seconds'] / base:7.2f}x "
               f"{r['peak_rss_mb']:8.0f} {ktext} {share}")
         print(f"{'':38s} all: {', '.join(f'{t:.3f}' for t in r['all_seconds'])}")
 
 
 def main():
     parser = config_arg_parser(__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=5, help="timed meta-iterations per variant")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed meta-iterations first")
+    parser.add_argument("--iterations", type=int, default=5, help="timed iterations per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.iterations < 1 or args.warmup < 0:

@@ -43,6 +43,7 @@ NON_FINITE_KEYS = {"hyper_parameters.base_optimizer.learning_rate": "the inner l
 
 # tools/benchmark.py times one meta-iteration per variant (first the one a ratio is taken against).
 BENCHMARK_VARIANTS = [{"hyper_parameters.first_order": True}, {"hyper_parameters.first_order": False}]
+BENCHMARK_LABELS = {"samples": "tasks", "kernels": "conv"}  # its columns: tasks/s, conv s, conv %
 
 
 def _get(config, key):
