@@ -13,7 +13,6 @@ import argparse
 import signal
 import sys
 
-from tools.utils.allocator import reexec_with_allocator_tunables
 from tools.utils.config import RUNNER_DEFAULTS, keys_without_effect, load_config, split_override
 from tools.utils.console import (EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR,
                                  DistributedError, Terminated, UserError, rank_prefix, warn)
@@ -87,7 +86,6 @@ def run_tool(body, args) -> int:
     """Run body(args); turn a UserError into one `error:` line and exit code 2
     (a DistributedError: exit code 3; Ctrl-C: 130; SIGTERM: 143). In a data-parallel run the line starts
     with the rank, e.g. `[rank 1/2] error: ...`."""
-    reexec_with_allocator_tunables()  # before any work: the process may be replaced
     try:
         body(args)
     except UserError as error:

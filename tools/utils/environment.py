@@ -1,7 +1,6 @@
 """The process a tool runs in: environment variables Paddle reads at start, the device, CPU threads, seeds.
 
-Paddle reads its FLAGS_* environment variables, and MKL its tuning variables,
-once when the library starts, so prepare_environment() must run before the
+Paddle reads its FLAGS_* environment variables once when it starts, so prepare_environment() must run before the
 first `import paddle` anywhere in the process (the entry points load the
 config, call this, and only then import paddle or a model plugin). Safe to
 import before paddle.
@@ -13,9 +12,9 @@ import warnings
 
 from tools.utils.console import warn
 
-# Values this module sets; recorded in the metrics file's start record so a
-# run shows what its process actually ran with.
-ENVIRONMENT_VARIABLES = ("MKL_DEBUG_CPU_TYPE", "FLAGS_cudnn_deterministic")
+# Variables that change how Paddle computes, recorded in the metrics file's start record so a run shows
+# what its process actually ran with (set here, by the user, or by the model plugin).
+ENVIRONMENT_VARIABLES = ("FLAGS_cudnn_deterministic", "MKL_DEBUG_CPU_TYPE", "GLIBC_TUNABLES")
 
 
 def prepare_environment(deterministic: bool):
@@ -23,11 +22,6 @@ def prepare_environment(deterministic: bool):
     if "paddle" in sys.modules:
         warnings.warn("prepare_environment() called after paddle was imported; "
                       "FLAGS_cudnn_deterministic may be ignored", RuntimeWarning, stacklevel=2)
-    # Paddle's bundled (older) MKL picks a slow generic code path on AMD CPUs;
-    # type 5 selects the AVX2 path. Measured on this AMD EPYC machine: matmul
-    # 68 -> 223 GFLOP/s, conv2d about 2.5x faster. Intel CPUs ignore it.
-    # setdefault: a user who set it deliberately keeps their value.
-    os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
     if deterministic:
         # PaddleRec's determinism switch: deterministic cuDNN algorithms.
         # Harmless on CPU builds; CPU kernels are deterministic already.
