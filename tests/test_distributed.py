@@ -2,7 +2,8 @@
 
 One meta-step on 2 ranks must equal one single-process meta-step on the union of their tasks (up to float
 rounding), 2-rank evaluation must report the single-process figures, a dead or hung rank must end the job
-quickly with a visible error, and runner.resume_path=auto must resume from the newest checkpoint.
+quickly with a visible error (faults injected by the toy reader, TOY_FAULT), and runner.resume_path=auto must
+resume from the newest checkpoint.
 Settings are tiny; every launcher run writes its logs into tmp_path (--log_dir).
 """
 import json
@@ -26,7 +27,7 @@ MAML_SMALL = ["runner.train_batch_size=4", "runner.tasks_per_epoch=9", "hyper_pa
               "runner.infer_tasks=9", "runner.infer_start_epoch=0", "runner.infer_end_epoch=1"]
 # Dropout off: with random masks no two runs with different sharding could agree.
 TOY_SMALL = ["runner.epochs=2", "hyper_parameters.dropout=0.0", "runner.infer_end_epoch=2"]
-FAULT = "PADDLEREC_TOOLS_TEST_FAULT"
+FAULT = "TOY_FAULT"  # tests/toy_model/toy_reader.py: RANK:exit or RANK:hang
 TOLERANCE = 1e-6  # max abs parameter difference allowed between 1 and 2 processes
 
 
@@ -132,8 +133,8 @@ def test_toy_model_train_and_infer_match_single_process(tmp_path):
 
 
 def test_a_rank_that_dies_ends_the_job_with_an_error(tmp_path):
-    process = launch("trainer.py", tmp_path / "log", "-m", MAML_CONFIG, "-o",
-                     f"runner.model_save_path={tmp_path / 'out'}", "runner.use_fleet=True", *MAML_SMALL,
+    process = launch("trainer.py", tmp_path / "log", "-m", TOY_CONFIG, "-o",
+                     f"runner.model_save_path={tmp_path / 'out'}", "runner.use_fleet=True", *TOY_SMALL,
                      env={FAULT: "1:exit"}, timeout=90)
     print(f"launcher exit {process.returncode} after {process.seconds:.1f} s")
     assert process.returncode != 0
@@ -144,9 +145,9 @@ def test_a_rank_that_dies_ends_the_job_with_an_error(tmp_path):
 
 
 def test_a_rank_that_hangs_ends_the_job_after_sync_timeout(tmp_path):
-    process = launch("trainer.py", tmp_path / "log", "-m", MAML_CONFIG, "-o",
+    process = launch("trainer.py", tmp_path / "log", "-m", TOY_CONFIG, "-o",
                      f"runner.model_save_path={tmp_path / 'out'}", "runner.use_fleet=True", "runner.sync_timeout=3",
-                     *MAML_SMALL, env={FAULT: "1:hang"}, timeout=90)
+                     *TOY_SMALL, env={FAULT: "1:hang"}, timeout=90)
     print(f"launcher exit {process.returncode} after {process.seconds:.1f} s")
     assert process.returncode != 0
     assert process.seconds < 60

@@ -248,7 +248,7 @@ def test_data_parallel_validation_matches_one_process(tmp_path):
     command = [sys.executable, "-m", "paddle.distributed.launch", "--log_dir", str(tmp_path / "log"),
                "--nproc_per_node", "2", os.path.join(TOOLS_DIR, "trainer.py"), "-m", TOY_CONFIG,
                "-o", f"runner.model_save_path={dist}", "runner.use_fleet=True", *settings]
-    env = {key: value for key, value in os.environ.items() if key != "PADDLEREC_TOOLS_TEST_FAULT"}
+    env = {key: value for key, value in os.environ.items() if key != "TOY_FAULT"}
     process = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert_ok(process)
     ours, theirs = read_records(dist / "metrics.jsonl", "valid"), read_records(single / "metrics.jsonl", "valid")

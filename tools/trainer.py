@@ -147,7 +147,6 @@ def run_epoch(run, epoch, loader):
     parallel = run.parallel
     # The ranks may arrive far apart (data building, rank 0 writing the last
     # checkpoint); within the epoch they meet at every batch.
-    parallel.inject_test_fault("epoch")
     parallel.barrier(f"epoch {epoch}: start")
     model.train()
     # Optional plugin hook: a model whose training changes with the epoch (schedules) learns it here.
@@ -176,7 +175,6 @@ def run_epoch(run, epoch, loader):
         # Every rank's .grad becomes the sample-weighted mean over the ranks
         # (one all-reduce), so all ranks take the same optimizer step.
         if parallel.enabled:
-            parallel.inject_test_fault("step")
             active, batch_samples, loss_value = parallel.sync_gradients(
                 model.parameters(), own_samples, loss, f"epoch {epoch}, batch {batch_id}: gradient all-reduce")
             if not active:

@@ -3,8 +3,15 @@
 The data files only describe the blobs (label,center_x,center_y,spread);
 points are drawn from a generator seeded by (runner.seed, mode, epoch), so
 every run, and every resumed run, sees exactly the same samples.
+
+Test hook (tests/test_distributed.py): TOY_FAULT=RANK:exit makes that data-parallel rank die abruptly when
+it starts reading its first training batch; TOY_FAULT=RANK:hang makes it stall while its training data is
+built (before the first epoch's barrier). The tools themselves hold no fault injection.
 """
 import csv
+import os
+import sys
+import time
 
 import numpy as np
 import paddle
@@ -39,6 +46,7 @@ class RecDataset(paddle.io.IterableDataset):
         self.num_samples = config.get(count_key) or 256
         self.seed = config.get("runner.seed", 0)
         self.stream = _MODE_STREAM[mode]
+        self.training = mode == "train"
         self.epoch = 0
         self.rank, self.world_size = 0, 1
 
@@ -48,11 +56,20 @@ class RecDataset(paddle.io.IterableDataset):
 
     def shard(self, rank, world_size):
         self.rank, self.world_size = rank, world_size
+        self._inject_fault("hang")
+
+    def _inject_fault(self, kind):
+        if self.training and os.environ.get("TOY_FAULT") == f"{self.rank}:{kind}":
+            print(f"TOY_FAULT={self.rank}:{kind} (test)", file=sys.stderr, flush=True)
+            if kind == "exit":
+                os._exit(17)
+            time.sleep(3600)
 
     def __len__(self):
         return len(range(self.rank, self.num_samples, self.world_size))
 
     def __iter__(self):
+        self._inject_fault("exit")
         rng = np.random.default_rng([self.seed, self.stream, self.epoch])
         choices = rng.integers(len(self.blobs), size=self.num_samples)
         noise = rng.standard_normal((self.num_samples, 2))

@@ -32,15 +32,12 @@ import hashlib
 import os
 import pickle
 import socket
-import sys
 import time
 
-from tools.utils.console import DistributedError, UserError, log, rank_prefix, set_rank, warn
+from tools.utils.console import DistributedError, UserError, log, set_rank, warn
 
 RANK_VARIABLE = "PADDLE_TRAINER_ID"
 WORLD_SIZE_VARIABLE = "PADDLE_TRAINERS_NUM"
-# Test hook (tests/test_distributed.py), see DataParallel.inject_test_fault.
-FAULT_VARIABLE = "PADDLEREC_TOOLS_TEST_FAULT"
 _STORE_PREFIX = "paddlerec_tools/sync"
 LAUNCH_HINT = "python -m paddle.distributed.launch --nproc_per_node N tools/<tool>.py -m <config> -o runner.use_fleet=True"
 
@@ -232,21 +229,6 @@ class DataParallel:
         self.all_reduce_sum(tensor, label)
         totals = tensor.numpy()
         return [rank for rank in range(self.world_size) if totals[1 + rank] > 0.5], int(round(totals[0]))
-
-    def inject_test_fault(self, point):
-        """Test hook, PADDLEREC_TOOLS_TEST_FAULT=RANK:KIND[@POINT]: that rank dies abruptly (KIND exit) or
-        stalls (KIND hang) at POINT: "step" (before its first gradient all-reduce; the default for exit) or
-        "epoch" (before its first epoch barrier; the default for hang)."""
-        fault = os.environ.get(FAULT_VARIABLE, "")
-        rank, _, kind = fault.partition(":")
-        kind, _, where = kind.partition("@")
-        where = where or {"exit": "step", "hang": "epoch"}.get(kind)
-        if not fault or rank != str(self.rank) or where != point:
-            return
-        print(f"{rank_prefix()}{FAULT_VARIABLE}={fault}: {kind} (test)", file=sys.stderr, flush=True)
-        if kind == "exit":
-            os._exit(17)
-        time.sleep(3600)
 
 
 SINGLE_PROCESS = DataParallel()
