@@ -29,6 +29,10 @@ MAML_SMALL = ["runner.train_batch_size=4", "runner.tasks_per_epoch=9", "hyper_pa
 TOY_SMALL = ["runner.epochs=2", "hyper_parameters.dropout=0.0", "runner.infer_end_epoch=2"]
 FAULT = "TOY_FAULT"  # tests/toy_model/toy_reader.py: RANK:exit or RANK:hang
 TOLERANCE = 1e-6  # max abs parameter difference allowed between 1 and 2 processes
+# A job with a dead or hung rank must end by itself: subprocess.run's timeout fails the test otherwise. Far above
+# what the job needs even on a loaded machine (seconds), far below what a hang would last (the default
+# runner.sync_timeout is 1800 s; the hang test sets 3 s).
+FAULT_TIMEOUT = 600
 
 
 def launch(tool, log_dir, *args, env=None, timeout=120):
@@ -135,10 +139,9 @@ def test_toy_model_train_and_infer_match_single_process(tmp_path):
 def test_a_rank_that_dies_ends_the_job_with_an_error(tmp_path):
     process = launch("trainer.py", tmp_path / "log", "-m", TOY_CONFIG, "-o",
                      f"runner.model_save_path={tmp_path / 'out'}", "runner.use_fleet=True", *TOY_SMALL,
-                     env={FAULT: "1:exit"}, timeout=90)
-    print(f"launcher exit {process.returncode} after {process.seconds:.1f} s")
+                     env={FAULT: "1:exit"}, timeout=FAULT_TIMEOUT)
+    print(f"launcher exit {process.returncode} after {process.seconds:.1f} s")  # a figure, not an assertion
     assert process.returncode != 0
-    assert process.seconds < 60
     assert "[rank 0/2] error: epoch 0, batch 0: gradient all-reduce: collective failed" in process.stdout
     assert "another rank has probably died" in process.stdout
     assert not (tmp_path / "out" / "0").exists()
@@ -147,10 +150,9 @@ def test_a_rank_that_dies_ends_the_job_with_an_error(tmp_path):
 def test_a_rank_that_hangs_ends_the_job_after_sync_timeout(tmp_path):
     process = launch("trainer.py", tmp_path / "log", "-m", TOY_CONFIG, "-o",
                      f"runner.model_save_path={tmp_path / 'out'}", "runner.use_fleet=True", "runner.sync_timeout=3",
-                     *TOY_SMALL, env={FAULT: "1:hang"}, timeout=90)
-    print(f"launcher exit {process.returncode} after {process.seconds:.1f} s")
+                     *TOY_SMALL, env={FAULT: "1:hang"}, timeout=FAULT_TIMEOUT)
+    print(f"launcher exit {process.returncode} after {process.seconds:.1f} s")  # a figure, not an assertion
     assert process.returncode != 0
-    assert process.seconds < 60
     assert "[rank 0/2] error: epoch 0: start: waited 3 s (runner.sync_timeout) for rank(s) [1]" in process.stdout
 
 

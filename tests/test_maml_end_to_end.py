@@ -77,8 +77,22 @@ def test_infer_reports_mean_and_confidence_interval_over_all_tasks(two_epochs):
     assert "(95% CI, 10 tasks)" in process.stdout
 
 
-def test_first_order_flag_through_the_tools(tmp_path):
-    assert_ok(_train(tmp_path / "out", "runner.epochs=1", "hyper_parameters.first_order=True"))
+def test_first_order_flag_through_the_tools(two_epochs, tmp_path):
+    """first_order=True reaches the model: same data and initial parameters as two_epochs (second order, the
+    config's default), so the first meta-batch's loss agrees, but the updates, made with the first-order
+    meta-gradient, give other parameters (epoch 0 of a run does not depend on runner.epochs: see the resume test)."""
+    second_order, _ = two_epochs
+    first_order = tmp_path / "out"
+    assert_ok(_train(first_order, "runner.epochs=1", "hyper_parameters.first_order=True"))
+
+    def first_loss(out):
+        return next(json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"train"' in line)
+
+    assert first_loss(first_order) == pytest.approx(first_loss(second_order), rel=1e-6)
+    ours, theirs = _params(first_order / "0" / "rec.pdparams"), _params(second_order / "0" / "rec.pdparams")
+    difference = max(float(np.abs(ours[name] - theirs[name]).max()) for name in theirs)
+    print(f"max |param(first order) - param(second order)| after epoch 0: {difference:.3g}")
+    assert all(np.isfinite(value).all() for value in ours.values()) and difference > 1e-6
 
 
 @pytest.mark.parametrize("override, fragments", [

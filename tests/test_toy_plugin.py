@@ -268,13 +268,17 @@ def test_unknown_override_from_the_command_line(tmp_path):
     assert_user_error(process)
 
 
-def test_use_gpu_without_cuda_warns_once_and_trains_on_cpu(tmp_path):
+def test_use_gpu_without_a_gpu_warns_once_and_trains_on_cpu(tmp_path):
+    import paddle
+
+    # No GPU visible, so this holds on a CUDA build too (which warns that it sees no GPU rather than no CUDA).
     process = run_tool("trainer.py", "-m", TOY_CONFIG, "-o", f"runner.model_save_path={tmp_path}",
-                       "runner.epochs=1", "runner.use_gpu=True")
+                       "runner.epochs=1", "runner.use_gpu=True", env={"CUDA_VISIBLE_DEVICES": ""})
     assert_ok(process)
     warnings = [line for line in process.stderr.splitlines() if " - WARNING - " in line]
-    assert [line.split(" - WARNING - ")[1] for line in warnings] == [
-        "runner.use_gpu is True but this Paddle build has no CUDA; running on CPU"]
+    expected = ("runner.use_gpu is True but no GPU is visible; running on CPU" if paddle.is_compiled_with_cuda()
+                else "runner.use_gpu is True but this Paddle build has no CUDA; running on CPU")
+    assert [line.split(" - WARNING - ")[1] for line in warnings] == [expected]
     assert process.stderr.strip().splitlines() == warnings  # nothing else on stderr
     assert "on cpu" in process.stdout
     assert (tmp_path / "0" / "rec.pdparams").exists()
