@@ -34,7 +34,7 @@ from tools.utils.data import loader_batch_size  # noqa: E402
 from tools.utils.distributed import setup_data_parallel  # noqa: E402
 from tools.utils.environment import seed_everything, select_device  # noqa: E402
 from tools.utils.evaluation import BEST_FILE, best_epoch_of, evaluate, evaluation_loader, format_results  # noqa: E402
-from tools.utils.metrics import MetricsLog, NoMetricsLog, open_visual_log  # noqa: E402
+from tools.utils.metrics import MetricsLog, open_visual_log  # noqa: E402
 from tools.utils.plugin import evaluation_note, load_model_plugin  # noqa: E402
 
 INFER_METRICS_FILE = "infer_metrics.jsonl"
@@ -107,7 +107,7 @@ def infer(args):
     visual = open_visual_log(config, "infer", parallel.is_main)
     steps_before = 0  # VisualDL steps count batches over all checkpoints, as in PaddleRec
     # Only rank 0 appends to the results file.
-    with (MetricsLog(results_path, append=True) if parallel.is_main else NoMetricsLog()) as results_log, \
+    with MetricsLog(results_path if parallel.is_main else None, append=True) as results_log, \
             visual or contextlib.nullcontext():
         for index, (epoch, folder) in enumerate(folders.items()):
             load_checkpoint(folder, model)

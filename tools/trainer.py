@@ -41,7 +41,7 @@ from tools.utils.distributed import merged_results, setup_data_parallel  # noqa:
 from tools.utils.environment import cpu_thread_count, environment_snapshot, epoch_seed, seed_everything, select_device  # noqa: E402
 from tools.utils.evaluation import (BEST_FILE, MODES, ModelSelection, evaluate, evaluation_loader, format_results,  # noqa: E402
                                     validation_config, validation_enabled)
-from tools.utils.metrics import (IntervalStats, MetricsLog, NoMetricsLog, NumericGuard, likely_causes,  # noqa: E402
+from tools.utils.metrics import (IntervalStats, MetricsLog, NumericGuard, likely_causes,  # noqa: E402
                                  open_visual_log, scalar_dict, to_scalar)
 from tools.utils.plugin import evaluation_note, load_model_plugin, non_finite_keys  # noqa: E402
 
@@ -393,7 +393,7 @@ def train(args):
     if validation is not None:
         validation.selection = selection
     # Only rank 0 writes the metrics file and the checkpoints.
-    metrics_log = MetricsLog(metrics_path, append=resumed) if parallel.is_main else NoMetricsLog()
+    metrics_log = MetricsLog(metrics_path if parallel.is_main else None, append=resumed)
     metrics_log.write("start", {
         "config": os.path.abspath(config.path), "overrides": list(args.overrides), "device": device,
         "threads": cpu_thread_count(config), "seed": seed, "start_epoch": start_epoch, "epochs": epochs,

@@ -116,11 +116,7 @@ def progress_bar(total, description):
 
 
 def format_number(value) -> str:
-    if isinstance(value, bool) or isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def format_values(values: dict) -> str:

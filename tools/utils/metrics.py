@@ -123,10 +123,12 @@ class IntervalStats:
 
 
 class MetricsLog:
-    """Appends event records to a JSON-lines file."""
+    """Appends event records to a JSON-lines file; with path None (data-parallel ranks other than 0) writes nothing."""
 
     def __init__(self, path, append=False):
-        self.path = path
+        self.path, self._handle = path, None
+        if path is None:
+            return
         folder = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(folder, exist_ok=True)
@@ -139,6 +141,8 @@ class MetricsLog:
     def write(self, event, fields, extra=None):
         """Append one record: `fields` first, then `extra` entries whose keys
         are not taken (plugin-named values cannot overwrite "epoch" etc.)."""
+        if self._handle is None:
+            return
         record = {"event": event}
         record.update(fields)
         for key, value in (extra or {}).items():
@@ -152,31 +156,14 @@ class MetricsLog:
             raise UserError(f"{self.path}: cannot write metrics: {reason.strerror}") from None
 
     def close(self):
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info):
         self.close()
-
-
-class NoMetricsLog:
-    """Stands in for MetricsLog on data-parallel ranks other than 0, which write no files."""
-
-    path = None
-
-    def write(self, event, fields, extra=None):
-        pass
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        pass
 
 
 def read_metrics(path) -> list:
