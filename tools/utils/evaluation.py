@@ -38,6 +38,7 @@ from tools.utils.distributed import merged_results
 from tools.utils.environment import seed_everything
 from tools.utils.metrics import scalar_dict
 
+
 def validation_enabled(config) -> bool:
     return config.get("runner.valid_data_dir") not in (None, "")
 

@@ -40,6 +40,7 @@ from tools.utils.checkpoint import json_safe
 from tools.utils.config import is_number
 from tools.utils.console import UserError
 
+
 def to_scalar(value):
     """A Python int/float from a number, numpy scalar or one-element tensor."""
     if isinstance(value, bool):
