@@ -129,7 +129,7 @@ class TrainingRun:
     print_interval: int
     batch_size: int  # of this rank's loader
     step: int  # global batch count, continued across a resume
-    parallel: object  # tools.utils.distributed.DataParallel
+    parallel: object  # tools.utils.distributed.Ranks
     seed: int  # runner.seed
     numeric_guard: NumericGuard  # stops the run at a NaN or infinite loss, gradient or parameter
     visual: object = None  # tools.utils.metrics.VisualLog when runner.use_visual is on (rank 0)

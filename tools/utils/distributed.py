@@ -8,11 +8,13 @@ processes, NCCL between GPUs (Paddle's choice for the device). Then:
 
 - every rank reads its own share of each batch (the reader's shard hook;
   the loader's batch size is runner.*_batch_size / world size);
+- the ranks start from rank 0's parameters (Paddle's sync_params_buffers, as
+  paddle.DataParallel);
 - after loss.backward(), sync_gradients() replaces every parameter's .grad by
-  the sample-weighted mean of the ranks' gradients in ONE all-reduce (the
-  same buffer carries the sample counts, the loss and which ranks still had
-  a batch), so every rank applies the same update and one step on N ranks is
-  one single-process step on the union of their samples;
+  the sample-weighted mean of the ranks' gradients (Paddle's fused gradient
+  all-reduce, after a small all-reduce of the sample counts, the loss and
+  which ranks still had a batch), so every rank applies the same update and
+  one step on N ranks is one single-process step on the union of their samples;
 - metrics are combined with the optional metric methods state() and
   merge_states(states) (merged_results), and rank 0 reports.
 
@@ -62,8 +64,10 @@ def _first_line(error) -> str:
     return text[0] if text else type(error).__name__
 
 
-class DataParallel:
-    """This process's place in the job, and the collectives the tools use.
+class Ranks:
+    """This process's place among the data-parallel ranks, and the collectives the tools use.
+
+    Not paddle.DataParallel, which wraps a model: the tools keep the model as the plugin built it.
 
     With world_size 1 every method is a cheap local no-op, so the tools run
     the same code with and without a launcher.
@@ -83,7 +87,7 @@ class DataParallel:
         return self.rank == 0
 
     def __repr__(self):
-        return f"DataParallel(rank={self.rank}, world_size={self.world_size})"
+        return f"Ranks(rank={self.rank}, world_size={self.world_size})"
 
     # ----- waiting and collectives -----
     def barrier(self, label):
@@ -156,17 +160,14 @@ class DataParallel:
         """Give every rank rank 0's parameters and buffers (they should already agree: same seed or checkpoint)."""
         if not self.enabled:
             return
-        import paddle
-        import paddle.distributed as dist
+        from paddle.distributed.parallel import sync_params_buffers  # what paddle.DataParallel does at start
 
         self.barrier(label)
-        with paddle.no_grad():
-            for tensor in model.state_dict().values():
-                self._collective(label, lambda tensor=tensor: dist.broadcast(tensor, src=0))
+        self._collective(label, lambda: sync_params_buffers(model, src_rank=0))
 
     # ----- one training step -----
     def sync_gradients(self, parameters, samples, loss, label):
-        """Average the gradients over the ranks, weighted by their samples; one all-reduce.
+        """Average the gradients over the ranks, weighted by their samples.
 
         `samples` is this rank's batch size (0 and loss None when it had no
         batch left). Returns (ranks that had a batch, total samples, sample-weighted
@@ -174,44 +175,35 @@ class DataParallel:
         sum_r(samples_r * grad_r) / sum_r(samples_r); a parameter without a
         gradient on this rank counts as zero there, and gets one if any rank
         had one (so the optimizers of all ranks update the same parameters).
+        Two collectives: a small all-reduce of the counts (samples, loss, which
+        ranks and which parameters have something), then Paddle's fused gradient
+        all-reduce (the one fleet's data parallelism uses), each rank's gradients
+        scaled by its share of the samples so that their sum is the weighted mean.
         """
         import numpy as np
         import paddle
+        from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients_with_group
 
         params = [p for p in parameters if not p.stop_gradient]
-        grads = [p.grad for p in params]
-        dtypes = {str(g.dtype) for g in grads if g is not None}
-        wide = any("float64" in name for name in dtypes)
-        buffer_dtype = "float64" if wide else "float32"
         world = self.world_size
-        header = np.zeros(2 + world + len(params), dtype=buffer_dtype)
-        header[0] = samples
-        header[1] = samples * float(loss) if loss is not None else 0.0
-        header[2 + self.rank] = 1.0 if loss is not None else 0.0
-        header[2 + world:] = [0.0 if g is None else 1.0 for g in grads]
-        with paddle.no_grad():
-            pieces = [paddle.to_tensor(header)]
-            for param, grad in zip(params, grads):
-                if grad is None:
-                    pieces.append(paddle.zeros([int(np.prod(param.shape))], dtype=buffer_dtype))
-                else:
-                    pieces.append(grad.reshape([-1]).astype(buffer_dtype) * float(samples))
-            flat = paddle.concat(pieces)
-            self.all_reduce_sum(flat, label)
-            totals = flat[:len(header)].numpy()
-            total_samples = float(totals[0])
-            active = [rank for rank in range(world) if totals[2 + rank] > 0.5]
-            if total_samples > 0:
-                offset = len(header)
-                for index, (param, grad) in enumerate(zip(params, grads)):
-                    size = int(np.prod(param.shape))
-                    if totals[2 + world + index] > 0.5:
-                        value = (flat[offset:offset + size] / total_samples).reshape(param.shape)
-                        if grad is None:
-                            param.grad = value.astype(param.dtype)
-                        else:
-                            paddle.assign(value.astype(grad.dtype), output=grad)
-                    offset += size
+        counts = np.zeros(2 + world + len(params), dtype="float64")
+        counts[0] = samples
+        counts[1] = samples * float(loss) if loss is not None else 0.0
+        counts[2 + self.rank] = 1.0 if loss is not None else 0.0
+        counts[2 + world:] = [p.grad is not None for p in params]
+        totals = paddle.to_tensor(counts)
+        self.all_reduce_sum(totals, label)
+        totals = totals.numpy()
+        total_samples = float(totals[0])
+        active = [rank for rank in range(world) if totals[2 + rank] > 0.5]
+        if total_samples > 0:
+            synced = [p for p, flag in zip(params, totals[2 + world:]) if flag > 0.5]
+            with paddle.no_grad():
+                for param in synced:
+                    if param.grad is None:
+                        param.grad = paddle.zeros(param.shape, dtype=param.dtype)
+            self._collective(label, lambda: fused_allreduce_gradients_with_group(
+                synced, None, scale=samples / total_samples))
         loss_mean = float(totals[1]) / total_samples if total_samples > 0 else float("nan")
         return active, int(round(total_samples)), loss_mean
 
@@ -231,7 +223,7 @@ class DataParallel:
         return [rank for rank in range(self.world_size) if totals[1 + rank] > 0.5], int(round(totals[0]))
 
 
-SINGLE_PROCESS = DataParallel()
+SINGLE_PROCESS = Ranks()
 
 
 def _config_digest(config) -> str:
@@ -240,7 +232,7 @@ def _config_digest(config) -> str:
     return hashlib.sha256(pickle.dumps(items)).hexdigest()[:16]
 
 
-def setup_data_parallel(config, device) -> DataParallel:
+def setup_data_parallel(config, device) -> Ranks:
     """Decide from runner.use_fleet and the launcher's environment; join the process group when data-parallel.
 
     - no launcher: single process; runner.use_fleet True is an error (it would silently train alone);
@@ -279,7 +271,7 @@ def setup_data_parallel(config, device) -> DataParallel:
         store = core.create_or_get_global_tcp_store()
     except (RuntimeError, ValueError, AssertionError) as error:
         raise DistributedError(f"joining the process group failed: {_first_line(error)}") from None
-    parallel = DataParallel(rank, world_size, timeout, store)
+    parallel = Ranks(rank, world_size, timeout, store)
     parallel.check_same(_config_digest(config), "the config (config file and -o overrides)")
     hosts = parallel.all_gather_object(socket.gethostname(), "listing the ranks")
     backend = "gloo" if device == "cpu" else "nccl"
