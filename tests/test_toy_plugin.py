@@ -6,6 +6,7 @@ which keeps the file to a dozen short trainings (about 1-2 s each).
 """
 import json
 import os
+import shutil
 
 import pytest
 
@@ -360,3 +361,20 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
     with pytest.raises(UserError) as caught:
         load_checkpoint(folder, model, optimizer)
     assert str(caught.value) == f"{os.path.join(folder, 'rec.pdopt')}: checkpoint file not found"
+
+
+def test_benchmark_columns_are_named_by_the_plugin(tmp_path):
+    """tools/benchmark.py knows no model: without BENCHMARK_LABELS its columns are generic; a plugin names them."""
+    def header(config):
+        process = run_tool("benchmark.py", "-m", config, "--iterations", "1", "--warmup", "0")
+        assert_ok(process)
+        return next(line for line in process.stdout.splitlines() if line.startswith("variant "))
+
+    assert header(TOY_CONFIG).split() == ["variant", "s/iter", "samples/s", "vs", "first", "peak", "MB", "kernel", "s",
+                                          "kernel", "%"]
+    plugin = tmp_path / "toy"
+    shutil.copytree(TOY_DIR, plugin, ignore=shutil.ignore_patterns("output_*", "__pycache__"))
+    with open(plugin / "dygraph_model.py", "a", encoding="utf-8") as handle:
+        handle.write('\nBENCHMARK_LABELS = {"samples": "points", "kernels": "linear"}\n')
+    assert header(plugin / "config.yaml").split()[2:] == ["points/s", "vs", "first", "peak", "MB", "linear", "s",
+                                                           "linear", "%"]
