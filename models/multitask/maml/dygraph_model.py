@@ -4,10 +4,13 @@ import math
 import numpy as np
 import paddle
 
+import cpu_schedule
 import double_grad_ops  # noqa: F401  (tests reach the ops through the plugin module, as the tools load it)
 import kernel_replay
 import maml
 import net
+
+cpu_schedule.prepare_cpu_process()  # before the first large tensor; see cpu_schedule.py
 
 # Keys this model reads with a default (the tools merge them under the YAML, so `-o` can set them too).
 CONFIG_DEFAULTS = {
