@@ -201,10 +201,10 @@ def test_cosine_annealing_of_the_meta_rate():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    (LSLR, "yes", "expected true or false"),
-    (BNWB, 1, "expected true or false"),
-    (MSL, -1, "expected a non-negative integer"),
-    ("hyper_parameters.first_order_epochs", 1.5, "expected a non-negative integer"),
+    (LSLR, "yes", "must be true or false"),
+    (BNWB, 1, "must be true or false"),
+    (MSL, -1, "must be a non-negative integer"),
+    ("hyper_parameters.first_order_epochs", 1.5, "must be a non-negative integer"),
 ])
 def test_bad_option_values_are_named(key, value, message):
     config = dict(CONFIG, **{key: value})

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import paddle
 
+import config_checks as checks
 import cpu_schedule
 import double_grad_ops  # noqa: F401  (tests reach the ops through the plugin module, as the tools load it)
 import kernel_replay
@@ -49,46 +50,16 @@ NON_FINITE_KEYS = {"hyper_parameters.base_optimizer.learning_rate": "the inner l
 BENCHMARK_VARIANTS = [{"hyper_parameters.first_order": True}, {"hyper_parameters.first_order": False}]
 
 
-def _get(config, key):
-    value = config.get(key, CONFIG_DEFAULTS.get(key))
-    if value is None:
-        raise _error(config, key, "missing required key")
-    return value
+def _with_defaults(check):
+    """`check` (a config_checks function) with this plugin's CONFIG_DEFAULTS as the defaults."""
+    return lambda config, key: check(config, key, CONFIG_DEFAULTS.get(key))
 
 
-def _positive_int(config, key):
-    value = _get(config, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _error(config, key, f"expected a positive integer, got {value!r}")
-    return value
-
-
-def _nonnegative_int(config, key):
-    value = _get(config, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _error(config, key, f"expected a non-negative integer, got {value!r}")
-    return value
-
-
-def _bool(config, key):
-    value = _get(config, key)
-    if not isinstance(value, bool):
-        raise _error(config, key, f"expected true or false, got {value!r}")
-    return value
-
-
-def _positive_float(config, key):
-    value = _get(config, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise _error(config, key, f"expected a positive number, got {value!r}")
-    return float(value)
-
-
-def _error(config, key, message):
-    # The tools' Config names the config file in its errors; a plain dict (tests) gets a ValueError.
-    if hasattr(config, "error"):
-        return config.error(key, message)
-    return ValueError(f"{key}: {message}")
+_get = _with_defaults(checks.setting)
+_positive_int = _with_defaults(checks.positive_int)
+_nonnegative_int = _with_defaults(checks.nonnegative_int)
+_bool = _with_defaults(checks.boolean)
+_positive_float = _with_defaults(checks.positive_float)
 
 
 def inner_settings(config, training, epoch=0):
@@ -98,7 +69,7 @@ def inner_settings(config, training, epoch=0):
     lr = _positive_float(config, "hyper_parameters.base_optimizer.learning_rate")
     if _get(config, "hyper_parameters.base_optimizer.class") != "SGD":
         # MAML's inner loop is plain gradient descent; say so rather than ignore the key (PaddleRec did).
-        raise _error(config, "hyper_parameters.base_optimizer.class", "only SGD is supported for the inner loop")
+        raise checks.error(config, "hyper_parameters.base_optimizer.class", "only SGD is supported for the inner loop")
     first_order = _bool(config, "hyper_parameters.first_order")
     # Derivative-order annealing (MAML++): cheap first-order epochs first, then the exact meta-gradient.
     first_order = first_order or epoch < _nonnegative_int(config, "hyper_parameters.first_order_epochs")
@@ -175,12 +146,13 @@ class DygraphModel:
     def create_model(self, config):
         kernel = _get(config, "hyper_parameters.conv_kernal")
         if not (isinstance(kernel, list) and len(kernel) == 2 and kernel[0] == kernel[1]
-                and isinstance(kernel[0], int) and kernel[0] > 0):
-            raise _error(config, "hyper_parameters.conv_kernal", f"expected a square kernel like [3, 3], got {kernel!r}")
+                and checks.is_int(kernel[0]) and kernel[0] > 0):
+            raise checks.error(config, "hyper_parameters.conv_kernal",
+                               f"expected a square kernel like [3, 3], got {kernel!r}")
         steps = _nonnegative_int(config, "hyper_parameters.update_step")
         learn_inner_lr = _bool(config, "hyper_parameters.learn_inner_lr")
         if learn_inner_lr and steps == 0:
-            raise _error(config, "hyper_parameters.learn_inner_lr", "needs hyper_parameters.update_step >= 1")
+            raise checks.error(config, "hyper_parameters.learn_inner_lr", "needs hyper_parameters.update_step >= 1")
         try:
             return net.MAMLNet(
                 n_way=_positive_int(config, "hyper_parameters.n_way"),
@@ -194,7 +166,7 @@ class DygraphModel:
                 inner_lr_init=_positive_float(config, "hyper_parameters.base_optimizer.learning_rate"),
             )
         except net.ShapeError as e:
-            raise _error(config, "hyper_parameters.imgsize", str(e)) from None
+            raise checks.error(config, "hyper_parameters.imgsize", str(e)) from None
 
     def create_feeds(self, batch_data, config):
         """Tensors (x_spt, y_spt, x_qry, y_qry) in the model's dtype from the reader's batch."""
@@ -205,7 +177,7 @@ class DygraphModel:
         name = _get(config, "hyper_parameters.meta_optimizer.class")
         optimizer_class = getattr(paddle.optimizer, str(name), None)
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, paddle.optimizer.Optimizer)):
-            raise _error(config, "hyper_parameters.meta_optimizer.class", f"unknown paddle optimizer {name!r}")
+            raise checks.error(config, "hyper_parameters.meta_optimizer.class", f"unknown paddle optimizer {name!r}")
         lr = _positive_float(config, "hyper_parameters.meta_optimizer.learning_rate")
         if _bool(config, "hyper_parameters.meta_optimizer.cosine_annealing"):
             # One cosine over the whole run, ending at 1% of the rate (MAML++'s 1e-5 for 1e-3). The trainer steps

@@ -25,18 +25,13 @@ import time
 import numpy as np
 import paddle
 
+import config_checks as checks
 import dygraph_model
 import maml
 import omniglot_reader
 
 BATCH_NORM_NOTE = ("batch statistics: of the support set while adapting, of all query images together when "
                    "classifying (as in evaluation)")
-
-
-def _error(config, key, message):
-    if hasattr(config, "error"):  # the tools' Config: a one-line error naming the config file and the key
-        return config.error(key, message)
-    return ValueError(f"{key}: {message}")
 
 
 def _images(name, images, size):
@@ -61,9 +56,9 @@ def _classes(config, model, labels, count):
 
 def check_class_count(config, model, classes):
     if classes > model.n_way:
-        raise _error(config, "hyper_parameters.n_way",
-                     f"the support set has {classes} classes but the network has n_way = {model.n_way} outputs; "
-                     f"use at most {model.n_way} classes, or a model trained with a larger n_way")
+        raise checks.error(config, "hyper_parameters.n_way",
+                           f"the support set has {classes} classes but the network has n_way = {model.n_way} outputs; "
+                           f"use at most {model.n_way} classes, or a model trained with a larger n_way")
 
 
 def adapt_and_classify(model, config, support_images, support_labels, query_images):
