@@ -40,7 +40,7 @@ def _plain_objective(model, batch, stage_weights, per_step_bn):
     adapted = [n for n in layer_names if not (per_step_bn and n.startswith("bn"))]
     total = 0.0
     for t in range(TASKS):
-        ep = maml.Episode(*[part[t:t + 1] for part in batch], dtype="float64")
+        ep = maml.MetaBatch(*[part[t:t + 1] for part in batch], dtype="float64")
         fast = {n: named[n] for n in adapted}
 
         def network_params(stage):

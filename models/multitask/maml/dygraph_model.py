@@ -169,9 +169,14 @@ class DygraphModel:
             raise checks.error(config, "hyper_parameters.imgsize", str(e)) from None
 
     def create_feeds(self, batch_data, config):
-        """Tensors (x_spt, y_spt, x_qry, y_qry) in the model's dtype from the reader's batch."""
-        ep = maml.Episode(*batch_data[:4], dtype=paddle.get_default_dtype())
-        return ep.x_spt, ep.y_spt, ep.x_qry, ep.y_qry
+        """Tensors (x_spt, y_spt, x_qry, y_qry) in the model's dtype from the reader's batch.
+
+        Nothing in this repository calls it, and neither do PaddleRec's own trainer.py and infer.py (they
+        hand the reader's batch to train_forward / infer_forward, which convert it themselves). It is kept
+        because PaddleRec's plugin convention lists it: code written against that convention may call it.
+        """
+        batch = maml.MetaBatch(*batch_data[:4], dtype=paddle.get_default_dtype())
+        return batch.x_spt, batch.y_spt, batch.x_qry, batch.y_qry
 
     def create_optimizer(self, dy_model, config):
         name = _get(config, "hyper_parameters.meta_optimizer.class")
@@ -205,8 +210,8 @@ class DygraphModel:
     @staticmethod
     def _meta_step(model, batch, config, epoch=0):
         steps, lr, first_order = inner_settings(config, training=True, epoch=epoch)
-        episode = maml.Episode(*batch[:4], dtype=model.parameters()[0].dtype)
-        return maml.meta_gradients(model, episode, steps, lr, first_order, multi_step_weights(config, epoch))
+        meta_batch = maml.MetaBatch(*batch[:4], dtype=model.parameters()[0].dtype)
+        return maml.meta_gradients(model, meta_batch, steps, lr, first_order, multi_step_weights(config, epoch))
 
     @staticmethod
     def kernel_seconds(model, batch, config):
@@ -231,8 +236,8 @@ class DygraphModel:
         """Query accuracy of every task in the batch after `update_step_test` adaptation steps,
         with batch statistics in batch norm (transductive, as in MAML)."""
         steps, lr, _ = inner_settings(config, training=False)
-        episode = maml.Episode(*batch_data[:4], dtype=dy_model.parameters()[0].dtype)
-        task_acc = maml.evaluate(dy_model, episode, steps, lr).numpy()
+        meta_batch = maml.MetaBatch(*batch_data[:4], dtype=dy_model.parameters()[0].dtype)
+        task_acc = maml.evaluate(dy_model, meta_batch, steps, lr).numpy()
         metrics_list[0].update(task_acc)
         # A tensor, as PaddleRec's infer prints every value's .numpy().
         return metrics_list, {"acc": paddle.to_tensor(float(task_acc.mean()))}
