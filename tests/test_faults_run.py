@@ -312,7 +312,7 @@ def test_the_lock_and_staging_folders_of_a_killed_trainer_are_taken_over(tmp_pat
         (out / leftover / "checkpoint").mkdir(parents=True)
     process = train(out, "runner.epochs=1")
     assert_ok(process)
-    assert f"warning: {out}: took over the lock of pid {killed.pid} on host" in process.stderr
+    assert f" - WARNING - {out}: took over the lock of pid {killed.pid} on host" in process.stderr
     assert "(that trainer is no longer running)" in process.stderr
     assert f"{out}: removed what interrupted saves left: .0.old-z3, .0.saving-x1y2" in process.stdout
     assert sorted(os.listdir(out)) == ["0", "metrics.jsonl"]

@@ -63,8 +63,9 @@ def test_keys_without_effect_warn_once_and_name_why(toy):
         key = item.split("=")[0]
         assert sum(f" - WARNING - {key} = " in line for line in warnings) == 1, (key, warnings)
     assert "num_workers = 4 has no effect here: PaddleRec's DataLoader worker processes" in process.stderr
-    # Left at their PaddleRec defaults they say nothing.
-    quiet = run_tool("trainer.py", "-m", toy / "config.yaml", "-o", *SMALL, "runner.use_xpu=False", cwd=toy)
+    # Left at their PaddleRec defaults they say nothing (a second run into the same folder must replace the first).
+    quiet = run_tool("trainer.py", "-m", toy / "config.yaml", "-o", *SMALL, "runner.use_xpu=False", "runner.overwrite=True",
+                     cwd=toy)
     assert_ok(quiet)
     assert "has no effect" not in quiet.stderr
 
