@@ -40,7 +40,7 @@ def _plain_objective(model, batch, stage_weights, per_step_bn):
     adapted = [n for n in layer_names if not (per_step_bn and n.startswith("bn"))]
     total = 0.0
     for t in range(TASKS):
-        ep = maml.Episode(*[part[t:t + 1] for part in batch], dtype="float64")
+        ep = maml.MetaBatch(*[part[t:t + 1] for part in batch], dtype="float64")
         fast = {n: named[n] for n in adapted}
 
         def network_params(stage):
@@ -201,10 +201,10 @@ def test_cosine_annealing_of_the_meta_rate():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    (LSLR, "yes", "expected true or false"),
-    (BNWB, 1, "expected true or false"),
-    (MSL, -1, "expected a non-negative integer"),
-    ("hyper_parameters.first_order_epochs", 1.5, "expected a non-negative integer"),
+    (LSLR, "yes", "must be true or false"),
+    (BNWB, 1, "must be true or false"),
+    (MSL, -1, "must be a non-negative integer"),
+    ("hyper_parameters.first_order_epochs", 1.5, "must be a non-negative integer"),
 ])
 def test_bad_option_values_are_named(key, value, message):
     config = dict(CONFIG, **{key: value})

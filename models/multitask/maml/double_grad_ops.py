@@ -10,16 +10,25 @@ The recipe is the same for every layer: a `PyLayer` whose forward and backward c
 kernels, where the backward is itself a `PyLayer` whose own backward (the second derivative) is written,
 again, with native kernels. Each op here is exact to second order (what MAML needs); a third derivative is
 not supported. Layout is NCHW throughout.
-"""
-import concurrent.futures
-import os
 
+Beside this module: native_kernels.py wraps the native calls (one named function per kernel);
+cpu_schedule.py runs a convolution or a large max-pool on a CPU as two halves on two threads;
+kernel_replay.py records the convolution calls for tools/benchmark.py.
+"""
 import paddle
 import paddle.nn.functional as F
-from paddle import _C_ops
 from paddle.autograd import PyLayer
 
-__all__ = ["conv2d", "batch_norm", "max_pool2d", "cross_entropy", "recording_convolutions", "replay_seconds"]
+import cpu_schedule
+import kernel_replay
+import native_kernels as kernels
+
+# Names kept for tests/test_meta_gradient.py (which stands unchanged): it skips its split-path check when
+# CONV_THREADS < 2, and wraps _split_plan to see which plans ran.
+from cpu_schedule import CONV_THREADS  # noqa: F401
+from cpu_schedule import split_plan as _split_plan
+
+__all__ = ["conv2d", "batch_norm", "max_pool2d", "cross_entropy"]
 
 
 def _needed(inputs, grads):
@@ -28,180 +37,32 @@ def _needed(inputs, grads):
 
 
 # --------------------------------------------------------------------------------------------- conv2d
-def _conv_args(ctx):
-    return ([ctx.stride] * 2, [ctx.padding] * 2, "EXPLICIT", [1, 1], ctx.groups, "NCHW")
+# Every native convolution of the ops goes through these two functions. The split plan (cpu_schedule) is
+# chosen here and handed down so that a benchmark's recording holds the very plan its replay runs.
+def _conv(x, w, conv):
+    plan = _split_plan(x, w, conv, gradient=False)
+    kernel_replay.record("conv2d", (x, w), conv, plan)
+    return cpu_schedule.conv2d(x, w, conv, plan)
 
 
-# Paddle's CPU convolution runs on one core (its im2col + small GEMMs do not use MKL's threads), and
-# the machine this was tuned on has two. Each native convolution call is therefore split in two
-# independent halves run at once: one in a worker thread (Paddle releases the GIL inside kernels) and
-# one in the calling thread. Large batches split on the batch axis (contiguous halves: the forward
-# output and the input gradient are concatenated, the weight gradients added); small batches (the
-# support set) split on the task groups, which balances 5 images better than 3 + 2. The halves see
-# detached tensors: every derivative here goes through the PyLayers, never through the native ops.
-# MAML_CONV_THREADS=1 turns the splitting off (e.g. on a machine whose other core is busy).
-CONV_THREADS = int(os.environ.get("MAML_CONV_THREADS", min(2, os.cpu_count() or 1)))
-_BATCH_SPLIT_MIN = 8
-_executor = None
-
-
-def _mkl_local_threads():
-    """MKL's per-thread thread-count setter, or None. Each half of a split convolution must run its GEMMs
-    on one thread: with Paddle's CPU threads set to 2 (tools: runner.num_threads 0 = all cores), two
-    halves of two MKL threads each oversubscribe two cores and run slower than no split at all
-    (measured: 2.9 s vs 1.9 s per first-order meta-iteration)."""
-    try:
-        import ctypes
-
-        lib = ctypes.CDLL(os.path.join(os.path.dirname(paddle.__file__), "libs", "libmklml_intel.so"))
-        return lib.MKL_Set_Num_Threads_Local
-    except (OSError, AttributeError):
-        return None
-
-
-_set_mkl_local_threads = _mkl_local_threads()
-
-
-def _single_threaded(fn, *args):
-    """fn(*args) with MKL limited to this thread (restored afterwards)."""
-    if _set_mkl_local_threads is None:
-        return fn(*args)
-    previous = _set_mkl_local_threads(1)
-    try:
-        return fn(*args)
-    finally:
-        _set_mkl_local_threads(previous)
-
-
-def _submit(fn, *args):
-    global _executor
-    if _executor is None:
-        _executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="conv")
-    return _executor.submit(_single_threaded, fn, *args)
-
-
-def _split_plan(n, groups, channels_per_group, gradient):
-    """'batch', 'groups' or None: how to cut one convolution call in two.
-
-    With one input channel per group (the first layer) a convolution does 18 flops per output element,
-    so copying the halves' output together costs more than the second core saves (measured: 3.6 ->
-    5.4 ms forward); its weight gradient still gains when the batch is large (13 -> 8 ms at 75 images).
-    """
-    if CONV_THREADS < 2:
-        return None
-    if channels_per_group < 8 and not (gradient and n >= _BATCH_SPLIT_MIN):
-        return None
-    if n >= _BATCH_SPLIT_MIN:
-        return "batch"
-    if groups % 2 == 0:
-        return "groups"
-    return "batch" if n >= 2 else None
-
-
-def _run_conv(x, w, args):
-    x, w = x.detach(), w.detach()
-    plan = _split_plan(x.shape[0], args[4], w.shape[1], gradient=False) if x.place.is_cpu_place() else None
-    if plan == "batch":
-        h = (x.shape[0] + 1) // 2
-        other = _submit(_C_ops.conv2d, x[h:], w, *args)
-        return paddle.concat([_single_threaded(_C_ops.conv2d, x[:h], w, *args), other.result()], axis=0)
-    if plan == "groups":
-        half, ci, co = args[4] // 2, x.shape[1] // 2, w.shape[0] // 2
-        sub = args[:4] + (half,) + args[5:]
-        other = _submit(_C_ops.conv2d, x[:, ci:], w[co:], *sub)
-        return paddle.concat([_single_threaded(_C_ops.conv2d, x[:, :ci], w[:co], *sub), other.result()], axis=1)
-    return _C_ops.conv2d(x, w, *args)
-
-
-def _run_conv_grad(x, w, dy, args):
-    x, w, dy = x.detach(), w.detach(), dy.detach()
-    # The two-thread split is for CPU kernels that use one core; a GPU call runs whole.
-    plan = _split_plan(x.shape[0], args[4], w.shape[1], gradient=True) if x.place.is_cpu_place() else None
-    if plan == "batch":
-        h = (x.shape[0] + 1) // 2
-        other = _submit(_C_ops.conv2d_grad, x[h:], w, dy[h:], *args)
-        dx0, dw0 = _single_threaded(_C_ops.conv2d_grad, x[:h], w, dy[:h], *args)
-        dx1, dw1 = other.result()
-        return paddle.concat([dx0, dx1], axis=0), dw0 + dw1
-    if plan == "groups":
-        half, ci, co = args[4] // 2, x.shape[1] // 2, w.shape[0] // 2
-        sub = args[:4] + (half,) + args[5:]
-        other = _submit(_C_ops.conv2d_grad, x[:, ci:], w[co:], dy[:, co:], *sub)
-        dx0, dw0 = _single_threaded(_C_ops.conv2d_grad, x[:, :ci], w[:co], dy[:, :co], *sub)
-        dx1, dw1 = other.result()
-        return paddle.concat([dx0, dx1], axis=1), paddle.concat([dw0, dw1], axis=0)
-    return _C_ops.conv2d_grad(x, w, dy, *args)
-
-
-# While a benchmark records, every convolution call appends (kernel, argument shapes, settings), so the
-# same calls can be replayed bare, split and threaded exactly as above, and the time outside them
-# measured (tools/benchmark.py).
-_recorded_calls = None
-
-
-def _conv(x, w, ctx):
-    if _recorded_calls is not None:
-        _recorded_calls.append(("conv2d", (x.shape, w.shape), _conv_args(ctx)))
-    return _run_conv(x, w, _conv_args(ctx))
-
-
-def _conv_grad(x, w, dy, ctx):
+def _conv_grad(x, w, dy, conv):
     """Native (d/dx, d/dw) of sum(dy * conv(x, w)); one kernel call (per half) gives both."""
-    if _recorded_calls is not None:
-        _recorded_calls.append(("conv2d_grad", (x.shape, w.shape, dy.shape), _conv_args(ctx)))
-    return _run_conv_grad(x, w, dy, _conv_args(ctx))
-
-
-class recording_convolutions:
-    """Context manager collecting the native convolution calls made inside it (a list of records)."""
-
-    def __enter__(self):
-        global _recorded_calls
-        _recorded_calls = self.calls = []
-        return self.calls
-
-    def __exit__(self, *exc):
-        global _recorded_calls
-        _recorded_calls = None
-
-
-def replay_seconds(calls, dtype, repeats=3):
-    """Median wall time of running the recorded convolution kernels bare, on random inputs."""
-    import time
-
-    # One random tensor per distinct shape, shared by the calls that take that shape (the chunks of a
-    # meta-batch repeat the same shapes): the replay's own memory then stays near one chunk's, instead of
-    # holding every call's inputs at once and inflating the peak memory the benchmark reports.
-    pool = {}
-
-    def tensor(shape):
-        key = tuple(shape)
-        if key not in pool:
-            pool[key] = paddle.randn(list(shape), dtype=dtype)
-        return pool[key]
-
-    inputs = [[tensor(shape) for shape in shapes] for _, shapes, _ in calls]
-    kernels = {"conv2d": _run_conv, "conv2d_grad": _run_conv_grad}
-    times = []
-    for _ in range(repeats + 1):  # the first round warms up
-        start = time.perf_counter()
-        for (kind, _, args), tensors in zip(calls, inputs):
-            kernels[kind](*tensors, args)
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    plan = _split_plan(x, w, conv, gradient=True)
+    kernel_replay.record("conv2d_grad", (x, w, dy), conv, plan)
+    return cpu_schedule.conv2d_grad(x, w, dy, conv, plan)
 
 
 class _Conv2D(PyLayer):
     @staticmethod
     def forward(ctx, x, w, stride, padding, groups):
-        ctx.stride, ctx.padding, ctx.groups = stride, padding, groups
+        ctx.conv = kernels.ConvSettings(stride, padding, groups)
         ctx.save_for_backward(x, w)
-        return _conv(x, w, ctx)
+        return _conv(x, w, ctx.conv)
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensor()
-        dx, dw = _Conv2DGrad.apply(x, w, dy, ctx.stride, ctx.padding, ctx.groups)
+        dx, dw = _Conv2DGrad.apply(x, w, dy, *ctx.conv)
         return _needed((x, w), (dx, dw))
 
 
@@ -210,9 +71,9 @@ class _Conv2DGrad(PyLayer):
 
     @staticmethod
     def forward(ctx, x, w, dy, stride, padding, groups):
-        ctx.stride, ctx.padding, ctx.groups = stride, padding, groups
+        ctx.conv = kernels.ConvSettings(stride, padding, groups)
         ctx.save_for_backward(x, w, dy)
-        return _conv_grad(x, w, dy, ctx)
+        return _conv_grad(x, w, dy, ctx.conv)
 
     @staticmethod
     def backward(ctx, ddx, ddw):
@@ -225,16 +86,16 @@ class _Conv2DGrad(PyLayer):
             # dx of a layer whose input takes no gradient (the images) is never used, so its upstream
             # gradient is exactly zero; Paddle hands it over as a materialised zero tensor, not None.
             ddx = None
-        d_dy = _conv(x, ddw, ctx) if ddw is not None else None
+        d_dy = _conv(x, ddw, ctx.conv) if ddw is not None else None
         if ddx is not None:
-            d_dy = _conv(ddx, w, ctx) if d_dy is None else d_dy + _conv(ddx, w, ctx)
+            d_dy = _conv(ddx, w, ctx.conv) if d_dy is None else d_dy + _conv(ddx, w, ctx.conv)
         d_x = d_w = None
         if ddw is not None and ddx is not None:
-            d_x, d_w = _conv_grad(ddx, ddw, dy, ctx)
+            d_x, d_w = _conv_grad(ddx, ddw, dy, ctx.conv)
         elif ddw is not None and not x.stop_gradient:  # the first layer's input (data) takes none
-            d_x = _conv_grad(x, ddw, dy, ctx)[0]
+            d_x = _conv_grad(x, ddw, dy, ctx.conv)[0]
         elif ddx is not None:
-            d_w = _conv_grad(ddx, w, dy, ctx)[1]
+            d_w = _conv_grad(ddx, w, dy, ctx.conv)[1]
         return _needed((x, w, dy), (d_x, d_w, d_dy))
 
 
@@ -272,10 +133,7 @@ def _bn_forward(x, scale, bias, eps):
     channels = x.shape[1]
     running_mean = _constant("running_mean", channels, x.dtype)
     running_var = _constant("running_var", channels, x.dtype)
-    out, _, _, mean, inv_std, _ = _C_ops.batch_norm(
-        x, running_mean, running_var, scale, bias, False, 0.9, eps, "NCHW", False, False
-    )
-    return out, mean, inv_std
+    return kernels.batch_norm_training(x, scale, bias, running_mean, running_var, epsilon=eps)
 
 
 def _bn_affine(x, scale, bias, stats):
@@ -283,17 +141,12 @@ def _bn_affine(x, scale, bias, stats):
     the statistics pass (measured 2x faster than recomputing them: 0.09 vs 0.18 ms on 5 x 256 x 28 x 28)."""
     if getattr(stats, "variance", None) is None:
         stats.variance = 1.0 / (stats.inv_std * stats.inv_std) - stats.eps  # so that 1/sqrt(var + eps) = r
-    return _C_ops.batch_norm(
-        x, stats.mean, stats.variance, scale, bias, True, 0.9, stats.eps, "NCHW", True, False
-    )[0]
+    return kernels.batch_norm_given_statistics(x, scale, bias, stats.mean, stats.variance, epsilon=stats.eps)
 
 
 def _bn_backward(x, scale, dy, stats):
     """Native batch-norm backward: (scale*r*(dy - <dy> - x_hat<dy x_hat>), sum(dy x_hat), sum(dy))."""
-    return _C_ops.batch_norm_grad(
-        x, scale, stats.beta, stats.mean, stats.inv_std, stats.mean, stats.inv_std, None, dy,
-        0.9, stats.eps, "NCHW", False, False, False,
-    )
+    return kernels.batch_norm_grad(x, scale, stats.beta, stats.mean, stats.inv_std, dy, epsilon=stats.eps)
 
 
 class _BatchNorm(PyLayer):
@@ -317,9 +170,7 @@ def _channel_dot(a, b, stats):
     and inv_std 1 that is exactly sum(a * b)."""
     zeros = _constant("zeros", b.shape[1], b.dtype)
     ones = _constant("ones", b.shape[1], b.dtype)
-    return _C_ops.batch_norm_grad(
-        b, ones, zeros, zeros, ones, zeros, ones, None, a, 0.9, stats.eps, "NCHW", False, False, False,
-    )[1]
+    return kernels.batch_norm_grad(b, ones, zeros, zeros, ones, a, epsilon=stats.eps)[1]
 
 
 class _BatchNormGrad(PyLayer):
@@ -392,27 +243,10 @@ def batch_norm(x, gamma, beta, eps=1e-5):
 
 
 # ------------------------------------------------------------------------------------------- max-pool
-def _pool_kernel(x):
-    return _C_ops.max_pool2d_with_index(x, [2, 2], [2, 2], [0, 0], False, False, False)
-
-
-def _pool_with_index(x):
-    """Native 2x2 max-pool with argmax indices. Large batches (the query set) run as two batch halves on
-    both cores, like the convolutions: the outputs are a quarter of the input, so joining them is cheap
-    (measured on 75 x 256 x 28 x 28: 9.6 -> 6.8 ms)."""
-    if CONV_THREADS < 2 or x.shape[0] < _BATCH_SPLIT_MIN:
-        return _pool_kernel(x)
-    h = (x.shape[0] + 1) // 2
-    other = _submit(_pool_kernel, x[h:])
-    out0, mask0 = _pool_kernel(x[:h])
-    out1, mask1 = other.result()
-    return paddle.concat([out0, out1], axis=0), paddle.concat([mask0, mask1], axis=0)
-
-
 class _MaxPool2x2(PyLayer):
     @staticmethod
     def forward(ctx, x):
-        out, mask = _pool_with_index(x.detach())
+        out, mask = cpu_schedule.max_pool2x2_with_index(x.detach())
         # The kernel starts each window at (-FLT_MAX, index -1) and only replaces it with a larger value,
         # so a window of NaNs or -infs keeps index -1 (and outputs -FLT_MAX); the backward's scatter and
         # gather would then write and read one element before the plane, corrupting the heap. Clipping
@@ -435,7 +269,7 @@ class _MaxPool2x2Grad(PyLayer):
     @staticmethod
     def forward(ctx, dout, x, mask):
         ctx.save_for_backward(mask, dout)
-        return _C_ops.max_pool2d_with_index_grad(x, mask, dout, [2, 2], [2, 2], [0, 0], False, False, False)
+        return kernels.max_pool2x2_with_index_grad(x, mask, dout)
 
     @staticmethod
     def backward(ctx, ddx):

@@ -4,9 +4,14 @@ import math
 import numpy as np
 import paddle
 
-import double_grad_ops
+import config_checks as checks
+import cpu_schedule
+import double_grad_ops  # noqa: F401  (tests reach the ops through the plugin module, as the tools load it)
+import kernel_replay
 import maml
 import net
+
+cpu_schedule.prepare_cpu_process()  # before the first large tensor; see cpu_schedule.py
 
 # Keys this model reads with a default (the tools merge them under the YAML, so `-o` can set them too).
 CONFIG_DEFAULTS = {
@@ -46,46 +51,16 @@ BENCHMARK_VARIANTS = [{"hyper_parameters.first_order": True}, {"hyper_parameters
 BENCHMARK_LABELS = {"samples": "tasks", "kernels": "conv"}  # its columns: tasks/s, conv s, conv %
 
 
-def _get(config, key):
-    value = config.get(key, CONFIG_DEFAULTS.get(key))
-    if value is None:
-        raise _error(config, key, "missing required key")
-    return value
+def _with_defaults(check):
+    """`check` (a config_checks function) with this plugin's CONFIG_DEFAULTS as the defaults."""
+    return lambda config, key: check(config, key, CONFIG_DEFAULTS.get(key))
 
 
-def _positive_int(config, key):
-    value = _get(config, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _error(config, key, f"expected a positive integer, got {value!r}")
-    return value
-
-
-def _nonnegative_int(config, key):
-    value = _get(config, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _error(config, key, f"expected a non-negative integer, got {value!r}")
-    return value
-
-
-def _bool(config, key):
-    value = _get(config, key)
-    if not isinstance(value, bool):
-        raise _error(config, key, f"expected true or false, got {value!r}")
-    return value
-
-
-def _positive_float(config, key):
-    value = _get(config, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise _error(config, key, f"expected a positive number, got {value!r}")
-    return float(value)
-
-
-def _error(config, key, message):
-    # The tools' Config names the config file in its errors; a plain dict (tests) gets a ValueError.
-    if hasattr(config, "error"):
-        return config.error(key, message)
-    return ValueError(f"{key}: {message}")
+_get = _with_defaults(checks.setting)
+_positive_int = _with_defaults(checks.positive_int)
+_nonnegative_int = _with_defaults(checks.nonnegative_int)
+_bool = _with_defaults(checks.boolean)
+_positive_float = _with_defaults(checks.positive_float)
 
 
 def inner_settings(config, training, epoch=0):
@@ -95,7 +70,7 @@ def inner_settings(config, training, epoch=0):
     lr = _positive_float(config, "hyper_parameters.base_optimizer.learning_rate")
     if _get(config, "hyper_parameters.base_optimizer.class") != "SGD":
         # MAML's inner loop is plain gradient descent; say so rather than ignore the key (PaddleRec did).
-        raise _error(config, "hyper_parameters.base_optimizer.class", "only SGD is supported for the inner loop")
+        raise checks.error(config, "hyper_parameters.base_optimizer.class", "only SGD is supported for the inner loop")
     first_order = _bool(config, "hyper_parameters.first_order")
     # Derivative-order annealing (MAML++): cheap first-order epochs first, then the exact meta-gradient.
     first_order = first_order or epoch < _nonnegative_int(config, "hyper_parameters.first_order_epochs")
@@ -172,12 +147,13 @@ class DygraphModel:
     def create_model(self, config):
         kernel = _get(config, "hyper_parameters.conv_kernal")
         if not (isinstance(kernel, list) and len(kernel) == 2 and kernel[0] == kernel[1]
-                and isinstance(kernel[0], int) and kernel[0] > 0):
-            raise _error(config, "hyper_parameters.conv_kernal", f"expected a square kernel like [3, 3], got {kernel!r}")
+                and checks.is_int(kernel[0]) and kernel[0] > 0):
+            raise checks.error(config, "hyper_parameters.conv_kernal",
+                               f"expected a square kernel like [3, 3], got {kernel!r}")
         steps = _nonnegative_int(config, "hyper_parameters.update_step")
         learn_inner_lr = _bool(config, "hyper_parameters.learn_inner_lr")
         if learn_inner_lr and steps == 0:
-            raise _error(config, "hyper_parameters.learn_inner_lr", "needs hyper_parameters.update_step >= 1")
+            raise checks.error(config, "hyper_parameters.learn_inner_lr", "needs hyper_parameters.update_step >= 1")
         try:
             return net.MAMLNet(
                 n_way=_positive_int(config, "hyper_parameters.n_way"),
@@ -191,18 +167,23 @@ class DygraphModel:
                 inner_lr_init=_positive_float(config, "hyper_parameters.base_optimizer.learning_rate"),
             )
         except net.ShapeError as e:
-            raise _error(config, "hyper_parameters.imgsize", str(e)) from None
+            raise checks.error(config, "hyper_parameters.imgsize", str(e)) from None
 
     def create_feeds(self, batch_data, config):
-        """Tensors (x_spt, y_spt, x_qry, y_qry) in the model's dtype from the reader's batch."""
-        ep = maml.Episode(*batch_data[:4], dtype=paddle.get_default_dtype())
-        return ep.x_spt, ep.y_spt, ep.x_qry, ep.y_qry
+        """Tensors (x_spt, y_spt, x_qry, y_qry) in the model's dtype from the reader's batch.
+
+        Nothing in this repository calls it, and neither do PaddleRec's own trainer.py and infer.py (they
+        hand the reader's batch to train_forward / infer_forward, which convert it themselves). It is kept
+        because PaddleRec's plugin convention lists it: code written against that convention may call it.
+        """
+        batch = maml.MetaBatch(*batch_data[:4], dtype=paddle.get_default_dtype())
+        return batch.x_spt, batch.y_spt, batch.x_qry, batch.y_qry
 
     def create_optimizer(self, dy_model, config):
         name = _get(config, "hyper_parameters.meta_optimizer.class")
         optimizer_class = getattr(paddle.optimizer, str(name), None)
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, paddle.optimizer.Optimizer)):
-            raise _error(config, "hyper_parameters.meta_optimizer.class", f"unknown paddle optimizer {name!r}")
+            raise checks.error(config, "hyper_parameters.meta_optimizer.class", f"unknown paddle optimizer {name!r}")
         lr = _positive_float(config, "hyper_parameters.meta_optimizer.learning_rate")
         if _bool(config, "hyper_parameters.meta_optimizer.cosine_annealing"):
             # One cosine over the whole run, ending at 1% of the rate (MAML++'s 1e-5 for 1e-3). The trainer steps
@@ -230,15 +211,15 @@ class DygraphModel:
     @staticmethod
     def _meta_step(model, batch, config, epoch=0):
         steps, lr, first_order = inner_settings(config, training=True, epoch=epoch)
-        episode = maml.Episode(*batch[:4], dtype=model.parameters()[0].dtype)
-        return maml.meta_gradients(model, episode, steps, lr, first_order, multi_step_weights(config, epoch))
+        meta_batch = maml.MetaBatch(*batch[:4], dtype=model.parameters()[0].dtype)
+        return maml.meta_gradients(model, meta_batch, steps, lr, first_order, multi_step_weights(config, epoch))
 
     @staticmethod
     def kernel_seconds(model, batch, config):
         """Seconds the convolution kernels of one meta-iteration take when run bare (for benchmarks)."""
-        with double_grad_ops.recording_convolutions() as calls:
+        with kernel_replay.recording_convolutions() as calls:
             DygraphModel._meta_step(model, batch, config)
-        return double_grad_ops.replay_seconds(calls, model.parameters()[0].dtype), len(calls)
+        return kernel_replay.replay_seconds(calls, model.parameters()[0].dtype), len(calls)
 
     def train_forward(self, dy_model, metrics_list, batch_data, config):
         """Returns a loss whose value is the meta-objective (the mean query loss; with the multi-step loss, its
@@ -256,8 +237,8 @@ class DygraphModel:
         """Query accuracy of every task in the batch after `update_step_test` adaptation steps,
         with batch statistics in batch norm (transductive, as in MAML)."""
         steps, lr, _ = inner_settings(config, training=False)
-        episode = maml.Episode(*batch_data[:4], dtype=dy_model.parameters()[0].dtype)
-        task_acc = maml.evaluate(dy_model, episode, steps, lr).numpy()
+        meta_batch = maml.MetaBatch(*batch_data[:4], dtype=dy_model.parameters()[0].dtype)
+        task_acc = maml.evaluate(dy_model, meta_batch, steps, lr).numpy()
         metrics_list[0].update(task_acc)
         # A tensor, as PaddleRec's infer prints every value's .numpy().
         return metrics_list, {"acc": paddle.to_tensor(float(task_acc.mean()))}

@@ -17,7 +17,7 @@ images it is classified with). Images are decoded and scaled as the reader does 
 to_network_input). Nothing random is drawn: the same inputs give the same probabilities.
 
 The network has n_way outputs. A task with fewer classes uses the first `classes` of them and masks the
-others out of the support loss and the query prediction (maml.Episode's `classes`); more classes than
+others out of the support loss and the query prediction (maml.MetaBatch's `classes`); more classes than
 n_way is an error naming hyper_parameters.n_way.
 """
 import time
@@ -25,18 +25,13 @@ import time
 import numpy as np
 import paddle
 
+import config_checks as checks
 import dygraph_model
 import maml
 import omniglot_reader
 
 BATCH_NORM_NOTE = ("batch statistics: of the support set while adapting, of all query images together when "
                    "classifying (as in evaluation)")
-
-
-def _error(config, key, message):
-    if hasattr(config, "error"):  # the tools' Config: a one-line error naming the config file and the key
-        return config.error(key, message)
-    return ValueError(f"{key}: {message}")
 
 
 def _images(name, images, size):
@@ -61,9 +56,9 @@ def _classes(config, model, labels, count):
 
 def check_class_count(config, model, classes):
     if classes > model.n_way:
-        raise _error(config, "hyper_parameters.n_way",
-                     f"the support set has {classes} classes but the network has n_way = {model.n_way} outputs; "
-                     f"use at most {model.n_way} classes, or a model trained with a larger n_way")
+        raise checks.error(config, "hyper_parameters.n_way",
+                           f"the support set has {classes} classes but the network has n_way = {model.n_way} outputs; "
+                           f"use at most {model.n_way} classes, or a model trained with a larger n_way")
 
 
 def adapt_and_classify(model, config, support_images, support_labels, query_images):
@@ -85,9 +80,9 @@ def adapt_and_classify(model, config, support_images, support_labels, query_imag
     query_images = _images("query_images", query_images, size)
     classes = _classes(config, model, support_labels, support_images.shape[0])
     steps, lr, _ = dygraph_model.inner_settings(config, training=False)
-    episode = maml.Episode(support_images[None], np.asarray(support_labels, dtype=np.int64)[None],
-                           query_images[None], None, dtype=model.parameters()[0].dtype, classes=classes)
-    logits = maml.query_logits(model, episode, steps, lr)[0, :, :classes]
+    task = maml.MetaBatch(support_images[None], np.asarray(support_labels, dtype=np.int64)[None],
+                          query_images[None], None, dtype=model.parameters()[0].dtype, classes=classes)
+    logits = maml.query_logits(model, task, steps, lr)[0, :, :classes]
     return paddle.nn.functional.softmax(logits, axis=-1).numpy()
 
 

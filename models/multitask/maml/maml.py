@@ -13,8 +13,9 @@ import paddle
 import net
 
 
-class Episode:
-    """A meta-batch of tasks as tensors: x [T, n, C, H, W] float, y [T, n] int64.
+class MetaBatch:
+    """A meta-batch of tasks as tensors: x [T, n, C, H, W] float, y [T, n] int64 (omniglot_reader's
+    Episode is one task's choice of images; the reader's batch of T tasks becomes one MetaBatch).
 
     y_qry may be None (query images to classify, not to score). `classes`: the tasks use only the first
     `classes` outputs of the network's n_way (None: all); the others are masked out (see adapted_chunks).
@@ -33,19 +34,23 @@ class Episode:
         self.classes = classes
 
 
+Episode = MetaBatch  # the former name, which tests/test_meta_gradient.py (standing unchanged) still uses
+
+
 def adapt(model, fast, x, y, steps, lr, first_order):
-    """`steps` SGD steps of every task's adapted parameters on its own support loss.
+    """`steps` SGD steps of every task's adapted parameters `fast` ({name: task-stacked tensor}) on its own
+    support loss.
 
     Returns every stage: [fast, after 1 step, ..., after `steps` steps] (the multi-step loss reads them all)."""
-    stages, adapted = [fast], model.adapted_positions()
+    stages = [fast]
     for step in range(steps):
         inputs = model.layer_inputs(fast, step)
         losses, _ = net.task_losses(inputs, x, y, model.blocks, model.stride, model.padding)
         # The gradient is taken for every input of the network (Paddle's custom ops must not be asked
         # for a gradient that leads nowhere) and the adapted ones are kept.
-        grads = paddle.grad(losses.sum(), inputs, create_graph=not first_order)
-        grads = [grads[i] for i in adapted]
-        fast = [p - rate * g for p, rate, g in zip(fast, model.inner_rates(step, lr), grads)]
+        grads = dict(zip(inputs, paddle.grad(losses.sum(), list(inputs.values()), create_graph=not first_order)))
+        rates = model.inner_rates(step, lr)
+        fast = {name: p - rates[name] * grads[name] for name, p in fast.items()}
         stages.append(fast)
     return stages
 
@@ -56,39 +61,39 @@ def adapt(model, fast, x, y, steps, lr, first_order):
 TASKS_PER_CHUNK = 4
 
 
-def adapted_chunks(model, episode, tasks_per_chunk, steps, lr, first_order):
+def adapted_chunks(model, meta_batch, tasks_per_chunk, steps, lr, first_order):
     """For each chunk of consecutive tasks: (slice of the tasks, the stages of their adaptation on their support sets)."""
-    for start in range(0, episode.tasks, tasks_per_chunk):
-        part = slice(start, min(start + tasks_per_chunk, episode.tasks))
+    for start in range(0, meta_batch.tasks, tasks_per_chunk):
+        part = slice(start, min(start + tasks_per_chunk, meta_batch.tasks))
         copies = net.expand_to_tasks(model.adapted_parameters(), part.stop - part.start)
-        if episode.classes is not None:
+        if meta_batch.classes is not None:
             # In every task's own copy of the classifier, so the support loss of every inner step and
             # the query logits all see the mask.
-            copies = net.mask_outputs(copies, episode.classes)
-        yield part, adapt(model, copies, episode.x_spt[part], episode.y_spt[part], steps, lr, first_order)
+            copies = net.mask_outputs(copies, meta_batch.classes)
+        yield part, adapt(model, copies, meta_batch.x_spt[part], meta_batch.y_spt[part], steps, lr, first_order)
 
 
 def _joined(pieces):
     return pieces[0] if len(pieces) == 1 else paddle.concat(pieces, axis=0)
 
 
-def _query_gradients(model, stages, stage_weights, episode, part):
+def _query_gradients(model, stages, stage_weights, meta_batch, part):
     """For each weighted stage: the gradient of its weighted query loss with respect to the tensors that
     stage's network ran on (a first-order backward that releases the query graph). Returns (those tensors,
     their gradients, the weighted query loss, the last stage's query logits)."""
     outputs, output_grads, loss = [], [], 0.0
     for stage, weight in sorted(stage_weights.items()):  # the last stage comes last
         inputs = model.layer_inputs(stages[stage], stage)
-        losses, logits = net.task_losses(inputs, episode.x_qry[part], episode.y_qry[part], model.blocks,
+        losses, logits = net.task_losses(inputs, meta_batch.x_qry[part], meta_batch.y_qry[part], model.blocks,
                                          model.stride, model.padding)
-        query_loss = weight * losses.sum() / episode.tasks
-        output_grads += paddle.grad(query_loss, inputs)
-        outputs += inputs
+        query_loss = weight * losses.sum() / meta_batch.tasks
+        output_grads += paddle.grad(query_loss, list(inputs.values()))
+        outputs += inputs.values()
         loss = loss + query_loss.detach()
     return outputs, output_grads, loss, logits.detach()
 
 
-def meta_gradients(model, episode, steps, lr, first_order, stage_weights=None, tasks_per_chunk=None):
+def meta_gradients(model, meta_batch, steps, lr, first_order, stage_weights=None, tasks_per_chunk=None):
     """(query loss, one meta-gradient per meta-parameter, query logits after the last step [T, n, n_way]).
 
     The meta-objective is the mean over tasks of the query loss after `steps` inner steps, or, with
@@ -102,8 +107,8 @@ def meta_gradients(model, episode, steps, lr, first_order, stage_weights=None, t
         raise ValueError(f"stage_weights {stage_weights} must include the last stage {steps}")
     meta_params = list(model.parameters())
     loss_sum, grads, all_logits = 0.0, None, []
-    for part, stages in adapted_chunks(model, episode, tasks_per_chunk or TASKS_PER_CHUNK, steps, lr, first_order):
-        outputs, output_grads, loss, logits = _query_gradients(model, stages, stage_weights, episode, part)
+    for part, stages in adapted_chunks(model, meta_batch, tasks_per_chunk or TASKS_PER_CHUNK, steps, lr, first_order):
+        outputs, output_grads, loss, logits = _query_gradients(model, stages, stage_weights, meta_batch, part)
         del stages
         chunk_grads = paddle.grad(outputs, meta_params, grad_outputs=output_grads, allow_unused=True)
         # Nothing may keep this chunk's adapted tensors once they are pushed back: they hold its whole
@@ -123,22 +128,22 @@ def meta_gradients(model, episode, steps, lr, first_order, stage_weights=None, t
 EVAL_QUERY_IMAGES_PER_CHUNK = 2000
 
 
-def query_logits(model, episode, steps, lr):
+def query_logits(model, meta_batch, steps, lr):
     """Query logits [T, n, n_way] after `steps` adaptation steps on each task's support set (no
     meta-gradient needed); batch norm uses the batch statistics of the support set while adapting and of
     the query set when classifying. What evaluation scores and what few_shot.py predicts with."""
-    tasks_per_chunk = max(1, EVAL_QUERY_IMAGES_PER_CHUNK // episode.x_qry.shape[1])
+    tasks_per_chunk = max(1, EVAL_QUERY_IMAGES_PER_CHUNK // meta_batch.x_qry.shape[1])
     logits = []
-    for part, stages in adapted_chunks(model, episode, tasks_per_chunk, steps, lr, first_order=True):
+    for part, stages in adapted_chunks(model, meta_batch, tasks_per_chunk, steps, lr, first_order=True):
         with paddle.no_grad():
-            inputs = model.layer_inputs([p.detach() for p in stages[-1]], steps)
-            logits.append(net.task_logits(inputs, episode.x_qry[part], model.blocks, model.stride, model.padding))
+            inputs = model.layer_inputs({name: p.detach() for name, p in stages[-1].items()}, steps)
+            logits.append(net.task_logits(inputs, meta_batch.x_qry[part], model.blocks, model.stride, model.padding))
     return _joined(logits)
 
 
-def evaluate(model, episode, steps, lr):
+def evaluate(model, meta_batch, steps, lr):
     """Per-task query accuracy [T] after `steps` adaptation steps (no meta-gradient needed)."""
-    return accuracy(query_logits(model, episode, steps, lr), episode.y_qry)
+    return accuracy(query_logits(model, meta_batch, steps, lr), meta_batch.y_qry)
 
 
 def accuracy(logits, labels):

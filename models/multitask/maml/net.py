@@ -7,6 +7,8 @@ batch norm computes per-task statistics in one native call. Adapted parameters a
 task-stacked layout, never copies of layers.
 """
 import math
+from collections import namedtuple
+from collections.abc import Mapping
 
 import paddle
 import paddle.nn as nn
@@ -14,9 +16,40 @@ import paddle.nn as nn
 import double_grad_ops as ops
 
 
+BlockNames = namedtuple("BlockNames", "conv gamma beta")
+
+
+def block_names(b):
+    """Names of block b's parameters: conv weight, batch-norm gamma and beta."""
+    return BlockNames(f"conv{b}_weight", f"bn{b}_weight", f"bn{b}_bias")
+
+
+CLASSIFIER_NAMES = ("fc_weight", "fc_bias")
+
+
+def layer_names(blocks):
+    """Names of the network's layer parameters, in MAMLNet's order: each block's, then the classifier's."""
+    return [name for b in range(blocks) for name in block_names(b)] + list(CLASSIFIER_NAMES)
+
+
+def by_name(params, blocks=None):
+    """The layer parameters as {name: tensor}, what the functions here work on. A mapping is returned as it
+    is; a plain sequence in layer_names() order (model.parameters() without inner rates: what a simple loop
+    or the finite-difference tests pass) is named by that order, for `blocks` blocks (by default as many as
+    its length makes)."""
+    if isinstance(params, Mapping):
+        return params
+    params = list(params)
+    names = layer_names((len(params) - len(CLASSIFIER_NAMES)) // 3 if blocks is None else blocks)
+    if len(names) != len(params):
+        raise ValueError(f"expected the network's {len(names)} layer parameters {names}, got {len(params)} tensors")
+    return dict(zip(names, params))
+
+
 class MAMLNet(nn.Layer):
-    """Meta-parameters, in this order: for each block conv weight, bn gamma, bn beta; then fc weight, bias;
-    then, with learned inner rates, `inner_lr`.
+    """The meta-parameters (there is no `forward`: the computation is `task_logits`). Registered in this
+    order, which checkpoints and the meta-gradient lists follow: for each block conv weight, bn gamma, bn beta
+    (block_names); then fc weight, bias; then, with learned inner rates, `inner_lr`.
 
     The conv layers have no bias: batch norm subtracts the per-channel mean right after, so a conv bias
     would have no effect and an exactly zero gradient.
@@ -27,7 +60,8 @@ class MAMLNet(nn.Layer):
       ([bn_stages, C]); stage s (the parameters after s inner steps) normalises with row min(s, bn_stages - 1).
       These rows are learned by the outer loop only; the inner loop adapts the convs and the classifier.
     - `lr_steps` > 0 (learned inner rates): `inner_lr` [lr_steps, adapted tensors], one rate per adapted
-      tensor per inner step, starting at `inner_lr_init`; steps beyond lr_steps reuse the last row.
+      tensor (column i: the i-th of adapted_names) per inner step, starting at `inner_lr_init`; steps beyond
+      lr_steps reuse the last row.
     """
 
     def __init__(self, n_way, channels=64, blocks=4, kernel=3, stride=1, padding=1, imgsize=28, in_channels=1,
@@ -41,66 +75,49 @@ class MAMLNet(nn.Layer):
         bn_shape = lambda c: [bn_stages, c] if bn_stages else [c]  # noqa: E731
         cin = in_channels
         for b in range(blocks):
+            conv, gamma, beta = block_names(b)
             fan_in = cin * kernel * kernel
-            self._add(f"conv{b}_weight", [channels, cin, kernel, kernel], dtype,
-                      nn.initializer.Normal(0.0, math.sqrt(2.0 / fan_in)))
-            self._add(f"bn{b}_weight", bn_shape(channels), dtype, nn.initializer.Constant(1.0))
-            self._add(f"bn{b}_bias", bn_shape(channels), dtype, nn.initializer.Constant(0.0))
+            self._add(conv, [channels, cin, kernel, kernel], dtype, nn.initializer.Normal(0.0, math.sqrt(2.0 / fan_in)))
+            self._add(gamma, bn_shape(channels), dtype, nn.initializer.Constant(1.0))
+            self._add(beta, bn_shape(channels), dtype, nn.initializer.Constant(0.0))
             cin = channels
         features = channels * self.feature_size ** 2
-        self._add("fc_weight", [features, n_way], dtype, nn.initializer.XavierUniform())
-        self._add("fc_bias", [n_way], dtype, nn.initializer.Constant(0.0))
+        fc_weight, fc_bias = CLASSIFIER_NAMES
+        self._add(fc_weight, [features, n_way], dtype, nn.initializer.XavierUniform())
+        self._add(fc_bias, [n_way], dtype, nn.initializer.Constant(0.0))
+        # Adapted by the inner loop: every layer parameter, except the per-stage bn rows with bn_stages.
+        self.per_stage_names = ([name for b in range(blocks) for name in (block_names(b).gamma, block_names(b).beta)]
+                                if bn_stages else [])
+        self.adapted_names = [name for name in layer_names(blocks) if name not in self.per_stage_names]
         if lr_steps:
-            self._add("inner_lr", [lr_steps, len(self.adapted_parameters())], dtype,
-                      nn.initializer.Constant(inner_lr_init))
+            self._add("inner_lr", [lr_steps, len(self.adapted_names)], dtype, nn.initializer.Constant(inner_lr_init))
         else:
             self.inner_lr = None
 
     def _add(self, name, shape, dtype, init):
         self.add_parameter(name, self.create_parameter(shape, dtype=dtype, default_initializer=init))
 
-    def _is_bn(self, name):
-        return name.startswith("bn")
-
-    def _layer_names(self):
-        return [name for name, _ in self.named_parameters() if name != "inner_lr"]
-
-    def _is_adapted(self, name):
-        """Adapted by the inner loop: every layer parameter but per-step bn rows (and never the inner rates)."""
-        return name != "inner_lr" and not (self.bn_stages and self._is_bn(name))
-
-    def adapted_positions(self):
-        """Where the adapted tensors sit among the network's parameters (the `layer_inputs` list)."""
-        return [i for i, name in enumerate(self._layer_names()) if self._is_adapted(name)]
-
     def adapted_parameters(self):
-        """The meta-parameters the inner loop adapts, in their registration order."""
-        return [p for name, p in self.named_parameters() if self._is_adapted(name)]
+        """{name: meta-parameter} of the tensors the inner loop adapts, in registration order."""
+        return {name: getattr(self, name) for name in self.adapted_names}
 
     def layer_inputs(self, fast, stage):
-        """The parameter list `task_logits` takes at inner-loop `stage`, from the adapted tensors `fast`
-        (task-stacked, in adapted_parameters() order): with per-step batch norm, that stage's bn rows
-        are put in, one copy per task."""
+        """{name: tensor} of every layer parameter, what `task_logits` takes at inner-loop `stage`, from the
+        adapted tensors `fast` (task-stacked, see expand_to_tasks): with per-step batch norm, that stage's bn
+        rows are put in, one copy per task."""
         if not self.bn_stages:
             return fast
-        tasks = fast[-1].shape[0]  # fc bias [T, 1, n_way]
+        tasks = fast["fc_bias"].shape[0]  # [T, 1, n_way]
         row = min(stage, self.bn_stages - 1)
-        named, fast = dict(self.named_parameters()), iter(fast)
-        return [paddle.tile(named[name][row], [tasks]) if self._is_bn(name) else next(fast)
-                for name in self._layer_names()]
+        return {name: paddle.tile(getattr(self, name)[row], [tasks]) if name in self.per_stage_names else fast[name]
+                for name in layer_names(self.blocks)}
 
     def inner_rates(self, step, lr):
-        """Step sizes of inner `step`, one per adapted tensor: learned ones, or the fixed `lr`."""
+        """{adapted name: step size} of inner `step`: the learned rates, or the fixed `lr`."""
         if self.inner_lr is None:
-            return [lr] * len(self.adapted_positions())
+            return dict.fromkeys(self.adapted_names, lr)
         row = self.inner_lr[min(step, self.inner_lr.shape[0] - 1)]
-        return [row[i] for i in range(row.shape[0])]
-
-    def forward(self, x):
-        """Plain network on images [N, C, H, W] with the meta-parameters (last bn stage): logits [N, n_way]."""
-        fast = expand_to_tasks(self.adapted_parameters(), 1)
-        inputs = self.layer_inputs(fast, self.bn_stages)
-        return task_logits(inputs, x.unsqueeze(0), self.blocks, self.stride, self.padding)[0]
+        return {name: row[i] for i, name in enumerate(self.adapted_names)}
 
 
 class ShapeError(ValueError):
@@ -119,17 +136,19 @@ def feature_size(imgsize, blocks, kernel, stride, padding):
 
 def expand_to_tasks(params, tasks):
     """One copy of every parameter per task, in the task-stacked layout that `task_logits` takes
-    (conv weights and bn vectors repeated on axis 0, the classifier's two given a task axis: it comes last).
-    Differentiable: the gradient of a copy flows back to the shared parameter (summed over tasks)."""
-    params = list(params)
-    stacked = []
-    for p in params[:-2]:
-        repeat = [tasks] + [1] * (len(p.shape) - 1)
-        stacked.append(paddle.tile(p, repeat))  # conv [T*C, Cin, k, k]; bn [T*C]
-    fc_weight, fc_bias = params[-2:]
-    stacked.append(paddle.tile(fc_weight.unsqueeze(0), [tasks, 1, 1]))  # [T, F, n_way]
-    stacked.append(paddle.tile(fc_bias.reshape([1, 1, -1]), [tasks, 1, 1]))  # [T, 1, n_way]
-    return stacked
+    (conv weights and bn vectors repeated on axis 0, the classifier's two given a leading task axis).
+    Differentiable: the gradient of a copy flows back to the shared parameter (summed over tasks).
+    Returns the kind it is given: a mapping {name: copies}, or a list in the same order (see by_name)."""
+    named = by_name(params)
+    stacked = {}
+    for name, p in named.items():
+        if name == "fc_weight":
+            stacked[name] = paddle.tile(p.unsqueeze(0), [tasks, 1, 1])  # [T, F, n_way]
+        elif name == "fc_bias":
+            stacked[name] = paddle.tile(p.reshape([1, 1, -1]), [tasks, 1, 1])  # [T, 1, n_way]
+        else:
+            stacked[name] = paddle.tile(p, [tasks] + [1] * (len(p.shape) - 1))  # conv [T*C, Cin, k, k]; bn [T*C]
+    return stacked if named is params else list(stacked.values())
 
 
 # Added to the logit of an unused output: its softmax is then exactly 0 in float32 and float64, so it takes
@@ -139,29 +158,30 @@ MASKED_LOGIT = -1e9
 
 
 def mask_outputs(params, classes):
-    """Task-stacked parameters (expand_to_tasks) whose logits beyond the first `classes` are masked out.
+    """Task-stacked parameters {name: tensor} (expand_to_tasks) whose logits beyond the first `classes` are masked out.
 
     The mask goes into the classifier bias copy: every forward pass of these parameters then has it,
     and since a masked logit's gradient is exactly 0, inner SGD steps keep it as it is."""
-    fc_bias = params[-1]
+    fc_bias = params["fc_bias"]
     mask = paddle.to_tensor([0.0] * classes + [MASKED_LOGIT] * (fc_bias.shape[-1] - classes), dtype=fc_bias.dtype)
-    return list(params[:-1]) + [fc_bias + mask]
+    return dict(params, fc_bias=fc_bias + mask)
 
 
 def task_logits(params, x, blocks=4, stride=1, padding=1):
-    """Logits [T, n, n_way] for images x [T, n, C, H, W], task t using its own parameters."""
+    """Logits [T, n, n_way] for images x [T, n, C, H, W], task t using its own parameters (task-stacked,
+    {name: tensor}, see by_name)."""
+    params = by_name(params, blocks)
     tasks, n = x.shape[0], x.shape[1]
     h = x.transpose([1, 0, 2, 3, 4]).reshape([n, tasks * x.shape[2], x.shape[3], x.shape[4]])
     for b in range(blocks):
-        weight, gamma, beta = params[3 * b: 3 * b + 3]
+        weight, gamma, beta = (params[name] for name in block_names(b))
         h = ops.conv2d(h, weight, stride=stride, padding=padding, groups=tasks)
         h = ops.batch_norm(h, gamma, beta)
         # ReLU after the pool instead of before: max commutes with a monotone function, so values and
         # gradients are the same, on a quarter of the elements.
         h = paddle.nn.functional.relu(ops.max_pool2d(h))
     features = h.reshape([n, tasks, -1]).transpose([1, 0, 2])
-    fc_weight, fc_bias = params[-2:]
-    return paddle.matmul(features, fc_weight) + fc_bias
+    return paddle.matmul(features, params["fc_weight"]) + params["fc_bias"]
 
 
 def task_losses(params, x, y, blocks=4, stride=1, padding=1):

@@ -11,7 +11,6 @@ seeded with (seed, mode, e, i), so the tasks do not depend on iteration order,
 worker count or sharding.
 """
 import hashlib
-import numbers
 import os
 import stat
 from collections import namedtuple
@@ -20,6 +19,8 @@ import numpy as np
 import paddle
 from PIL import Image
 from tqdm import tqdm
+
+import config_checks as checks
 
 # LANCZOS: the 105x105 1-bit drawings shrink ~4x to 28x28; a wide filter keeps
 # thin strokes as grey levels instead of dropping them (BILINEAR aliases).
@@ -35,13 +36,6 @@ _MODES = {"train": 0, "infer": 1, "test": 1, "valid": 2}
 # Which images (global indices into image_paths) and classes one task uses,
 # in the order of the yielded arrays.
 Episode = namedtuple("Episode", "spt_images spt_classes y_spt qry_images qry_classes y_qry")
-
-
-def _error(config, key, message):
-    """One-line user error naming the config key or data path."""
-    if hasattr(config, "error"):
-        return config.error(key, message)
-    return ValueError(f"{key}: {message}")
 
 
 def _mode_key(config, mode, key):
@@ -70,17 +64,6 @@ def _mode_of_files(file_list, config):
     return "train"
 
 
-def _positive_int(config, key, default=None):
-    value = config.get(key)
-    if value is None:  # unset, or declared without a value by the tools (runner.tasks_per_epoch)
-        value = default
-    if value is None:
-        raise _error(config, key, "missing (a positive integer is required)")
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise _error(config, key, f"must be a positive integer, got {value!r}")
-    return int(value)
-
-
 class RecDataset(paddle.io.IterableDataset):
     """Stream of N-way K-shot Omniglot tasks (see module docstring).
 
@@ -106,9 +89,9 @@ class RecDataset(paddle.io.IterableDataset):
         self.num_classes = self.num_characters * (ROTATIONS if self.rotations else 1)
         if self.n_way > self.num_classes:
             extra = f" ({self.num_classes} classes with rotations)" if self.rotations else ""
-            raise _error(config, "hyper_parameters.n_way",
-                         f"n_way = {self.n_way} but {self.data_dir} has only "
-                         f"{self.num_characters} characters{extra}")
+            raise checks.error(config, "hyper_parameters.n_way",
+                               f"n_way = {self.n_way} but {self.data_dir} has only "
+                               f"{self.num_characters} characters{extra}")
         self._images, self.cache_path, self.cache_status = _load_images(
             self.data_dir, self.image_paths, self.imgsize, config)
         self.epoch = 0
@@ -116,44 +99,39 @@ class RecDataset(paddle.io.IterableDataset):
 
     # ----- configuration -----
     def _read_options(self, config, mode):
-        self.n_way = _positive_int(config, "hyper_parameters.n_way")
-        self.k_spt = _positive_int(config, "hyper_parameters.k_spt")
+        self.n_way = checks.positive_int(config, "hyper_parameters.n_way")
+        self.k_spt = checks.positive_int(config, "hyper_parameters.k_spt")
         # Evaluation may score more query images per task than training uses (k_query_test): a tighter
         # estimate of each task's accuracy at no cost to training.
         self._query_key = _mode_key(config, mode, "hyper_parameters.k_query")
-        self.k_query = _positive_int(config, self._query_key)
-        self.imgsize = _positive_int(config, "hyper_parameters.imgsize", 28)
+        self.k_query = checks.positive_int(config, self._query_key)
+        self.imgsize = checks.positive_int(config, "hyper_parameters.imgsize", 28)
         if self.k_spt + self.k_query > OMNIGLOT_DRAWINGS:
-            raise _error(config, self._query_key,
-                         f"hyper_parameters.k_spt + {self._query_key} = "
-                         f"{self.k_spt + self.k_query} exceeds the {OMNIGLOT_DRAWINGS} "
-                         "drawings of an Omniglot character")
-        seed = config.get("runner.seed", 2026)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise _error(config, "runner.seed", f"must be a non-negative integer, got {seed!r}")
-        self.seed = int(seed)
+            raise checks.error(config, self._query_key,
+                               f"hyper_parameters.k_spt + {self._query_key} = "
+                               f"{self.k_spt + self.k_query} exceeds the {OMNIGLOT_DRAWINGS} "
+                               "drawings of an Omniglot character")
+        self.seed = checks.nonnegative_int(config, "runner.seed", 2026)
         # rotations_test lets training add rotated copies of its characters as extra classes (augmentation)
         # while validation and test use the split as it is.
         rotations_key = _mode_key(config, mode, "hyper_parameters.rotations")
-        self.rotations = config.get(rotations_key, False)
-        if not isinstance(self.rotations, bool):
-            raise _error(config, rotations_key, f"must be true or false, got {self.rotations!r}")
+        self.rotations = checks.boolean(config, rotations_key, False)
         if mode == "train":
             self._tasks_key, self._batch_key = "runner.tasks_per_epoch", "runner.train_batch_size"
             # 3200 tasks per epoch: what PaddleRec's reader hard-codes
-            self.tasks_per_epoch = _positive_int(config, self._tasks_key, 3200)
+            self.tasks_per_epoch = checks.positive_int(config, self._tasks_key, 3200)
         else:
             self._tasks_key, self._batch_key = "runner.infer_tasks", "runner.infer_batch_size"
-            self.tasks_per_epoch = _positive_int(config, self._tasks_key, 1000)
-        self.batch_size = _positive_int(config, self._batch_key, 32)
+            self.tasks_per_epoch = checks.positive_int(config, self._tasks_key, 1000)
+        self.batch_size = checks.positive_int(config, self._batch_key, 32)
 
     def _check_data(self, config, counts):
         need = self.k_spt + self.k_query
         for class_dir, count in zip(self.class_dirs, counts):
             if count < need:
-                raise _error(config, class_dir,
-                             f"has {count} images, fewer than hyper_parameters.k_spt + "
-                             f"{self._query_key} = {need}")
+                raise checks.error(config, class_dir,
+                                   f"has {count} images, fewer than hyper_parameters.k_spt + "
+                                   f"{self._query_key} = {need}")
 
     @property
     def data_dir(self):
@@ -169,14 +147,13 @@ class RecDataset(paddle.io.IterableDataset):
         One data-parallel step over world_size ranks then sees exactly the
         tasks of one single-process step. Returns self.
         """
-        if not (isinstance(world_size, numbers.Integral) and world_size >= 1
-                and isinstance(rank, numbers.Integral) and 0 <= rank < world_size):
+        if not (checks.is_int(world_size) and world_size >= 1 and checks.is_int(rank) and 0 <= rank < world_size):
             raise ValueError(f"shard: need 0 <= rank < world_size, got rank={rank}, "
                              f"world_size={world_size}")
         if self.batch_size % world_size:
-            raise _error(self._config, self._batch_key,
-                         f"{self.batch_size} tasks per batch cannot be split evenly over "
-                         f"{world_size} ranks; use a multiple of {world_size}")
+            raise checks.error(self._config, self._batch_key,
+                               f"{self.batch_size} tasks per batch cannot be split evenly over "
+                               f"{world_size} ranks; use a multiple of {world_size}")
         self.rank, self.world_size = int(rank), int(world_size)
         self.num_batches = -(-self.tasks_per_epoch // self.batch_size)
         self.num_tasks = sum(hi - lo for lo, hi in self._slices())
@@ -258,7 +235,7 @@ def _visible(entry):
 def _unreadable(config, path, exc):
     """One line naming the path of a folder or link the tree cannot be read through (a symlink loop, a
     folder without read permission) instead of a traceback from deep inside the scan."""
-    return _error(config, path, f"cannot read this part of the data tree ({exc.strerror or exc})")
+    return checks.error(config, path, f"cannot read this part of the data tree ({exc.strerror or exc})")
 
 
 def _is_folder(path, config):
@@ -302,7 +279,7 @@ def _scan(file_list, config, mode):
             where = os.path.dirname(os.path.abspath(sorted(file_list)[0]))
         else:
             where = "runner.train_data_dir" if mode == "train" else "runner.test_data_dir"
-        raise _error(config, where, "no character folders found (expected "
+        raise checks.error(config, where, "no character folders found (expected "
                      "<data_dir>/<group>/<character>/<image>.png; see datasets/omniglot/readme.md)")
     return class_dirs, paths, starts, counts
 
@@ -317,7 +294,7 @@ def decode_image(path, size, config):
                 img = img.resize((size, size), RESAMPLE)
             return np.asarray(img, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise _error(config, path, f"cannot decode image ({exc})") from None
+        raise checks.error(config, path, f"cannot decode image ({exc})") from None
 
 
 def _fingerprint(data_dir, paths, size):

@@ -1,0 +1,204 @@
+"""How the model's native kernels use a CPU, and the process settings the model wants on a CPU.
+
+- Two threads per convolution (and per large max-pool): Paddle's CPU convolution runs on one core (its
+  im2col + small GEMMs do not use MKL's threads), and the machines this was tuned on have two. One native
+  call is cut in two independent halves run at once: one in a worker thread (Paddle releases the GIL inside
+  kernels), one in the calling thread. CPU tensors only: a GPU kernel is parallel already.
+- MKL's per-thread thread count, so that each half runs its GEMMs on one thread (ctypes into Paddle's
+  bundled libmklml_intel.so).
+- prepare_cpu_process(): glibc's allocator keeps large freed buffers (mallopt), and on AMD CPUs Paddle's
+  bundled MKL takes its AVX2 path (MKL_DEBUG_CPU_TYPE). The plugin calls it once, when it is imported, so the
+  model is as fast under PaddleRec's tools or a user's own loop as under ours.
+
+None of this changes a formula: the halves see detached tensors (every derivative goes through the PyLayers
+of double_grad_ops.py), and only the float rounding of a weight gradient summed from two halves differs.
+"""
+import concurrent.futures
+import ctypes
+import os
+import sys
+
+import paddle
+
+import native_kernels as kernels
+
+# Threads a native call on a CPU tensor is split over: MAML_CONV_THREADS, default min(2, CPUs). 1 turns the
+# splitting off (e.g. two data-parallel ranks on two cores); values above 2 act as 2 (there are two halves).
+CONV_THREADS = int(os.environ.get("MAML_CONV_THREADS", min(2, os.cpu_count() or 1)))
+_BATCH_SPLIT_MIN = 8
+_executor = None
+
+
+def _threads_for(x):
+    """CONV_THREADS for a tensor on the CPU; 1 elsewhere (cutting a GPU kernel in halves on Python threads
+    would only add copies)."""
+    return CONV_THREADS if x.place.is_cpu_place() else 1
+
+
+def _mkl_local_threads():
+    """MKL's per-thread thread-count setter, or None. Each half of a split convolution must run its GEMMs
+    on one thread: with Paddle's CPU threads set to 2 (tools: runner.num_threads 0 = all cores), two
+    halves of two MKL threads each oversubscribe two cores and run slower than no split at all
+    (measured: 2.9 s vs 1.9 s per first-order meta-iteration)."""
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(paddle.__file__), "libs", "libmklml_intel.so"))
+        return lib.MKL_Set_Num_Threads_Local
+    except (OSError, AttributeError):
+        return None
+
+
+_set_mkl_local_threads = _mkl_local_threads()
+
+
+def _single_threaded(fn, *args):
+    """fn(*args) with MKL limited to this thread (restored afterwards)."""
+    if _set_mkl_local_threads is None:
+        return fn(*args)
+    previous = _set_mkl_local_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        _set_mkl_local_threads(previous)
+
+
+def _submit(fn, *args):
+    global _executor
+    if _executor is None:
+        _executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="conv")
+    return _executor.submit(_single_threaded, fn, *args)
+
+
+def split_plan(x, weight, conv, gradient):
+    """'batch', 'groups' or None: how to cut one convolution call (conv2d, or conv2d_grad if `gradient`) in two.
+
+    Large batches split on the batch axis (contiguous halves: the forward output and the input gradient are
+    concatenated, the weight gradients added); small batches (the support set) split on the task groups,
+    which balances 5 images better than 3 + 2. With one input channel per group (the first layer) a
+    convolution does 18 flops per output element, so copying the halves' output together costs more than the
+    second core saves (measured: 3.6 -> 5.4 ms forward); its weight gradient still gains when the batch is
+    large (13 -> 8 ms at 75 images).
+    """
+    if _threads_for(x) < 2:
+        return None
+    n, channels_per_group = x.shape[0], weight.shape[1]
+    if channels_per_group < 8 and not (gradient and n >= _BATCH_SPLIT_MIN):
+        return None
+    if n >= _BATCH_SPLIT_MIN:
+        return "batch"
+    if conv.groups % 2 == 0:
+        return "groups"
+    return "batch" if n >= 2 else None
+
+
+def _half_groups(x, weight, conv):
+    """(input channels, output channels, settings) of the first half of the task groups."""
+    return x.shape[1] // 2, weight.shape[0] // 2, conv._replace(groups=conv.groups // 2)
+
+
+def conv2d(x, weight, conv, plan):
+    """native_kernels.conv2d, cut in two halves on two threads as `plan` (split_plan's) says."""
+    x, weight = x.detach(), weight.detach()
+    if plan == "batch":
+        h = (x.shape[0] + 1) // 2
+        other = _submit(kernels.conv2d, x[h:], weight, conv)
+        return paddle.concat([_single_threaded(kernels.conv2d, x[:h], weight, conv), other.result()], axis=0)
+    if plan == "groups":
+        ci, co, half = _half_groups(x, weight, conv)
+        other = _submit(kernels.conv2d, x[:, ci:], weight[co:], half)
+        return paddle.concat([_single_threaded(kernels.conv2d, x[:, :ci], weight[:co], half), other.result()],
+                             axis=1)
+    return kernels.conv2d(x, weight, conv)
+
+
+def conv2d_grad(x, weight, out_grad, conv, plan):
+    """native_kernels.conv2d_grad, cut in two halves on two threads as `plan` (split_plan's) says."""
+    x, weight, out_grad = x.detach(), weight.detach(), out_grad.detach()
+    if plan == "batch":
+        h = (x.shape[0] + 1) // 2
+        other = _submit(kernels.conv2d_grad, x[h:], weight, out_grad[h:], conv)
+        dx0, dw0 = _single_threaded(kernels.conv2d_grad, x[:h], weight, out_grad[:h], conv)
+        dx1, dw1 = other.result()
+        return paddle.concat([dx0, dx1], axis=0), dw0 + dw1
+    if plan == "groups":
+        ci, co, half = _half_groups(x, weight, conv)
+        other = _submit(kernels.conv2d_grad, x[:, ci:], weight[co:], out_grad[:, co:], half)
+        dx0, dw0 = _single_threaded(kernels.conv2d_grad, x[:, :ci], weight[:co], out_grad[:, :co], half)
+        dx1, dw1 = other.result()
+        return paddle.concat([dx0, dx1], axis=1), paddle.concat([dw0, dw1], axis=0)
+    return kernels.conv2d_grad(x, weight, out_grad, conv)
+
+
+def max_pool2x2_with_index(x):
+    """native_kernels.max_pool2x2_with_index. Large CPU batches (the query set) run as two batch halves on
+    both cores, like the convolutions: the outputs are a quarter of the input, so joining them is cheap
+    (measured on 75 x 256 x 28 x 28: 9.6 -> 6.8 ms)."""
+    if _threads_for(x) < 2 or x.shape[0] < _BATCH_SPLIT_MIN:
+        return kernels.max_pool2x2_with_index(x)
+    h = (x.shape[0] + 1) // 2
+    other = _submit(kernels.max_pool2x2_with_index, x[h:])
+    out0, mask0 = kernels.max_pool2x2_with_index(x[:h])
+    out1, mask1 = other.result()
+    return paddle.concat([out0, out1], axis=0), paddle.concat([mask0, mask1], axis=0)
+
+
+# ------------------------------------------------------------------------------------ process settings
+# <malloc.h> parameter numbers (glibc); mallopt takes an int, so INT_MAX is the highest threshold it can set.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_INT_MAX = 2 ** 31 - 1
+_prepared = False
+
+
+def _keep_large_freed_buffers():
+    """Make glibc keep large freed buffers in the process; returns what was set (for tests), or None off glibc.
+
+    By default glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on free, so each
+    large tensor Paddle allocates on the CPU is page-faulted in again, every time. On a MAML meta-batch
+    (tasks stacked on channels: a 480 MB first-layer activation) that made same-shape elementwise kernels
+    4-10x slower than their arithmetic (ReLU on 120M floats: 294 ms -> 25 ms, see doc/performance.md).
+    Raising the mmap threshold serves them from the heap, and raising the trim threshold keeps a freed top
+    of the heap instead of returning it to the kernel. Older glibc refuses mmap thresholds above 32 MiB
+    (HEAP_MAX_SIZE / 2); there, turning mmap off for allocations (M_MMAP_MAX = 0) has the same effect.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):  # None, or ValueError, where the C library is not glibc
+            return None
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (ValueError, OSError, AttributeError):
+        return None
+    settings = {}
+    if mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1:
+        settings["M_TRIM_THRESHOLD"] = _INT_MAX
+    if mallopt(_M_MMAP_THRESHOLD, _INT_MAX) == 1:
+        settings["M_MMAP_THRESHOLD"] = _INT_MAX
+    elif mallopt(_M_MMAP_MAX, 0) == 1:
+        settings["M_MMAP_MAX"] = 0
+    return settings
+
+
+def _is_amd_cpu(cpuinfo_path="/proc/cpuinfo"):
+    try:
+        with open(cpuinfo_path, encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return "AuthenticAMD" in line
+    except OSError:
+        pass
+    return False
+
+
+def prepare_cpu_process():
+    """The process settings this model wants on a CPU; once per process, and only when Paddle's device is the
+    CPU (a GPU run allocates its large tensors on the GPU). Call before the first large tensor."""
+    global _prepared
+    if _prepared or paddle.device.get_device() != "cpu":
+        return
+    _prepared = True
+    _keep_large_freed_buffers()
+    if _is_amd_cpu():
+        # Paddle's bundled (older) MKL takes a slow generic code path on AMD CPUs; type 5 selects its AVX2
+        # path (measured on an AMD EPYC: 2048x2048 matmul 68 -> 223 GFLOP/s, a 32-task grouped conv
+        # 1.18 -> 0.43 s). MKL reads the variable at its first call, not when Paddle loads it. Never set on
+        # other CPUs; a value the user set is kept.
+        os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")

@@ -1,0 +1,106 @@
+"""Paddle's native kernels under the double-differentiable ops, one named wrapper per kernel.
+
+Paddle's `_C_ops` functions take every attribute positionally, in the order of Paddle's op definitions
+(paddle/phi/ops/yaml/ops.yaml and backward.yaml, paddle 3.x), and a wrong boolean in such a list silently
+computes something else. This module is the only place that spells those lists; each attribute is named
+in a comment. Layout is NCHW. Nothing here is differentiable: the callers pass detached tensors or call
+from inside a PyLayer (double_grad_ops.py).
+"""
+from collections import namedtuple
+
+from paddle import _C_ops
+
+# One convolution's settings: square stride and padding, and `groups` (the tasks stacked on the channel
+# axis, see net.py). No dilation, no bias.
+ConvSettings = namedtuple("ConvSettings", "stride padding groups")
+
+
+def _conv_attributes(conv):
+    return ([conv.stride] * 2,   # strides
+            [conv.padding] * 2,  # paddings
+            "EXPLICIT",          # padding_algorithm: the paddings as given
+            [1, 1],              # dilations
+            conv.groups,         # groups
+            "NCHW")              # data_format
+
+
+def conv2d(x, weight, conv):
+    """conv(x, weight) with the settings `conv` (a ConvSettings)."""
+    return _C_ops.conv2d(x, weight, *_conv_attributes(conv))
+
+
+def conv2d_grad(x, weight, out_grad, conv):
+    """(d/dx, d/dweight) of sum(out_grad * conv(x, weight)): one kernel call gives both."""
+    return _C_ops.conv2d_grad(x, weight, out_grad, *_conv_attributes(conv))
+
+
+# Momentum of the running statistics. The training kernel updates the running buffers it is given in place;
+# this model never reads them (batch statistics at train and test time), so the value does not matter.
+_MOMENTUM = 0.9
+
+
+def batch_norm_training(x, scale, bias, running_mean, running_var, *, epsilon):
+    """(scale * x_hat + bias, batch mean, 1 / sqrt(batch variance + epsilon)) per channel, x_hat normalised by
+    x's own batch statistics. running_mean / running_var are scratch buffers the kernel overwrites."""
+    out, _, _, mean, inv_std, _ = _C_ops.batch_norm(
+        x, running_mean, running_var, scale, bias,
+        False,  # is_test: no, normalise with the batch's statistics
+        _MOMENTUM,
+        epsilon,
+        "NCHW",  # data_format
+        False,  # use_global_stats: no
+        False,  # trainable_statistics: no
+    )
+    return out, mean, inv_std
+
+
+def batch_norm_given_statistics(x, scale, bias, mean, variance, *, epsilon):
+    """scale * (x - mean) / sqrt(variance + epsilon) + bias with the per-channel mean and variance given: the
+    kernel skips its statistics pass."""
+    return _C_ops.batch_norm(
+        x, mean, variance, scale, bias,
+        True,  # is_test: yes, use the statistics given
+        _MOMENTUM,
+        epsilon,
+        "NCHW",  # data_format
+        True,  # use_global_stats: yes, the given ones rather than the batch's
+        False,  # trainable_statistics: no
+    )[0]
+
+
+def batch_norm_grad(x, scale, bias, mean, inv_std, out_grad, *, epsilon):
+    """Training-mode batch-norm backward with the batch statistics `mean` and `inv_std` (1 / std, what
+    batch_norm_training returns): (dx, dscale, dbias) =
+    (scale * inv_std * (g - <g> - x_hat <g x_hat>), sum(g x_hat), sum(g)) per channel, for g = out_grad."""
+    return _C_ops.batch_norm_grad(
+        x, scale, bias,
+        mean, inv_std,  # mean_out, variance_out: the running statistics, read only with use_global_stats
+        mean, inv_std,  # saved_mean, saved_variance (Paddle saves 1 / std under that name)
+        None,  # reserve_space: cuDNN's, none on CPU
+        out_grad,
+        _MOMENTUM,
+        epsilon,
+        "NCHW",  # data_format
+        False,  # is_test: no
+        False,  # use_global_stats: no
+        False,  # trainable_statistics: no
+    )
+
+
+# 2x2 windows, stride 2, no padding.
+_POOL_WINDOW = ([2, 2],  # kernel_size
+                [2, 2],  # strides
+                [0, 0])  # paddings
+_POOL_MODE = (False,  # global_pooling: no
+              False,  # adaptive: no
+              False)  # ceil_mode: no, floor (a trailing odd row or column is dropped, as in F.max_pool2d)
+
+
+def max_pool2x2_with_index(x):
+    """(2x2 max-pool of x, the argmax of every window as a flat int32 index into its H x W plane)."""
+    return _C_ops.max_pool2d_with_index(x, *_POOL_WINDOW, *_POOL_MODE)
+
+
+def max_pool2x2_with_index_grad(x, mask, out_grad):
+    """out_grad scattered back to the argmax positions `mask`, zeros elsewhere (x gives the shape)."""
+    return _C_ops.max_pool2d_with_index_grad(x, mask, out_grad, *_POOL_WINDOW, *_POOL_MODE)
