@@ -73,6 +73,19 @@ def start_trainer(out, *overrides, config=TOY_CONFIG):
     return process
 
 
+def assert_sigterm_ends_it_in_one_line(process):
+    """Send SIGTERM to a running tool: it must end like Ctrl-C, with exit 143 and one error line, no traceback
+    and no C++ dump, within 60 s."""
+    try:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "error: terminated (SIGTERM)"
+    assert "Traceback" not in stderr and "FatalError" not in stderr
+
+
 # ----- defect 2: a checkpoint never runs code ---------------------------------------------------------
 
 class RunsCode:
@@ -274,14 +287,9 @@ def test_a_second_trainer_is_refused_and_sigterm_ends_the_first_cleanly(three_ep
     first = start_trainer(out, "runner.epochs=4", "runner.resume_path=auto", LONG_EPOCH)
     try:
         second = train(out, "runner.epochs=4", "runner.resume_path=auto")
-        assert_user_error(second, f"{out}: in use by another trainer (pid {first.pid} on host")
-        first.send_signal(signal.SIGTERM)
-        stdout, stderr = first.communicate(timeout=60)
     finally:
-        first.kill()
-    assert first.returncode == 143, stderr
-    assert stderr.strip().splitlines()[-1] == "error: terminated (SIGTERM)"
-    assert "Traceback" not in stderr and "FatalError" not in stderr
+        assert_sigterm_ends_it_in_one_line(first)
+    assert_user_error(second, f"{out}: in use by another trainer (pid {first.pid} on host")
     assert sorted(os.listdir(out)) == ["0", "1", "2", "metrics.jsonl"]  # no lock, no half-written epoch
     resumed = train(out, "runner.epochs=4", "runner.resume_path=auto")
     assert_ok(resumed)
@@ -292,15 +300,8 @@ def test_sigterm_inside_the_maml_meta_gradient_is_one_line(tmp_path):
     """Most of a MAML step is spent in backward passes that Paddle runs through Python (PyLayer); a signal's
     exception raised there reaches the tool wrapped in Paddle's OSError."""
     maml = os.path.join(REPO_ROOT, "models", "multitask", "maml", "config.yaml")
-    first = start_trainer(tmp_path / "out", "runner.train_batch_size=8", LONG_EPOCH, config=maml)
-    try:
-        first.send_signal(signal.SIGTERM)
-        _, stderr = first.communicate(timeout=60)
-    finally:
-        first.kill()
-    assert first.returncode == 143, stderr
-    assert stderr.strip().splitlines()[-1] == "error: terminated (SIGTERM)"
-    assert "Traceback" not in stderr and "FatalError" not in stderr
+    assert_sigterm_ends_it_in_one_line(start_trainer(tmp_path / "out", "runner.train_batch_size=8", LONG_EPOCH,
+                                                     config=maml))
 
 
 def test_the_lock_and_staging_folders_of_a_killed_trainer_are_taken_over(tmp_path):
