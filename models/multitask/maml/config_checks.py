@@ -56,3 +56,11 @@ def positive_float(config, key, default=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
         raise error(config, key, f"must be a positive number, got {value!r}")
     return float(value)
+
+
+def choice(config, key, choices, default=None):
+    """One of the strings in `choices` (a typo must not fall back to a default silently)."""
+    value = setting(config, key, default)
+    if not isinstance(value, str) or value not in choices:
+        raise error(config, key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value

@@ -5,12 +5,17 @@ every character folder is one class (four with hyper_parameters.rotations;
 hyper_parameters.rotations_test, when set, decides it for validation and test).
 The trainer passes file_list = sorted absolute paths of data_dir's entries.
 
+hyper_parameters.task_sampling picks a task's n_way classes from the whole split
+("any", the default) or all from one alphabet ("within_alphabet": Lake et al.'s
+one-shot task); task_sampling_test, when set, decides it for validation and test.
+
 Each yielded item is one task [x_spt, y_spt, x_qry, y_qry]; the DataLoader
 batches tasks into [T, ...]. Task i of epoch e is drawn from its own RNG
 seeded with (seed, mode, e, i), so the tasks do not depend on iteration order,
 worker count or sharding.
 """
 import hashlib
+import logging
 import os
 import stat
 from collections import namedtuple
@@ -28,6 +33,7 @@ RESAMPLE = Image.LANCZOS
 OMNIGLOT_DRAWINGS = 20  # drawings per character in Omniglot
 ROTATIONS = 4  # 0/90/180/270 degrees when hyper_parameters.rotations is true
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+TASK_SAMPLINGS = ("any", "within_alphabet")  # hyper_parameters.task_sampling
 CACHE_VERSION = 1  # bump when the decoded format changes
 # "test": PaddleRec's name of the infer data. "valid": validation during training (the tools pass it
 # because MODES lists it); its own task stream, so validation tasks are not the test tasks even on one folder.
@@ -36,6 +42,9 @@ _MODES = {"train": 0, "infer": 1, "test": 1, "valid": 2}
 # Which images (global indices into image_paths) and classes one task uses,
 # in the order of the yielded arrays.
 Episode = namedtuple("Episode", "spt_images spt_classes y_spt qry_images qry_classes y_qry")
+# The alphabets within-alphabet tasks are drawn from: the first class of each, its number of classes, and the
+# running total of those numbers (which alphabet a uniformly drawn class number falls in).
+AlphabetPools = namedtuple("AlphabetPools", "starts sizes ends")
 
 
 def _mode_key(config, mode, key):
@@ -69,7 +78,9 @@ class RecDataset(paddle.io.IterableDataset):
 
     Public: set_epoch(e), shard(rank, world_size), episode(e, i), task(e, i),
     len() and num_tasks (tasks of this rank per epoch), num_batches, num_characters,
-    num_classes, image_paths, class_dirs, cache_path, cache_status.
+    num_classes, image_paths, class_dirs, cache_path, cache_status, task_sampling,
+    alphabets (every alphabet's folder name), sampled_alphabets and skipped_alphabets
+    (within_alphabet: the alphabets tasks are drawn from, and those left out as too small).
     """
 
     MODES = tuple(_MODES)  # the modes this reader accepts (tools/utils/data.py reads it)
@@ -82,7 +93,7 @@ class RecDataset(paddle.io.IterableDataset):
             raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
         self.mode, self._mode_id, self._config = mode, _MODES[mode], config
         self._read_options(config, mode)
-        self.class_dirs, self.image_paths, starts, counts = _scan(file_list, config, mode)
+        self.class_dirs, self.image_paths, starts, counts, groups = _scan(file_list, config, mode)
         self._check_data(config, counts)
         self._start, self._count = np.asarray(starts), np.asarray(counts)
         self.num_characters = len(self.class_dirs)
@@ -92,6 +103,9 @@ class RecDataset(paddle.io.IterableDataset):
             raise checks.error(config, "hyper_parameters.n_way",
                                f"n_way = {self.n_way} but {self.data_dir} has only "
                                f"{self.num_characters} characters{extra}")
+        self.alphabets = [os.path.basename(path) for path, _, _ in groups]
+        self.sampled_alphabets, self.skipped_alphabets = list(self.alphabets), []
+        self._pools = self._alphabet_pools(config, groups) if self.task_sampling == "within_alphabet" else None
         self._images, self.cache_path, self.cache_status = _load_images(
             self.data_dir, self.image_paths, self.imgsize, config)
         self.epoch = 0
@@ -116,6 +130,12 @@ class RecDataset(paddle.io.IterableDataset):
         # while validation and test use the split as it is.
         rotations_key = _mode_key(config, mode, "hyper_parameters.rotations")
         self.rotations = checks.boolean(config, rotations_key, False)
+        # Lake et al.'s one-shot task takes all classes of a task from one alphabet (harder: the characters of
+        # one alphabet share their strokes and style). `_test` lets evaluation sample otherwise than training.
+        self._sampling_key = _mode_key(config, mode, "hyper_parameters.task_sampling")
+        self.task_sampling = checks.choice(config, self._sampling_key, TASK_SAMPLINGS, "any")
+        self._skip_key = _mode_key(config, mode, "hyper_parameters.skip_small_alphabets")
+        self.skip_small_alphabets = checks.boolean(config, self._skip_key, False)
         if mode == "train":
             self._tasks_key, self._batch_key = "runner.tasks_per_epoch", "runner.train_batch_size"
             # 3200 tasks per epoch: what PaddleRec's reader hard-codes
@@ -132,6 +152,40 @@ class RecDataset(paddle.io.IterableDataset):
                 raise checks.error(config, class_dir,
                                    f"has {count} images, fewer than hyper_parameters.k_spt + "
                                    f"{self._query_key} = {need}")
+
+    def _alphabet_pools(self, config, groups):
+        """The alphabets within-alphabet tasks come from; an error naming those with fewer than n_way classes,
+        or, with skip_small_alphabets, a warning naming them and the pools of the others.
+
+        With rotations a rotated copy of a character is one more class OF ITS ALPHABET (the same strokes, turned):
+        an alphabet then offers 4x its characters, and a task may hold a character and its rotated copy, as
+        rotations already allow with "any". Characters are scanned alphabet by alphabet and class =
+        character * per_class + turn, so an alphabet's classes are one contiguous range.
+        """
+        per_class = ROTATIONS if self.rotations else 1
+        unit = "classes (characters x 4 rotations)" if self.rotations else "characters"
+        kept, small = [], []
+        for path, first, count in groups:
+            (kept if count * per_class >= self.n_way else small).append((path, first, count))
+        self.sampled_alphabets = [os.path.basename(path) for path, _, _ in kept]
+        self.skipped_alphabets = [os.path.basename(path) for path, _, _ in small]
+        named = ", ".join(f"{os.path.basename(path)} ({count * per_class})" for path, _, count in small)
+        if small and not kept:
+            raise checks.error(config, self._sampling_key,
+                               f"within_alphabet: no alphabet of {self.data_dir} has n_way = {self.n_way} "
+                               f"{unit}: {named}")
+        if small and not self.skip_small_alphabets:
+            raise checks.error(config, self._sampling_key,
+                               f"within_alphabet: {len(small)} alphabet(s) of {self.data_dir} have fewer than "
+                               f"n_way = {self.n_way} {unit}: {named}; lower hyper_parameters.n_way, or set "
+                               f"{self._skip_key}: true to leave them out")
+        if small:
+            left_out = sum(count for _, _, count in small)
+            _warn_once(f"{self.data_dir}: {self._skip_key}: {len(small)} alphabet(s) with fewer than n_way = "
+                       f"{self.n_way} {unit} left out of {self.mode} tasks ({left_out} characters unused): {named}")
+        sizes = np.array([count * per_class for _, _, count in kept], dtype=np.int64)
+        starts = np.array([first * per_class for _, first, _ in kept], dtype=np.int64)
+        return AlphabetPools(starts, sizes, np.cumsum(sizes))
 
     @property
     def data_dir(self):
@@ -184,7 +238,10 @@ class RecDataset(paddle.io.IterableDataset):
     def episode(self, epoch, index):
         """Which images/classes task `index` of `epoch` uses (no pixels)."""
         rng = np.random.default_rng([self.seed, self._mode_id, int(epoch), int(index)])
-        classes = rng.choice(self.num_classes, self.n_way, replace=False)
+        if self._pools is None:
+            classes = rng.choice(self.num_classes, self.n_way, replace=False)
+        else:
+            classes = self._within_alphabet_classes(rng)
         labels = rng.permutation(self.n_way)  # class j of the episode gets labels[j]
         per_class = ROTATIONS if self.rotations else 1
         spt, qry = [], []
@@ -204,6 +261,20 @@ class RecDataset(paddle.io.IterableDataset):
             np.repeat(labels, self.k_spt)[spt_order].astype(np.int64),
             np.concatenate(qry)[qry_order], qry_cls,
             np.repeat(labels, self.k_query)[qry_order].astype(np.int64))
+
+    def _within_alphabet_classes(self, rng):
+        """n_way distinct classes of one alphabet, drawn from `rng` (the task's own generator).
+
+        The alphabet is the one a class drawn uniformly from all sampled classes belongs to: an alphabet is chosen
+        with probability proportional to its classes. Every class then takes part in tasks equally often
+        (n_way / all classes per task), as with "any"; choosing alphabets uniformly would show each of Angelic's
+        20 characters 2.35x as often as each of Malayalam's 47. (Lake et al.'s 20 trial alphabets weighed each
+        alphabet alike; their test was 20 tasks, ours is a mean over 1000.) Integer draws only, no floating-point
+        probabilities, so a task is the same on every machine.
+        """
+        pools = self._pools
+        alphabet = int(np.searchsorted(pools.ends, rng.integers(pools.ends[-1]), side="right"))
+        return pools.starts[alphabet] + rng.choice(pools.sizes[alphabet], self.n_way, replace=False)
 
     def task(self, epoch, index):
         """[x_spt, y_spt, x_qry, y_qry] of task `index` of `epoch` as numpy arrays."""
@@ -260,11 +331,13 @@ def _visible_entries(folder, config):
 
 
 def _scan(file_list, config, mode):
-    """Sorted class folders and their images; (class_dirs, paths, starts, counts)."""
-    class_dirs, paths, starts, counts = [], [], [], []
+    """Sorted class folders and their images; (class_dirs, paths, starts, counts, groups), groups = one
+    (path, first character, characters) per group (alphabet) with at least one character folder."""
+    class_dirs, paths, starts, counts, groups = [], [], [], [], []
     for group in sorted(file_list):
         if os.path.basename(group).startswith(".") or not _is_folder(group, config):
             continue
+        first = len(class_dirs)
         for char_path, is_dir, _ in _visible_entries(group, config):
             if not is_dir:
                 continue
@@ -274,6 +347,8 @@ def _scan(file_list, config, mode):
             starts.append(len(paths))
             counts.append(len(images))
             paths.extend(images)
+        if len(class_dirs) > first:
+            groups.append((group, first, len(class_dirs) - first))
     if not class_dirs:
         if file_list:
             where = os.path.dirname(os.path.abspath(sorted(file_list)[0]))
@@ -281,7 +356,21 @@ def _scan(file_list, config, mode):
             where = "runner.train_data_dir" if mode == "train" else "runner.test_data_dir"
         raise checks.error(config, where, "no character folders found (expected "
                      "<data_dir>/<group>/<character>/<image>.png; see datasets/omniglot/readme.md)")
-    return class_dirs, paths, starts, counts
+    return class_dirs, paths, starts, counts, groups
+
+
+_warned = set()
+
+
+def _warn_once(message):
+    """A warning line, once per process: the trainer builds the dataset again for every epoch and validation.
+
+    Through the tools' logger (tools/utils/console.py), so it reads like their warnings; without the tools
+    loaded, Python's last-resort handler still prints it on stderr.
+    """
+    if message not in _warned:
+        _warned.add(message)
+        logging.getLogger("paddle_maml_tools").warning(message)
 
 
 # ----- decoding and the decode cache -----
