@@ -30,8 +30,8 @@ def _load(path):
 def test_the_folder_ships_the_configs_the_docs_name():
     names = {os.path.basename(p) for p in CONFIGS}
     assert {"config.yaml", "config_bigdata.yaml", "config_bigdata_1h.yaml", "config_paddlerec.yaml",
-            "config_omniglot_lake_5way_1shot.yaml"} <= names
-    assert len(names) == 9, names
+            "config_omniglot_lake_5way_1shot.yaml", "config_omniglot_lake_20way_1shot.yaml"} <= names
+    assert len(names) == 10, names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
