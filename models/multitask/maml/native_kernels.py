@@ -3,12 +3,14 @@
 Paddle's `_C_ops` functions take every attribute positionally, in the order of Paddle's op definitions
 (paddle/phi/ops/yaml/ops.yaml and backward.yaml, paddle 3.x), and a wrong boolean in such a list silently
 computes something else. This module is the only place that spells those lists; each attribute is named
-in a comment. Layout is NCHW. Nothing here is differentiable: the callers pass detached tensors or call
-from inside a PyLayer (double_grad_ops.py).
+in a comment. Convolutions go to oneDNN (onednn_conv.py) where that is faster. Layout is NCHW. Nothing here
+is differentiable: the callers pass detached tensors or call from inside a PyLayer (double_grad_ops.py).
 """
 from collections import namedtuple
 
 from paddle import _C_ops
+
+import onednn_conv
 
 # One convolution's settings: square stride and padding, and `groups` (the tasks stacked on the channel
 # axis, see net.py). No dilation, no bias.
@@ -25,12 +27,17 @@ def _conv_attributes(conv):
 
 
 def conv2d(x, weight, conv):
-    """conv(x, weight) with the settings `conv` (a ConvSettings)."""
+    """conv(x, weight) with the settings `conv` (a ConvSettings): oneDNN's kernel on one thread where it is
+    the faster (float32 on a CPU, large enough; onednn_conv.preferred), else Paddle's."""
+    if onednn_conv.preferred(x, weight):
+        return onednn_conv.conv2d(x, weight, conv)
     return _C_ops.conv2d(x, weight, *_conv_attributes(conv))
 
 
 def conv2d_grad(x, weight, out_grad, conv):
-    """(d/dx, d/dweight) of sum(out_grad * conv(x, weight)): one kernel call gives both."""
+    """(d/dx, d/dweight) of sum(out_grad * conv(x, weight)), from the kernel conv2d would choose."""
+    if onednn_conv.preferred(x, weight):
+        return onednn_conv.conv2d_grad(x, weight, out_grad, conv)
     return _C_ops.conv2d_grad(x, weight, out_grad, *_conv_attributes(conv))
 
 
