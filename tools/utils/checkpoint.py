@@ -30,7 +30,7 @@ from tools.utils.console import UserError, log, warn
 
 PARAMS_FILE, OPTIMIZER_FILE, META_FILE, LOCK_FILE = "rec.pdparams", "rec.pdopt", "meta.json", ".trainer.lock"
 RUN_FILES = ("metrics.jsonl", "best.json", "infer_metrics.jsonl")  # what a run writes beside its epoch folders
-# What interrupted saves and removals leave: .<epoch>.saving-*, .<epoch>.old-*, temporary JSON files, .replaced-*
+# What interrupted saves and removals leave (staged()'s temporary siblings, replace_old_run's .replaced-*)
 _STAGING = re.compile(r"^\.(\d+\.(saving|old)-.*|.*\.json\..*\.tmp|replaced-.*)$")
 MAX_JSON_BYTES = 4 * 1024 * 1024  # best.json of thousands of validated epochs stays far below
 
@@ -83,26 +83,49 @@ def check_fields(path, what, fields):
             raise UserError(f"{path}: corrupt {what} (\"{name}\" must be {rule}, got {str(value)[:40]})")
 
 
-def write_json_atomically(path, data):
-    """Write `data` to `path` through a temporary sibling and a rename: readers see the old or the new file."""
-    folder = os.path.dirname(os.path.abspath(path))
+@contextlib.contextmanager
+def staged(path, folder=False, what=""):
+    """Yield a hidden temporary sibling of `path` (a file, or with `folder` a folder) to write, then rename it into
+    place, so readers see the old `path` or the new one, never half of it; on failure it is removed. A folder
+    cannot be renamed over a non-empty one: the old one is renamed aside first and deleted after."""
+    parent, name = os.path.split(os.path.abspath(path))
     temporary = None
     try:
-        os.makedirs(folder, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(json_safe(data), handle, indent=1)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
+        os.makedirs(parent, exist_ok=True)
+        if folder:
+            temporary = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
+        else:
+            descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+            os.close(descriptor)
+        os.chmod(temporary, (0o777 if folder else 0o666) & ~_umask())  # like any folder or file made here
+        yield temporary
+        for file in [os.path.join(temporary, entry) for entry in os.listdir(temporary)] if folder else [temporary]:
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        retired = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent) if folder and os.path.exists(path) else None
+        if retired:
+            os.replace(path, os.path.join(retired, name))
         os.replace(temporary, path)
+        temporary = None
+        if retired:
+            shutil.rmtree(retired, ignore_errors=True)
+        descriptor = os.open(parent, os.O_RDONLY)
+        os.fsync(descriptor)  # the renames themselves
+        os.close(descriptor)
     except BaseException as reason:
-        if temporary is not None and os.path.exists(temporary):
+        if temporary is not None and folder:
+            shutil.rmtree(temporary, ignore_errors=True)
+        elif temporary is not None:
             os.remove(temporary)
         if isinstance(reason, OSError) and reason.strerror:
-            raise UserError(f"{path}: cannot write: {reason.strerror}") from None
+            raise UserError(f"{path}: cannot write{what}: {reason.strerror}") from None
         raise
+
+
+def write_json_atomically(path, data):
+    with staged(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(json_safe(data), handle, indent=1)
+        handle.write("\n")
 
 
 def _latin1_bytes(text, encoding="latin1"):
@@ -159,20 +182,11 @@ def _load_state(path):
 
 
 def save_checkpoint(model, optimizer, save_dir, epoch, extra=None) -> str:
-    """Write <save_dir>/<epoch>/ atomically; return that folder's path.
-
-    An existing folder of the same epoch is renamed aside, the new one renamed in, then the old one deleted (a
-    folder cannot be renamed over a non-empty one). On any failure the temporary folder goes and the previous
-    checkpoint stays.
-    """
+    """Write <save_dir>/<epoch>/ atomically (it replaces an older folder of that epoch); return its path."""
     import paddle
 
     final = os.path.join(save_dir, str(epoch))
-    staging = None
-    try:
-        os.makedirs(save_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{epoch}.saving-", dir=save_dir)
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's folder is private; a checkpoint is like any other folder
+    with staged(final, folder=True, what=" checkpoint") as staging:
         paddle.save(model.state_dict(), os.path.join(staging, PARAMS_FILE))
         if optimizer is not None:
             with warnings.catch_warnings():  # SGD's state is empty; the layout needs the file anyway
@@ -182,25 +196,6 @@ def save_checkpoint(model, optimizer, save_dir, epoch, extra=None) -> str:
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extra": extra or {}}
         with open(os.path.join(staging, META_FILE), "w", encoding="utf-8") as handle:
             json.dump(meta, handle, indent=1, sort_keys=True)
-        for name in os.listdir(staging):
-            with open(os.path.join(staging, name), "rb") as handle:
-                os.fsync(handle.fileno())
-        if os.path.exists(final):
-            retired = tempfile.mkdtemp(prefix=f".{epoch}.old-", dir=save_dir)
-            os.replace(final, os.path.join(retired, "checkpoint"))
-            os.replace(staging, final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, final)
-        descriptor = os.open(save_dir, os.O_RDONLY)
-        os.fsync(descriptor)  # the renames themselves
-        os.close(descriptor)
-    except BaseException as reason:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(reason, OSError) and reason.strerror:
-            raise UserError(f"{final}: cannot write checkpoint: {reason.strerror}") from None
-        raise
     return final
 
 
