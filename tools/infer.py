@@ -76,8 +76,8 @@ def infer(args):
     results_path = os.path.join(load_dir, "infer_metrics.jsonl")
     visual = open_visual_log(config, "infer", parallel.is_main)
     steps_before = 0  # VisualDL steps count batches over all checkpoints, as in PaddleRec
-    with MetricsLog(results_path if parallel.is_main else None, append=True) as results_log, \
-            visual or contextlib.nullcontext():
+    results_log = MetricsLog(results_path if parallel.is_main else None, append=True)
+    with contextlib.closing(results_log), contextlib.closing(visual) if visual else contextlib.nullcontext():
         for index, (epoch, folder) in enumerate(folders.items()):
             load_checkpoint(folder, model)
             if index > 0:  # every checkpoint is evaluated on the same data with the same seed

@@ -296,7 +296,8 @@ class Trainer:
             log(f"validation: {validation.config.resolve_path('runner.test_data_dir')}, {every}; best epoch by "
                 f"{validation.selection.metric} ({validation.selection.mode}) in {validation.selection.path}")
         run_start, summary = time.perf_counter(), {}
-        with self.metrics_log, self.visual or contextlib.nullcontext():
+        visual_closing = contextlib.closing(self.visual) if self.visual else contextlib.nullcontext()
+        with contextlib.closing(self.metrics_log), visual_closing:
             for epoch in range(start_epoch, epochs):
                 if epoch != start_epoch:
                     seed_everything(epoch_seed(seed, epoch))

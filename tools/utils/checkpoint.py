@@ -206,10 +206,11 @@ def read_checkpoint_meta(path) -> dict:
         return {}
     meta = read_json_object(meta_path, "checkpoint metadata")
     extra = meta.get("extra", {})
+    step = extra.get("step", 0) if isinstance(extra, dict) else 0
     check_fields(meta_path, "checkpoint metadata", [
         ("epoch", meta.get("epoch"), is_count(meta.get("epoch", 0)), "a non-negative integer"),
         ("extra", extra, isinstance(extra, dict), "an object"),
-        ("extra.step", extra.get("step"), is_count(extra.get("step", 0)), "a non-negative integer"),
+        ("extra.step", step, is_count(step), "a non-negative integer"),
         ("optimizer", meta.get("optimizer"), isinstance(meta.get("optimizer", ""), (str, type(None))), "a class name")])
     name = os.path.basename(os.path.normpath(path))
     if name.isascii() and name.isdigit() and meta.get("epoch", int(name)) != int(name):

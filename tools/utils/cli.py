@@ -1,9 +1,5 @@
-"""What every tool does first and last: its arguments, the start of a run, signals and exit codes.
-
-load_run_config() starts a run in the only order that works: read the YAML and the runner.* overrides without
-Paddle; prepare_environment() (Paddle reads FLAGS_* once, at import); import the model plugin (and Paddle) to
-learn its CONFIG_DEFAULTS; load the config for real, so every -o is checked; then replace the SIGTERM handler
-Paddle installed at import. run_tool() ends it: a UserError becomes one `error: ...` line and exit code 2.
+"""What every tool does first and last: its arguments, the start of a run (doc/tools.md, "Start-up order"),
+signals and exit codes.
 """
 import argparse
 import signal
@@ -17,7 +13,7 @@ from tools.utils.plugin import import_plugin_module, plugin_declaration
 
 
 def config_arg_parser(description) -> argparse.ArgumentParser:
-    """Parser with PaddleRec's `-m config.yaml` and repeatable `-o key=value`."""
+    """PaddleRec's `-m config.yaml` and repeatable `-o key=value`."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("-m", "--config", required=True, help="path of the model's config.yaml")
     parser.add_argument("-o", "--opt", dest="overrides", action="extend", nargs="+", default=[],
@@ -27,8 +23,9 @@ def config_arg_parser(description) -> argparse.ArgumentParser:
 
 
 def load_run_config(config_path, overrides=()):
-    """(config, plugin_module) with the process environment prepared."""
-    # Tool-owned keys can be checked before the plugin is imported (malformed items fail early too).
+    """(config, plugin_module): the YAML and runner.* overrides read without Paddle, the environment prepared (Paddle
+    reads it at import), the plugin imported, and the config read again with the plugin's defaults so every -o is
+    checked; then our SIGTERM handler replaces the one Paddle installs at import."""
     early = load_config(config_path, [item for item in overrides
                                       if "=" not in item or item.split("=", 1)[0].strip() in RUNNER_DEFAULTS])
     prepare_environment(early.require("runner.deterministic", bool))

@@ -1,9 +1,7 @@
 """What the user sees: PaddleRec-style log lines and warnings, progress bars, and the errors that end a tool.
 
-Lines go through `logging` in PaddleRec's format (`2026-01-01 12:00:00,000 - INFO - epoch: 0, ...`; warnings on
-stderr) with tqdm.write, so an active bar (stderr, on a terminal only) is redrawn below them instead of torn.
-In a data-parallel run every line starts with `[rank R/N] ` and only rank 0 logs and draws bars; every rank still
-prints its warnings and errors. Errors are no log lines: one `error: ...` line, printed by cli.run_tool.
+Lines go through `logging` in PaddleRec's format with tqdm.write, so a progress bar (stderr, terminals only) is
+redrawn below them, not torn. Data-parallel: lines start with `[rank R/N] `; only rank 0 logs and draws bars.
 """
 import logging
 import sys
@@ -17,8 +15,8 @@ def one_line(message) -> str:
 
 
 class UserError(ValueError):
-    """A mistake the user can fix; its one-line message names the file and the key or path at fault (exit 2).
-    Anything else that escapes a tool is a bug and keeps its traceback."""
+    """A mistake the user can fix: one line naming the file and key or path at fault, exit 2 (other errors are bugs
+    and keep their traceback)."""
 
     def __init__(self, message: str):
         super().__init__(one_line(message))
@@ -62,7 +60,6 @@ if not _logger.handlers:
 
 
 def set_rank(rank: int, world_size: int):
-    """Label this process's lines with its rank; ranks other than 0 stop logging."""
     global _rank, _world_size
     _rank, _world_size = int(rank), int(world_size)
 
@@ -81,7 +78,6 @@ def warn(message: str):
 
 
 def progress_bar(total, description):
-    """A tqdm bar over batches (total None: unknown length), on rank 0 and a terminal only."""
     return tqdm(total=total, desc=description, unit="batch", file=sys.stderr, dynamic_ncols=True, leave=False,
                 disable=None if _rank == 0 else True)
 
@@ -91,7 +87,7 @@ def format_number(value) -> str:
 
 
 def format_values(values: dict) -> str:
-    """'loss: 1.2345, acc: 0.5000' in PaddleRec's log style."""
+    """'loss: 1.2345, acc: 0.5000', PaddleRec's style."""
     return ", ".join(f"{key}: {format_number(value)}" for key, value in values.items())
 
 

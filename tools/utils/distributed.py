@@ -1,16 +1,6 @@
-"""Data-parallel runs of the tools under `python -m paddle.distributed.launch` (doc/distributed.md).
-
-With runner.use_fleet: True, setup_data_parallel() joins the launcher's processes into one process group
-(Paddle's init_parallel_env: gloo between CPU processes, NCCL between GPUs). Every rank reads its share of each
-batch (the reader's shard hook), starts from rank 0's parameters (Paddle's sync_params_buffers, as
-paddle.DataParallel does), and after backward() gets the sample-weighted mean of the ranks' gradients (Paddle's
-fused gradient all-reduce), so one step on N ranks is one single-process step on the union of their samples.
-Metrics are merged through the optional metric methods state() and merge_states(states); rank 0 reports.
-
-Gloo gives up on a collective after 30 s (fixed in this Paddle build; NCCL: PADDLE_PG_TIMEOUT). Where ranks may
-drift far apart (building data, rank 0 saving: the start of every epoch and evaluation) barrier() waits on the
-launcher's store instead, up to runner.sync_timeout, and names the ranks that did not come. A dead or hung rank
-ends every other rank with a DistributedError (exit 3).
+"""Data-parallel runs under `python -m paddle.distributed.launch` (doc/distributed.md): Paddle's process group
+(gloo between CPU processes, NCCL between GPUs), its parameter broadcast and fused gradient all-reduce, and a
+barrier with runner.sync_timeout. A dead or hung rank ends every other rank with a DistributedError (exit 3).
 """
 import hashlib
 import os
@@ -37,8 +27,9 @@ class Ranks:
         self.enabled, self.is_main = world_size > 1, rank == 0
 
     def barrier(self, label):
-        """Wait up to runner.sync_timeout until every rank gets here (counters in the launcher's store; a backend
-        barrier would give up after gloo's 30 s); fail naming the ranks that did not come."""
+        """Wait up to runner.sync_timeout until every rank gets here, or fail naming those that did not. Where ranks
+        may drift far apart (data building, rank 0 saving) gloo's fixed 30 s is too short: this polls counters in
+        the launcher's store instead."""
         if not self.enabled:
             return
         self._sync_points += 1
@@ -68,8 +59,8 @@ class Ranks:
                                    "died (see workerlog.<rank> in the launcher's --log_dir)") from None
 
     def sum(self, numbers, label):
-        """The element-wise sum of `numbers` over the ranks (a float64 numpy array); no barrier: the ranks meet at
-        every batch, where a store round trip (~45 ms here) would cost too much."""
+        """The element-wise sum of `numbers` over the ranks (float64 numpy); no barrier, as at every batch a store
+        round trip (~45 ms here) would cost too much."""
         import numpy as np
 
         totals = np.asarray(numbers, dtype="float64")
@@ -111,14 +102,9 @@ class Ranks:
             self._collective(label, lambda: sync_params_buffers(model, src_rank=0))
 
     def sync_gradients(self, parameters, samples, loss, label):
-        """Make every trainable parameter's .grad the sample-weighted mean over the ranks.
-
-        `samples` is this rank's batch size (0, and loss None, when it had no batch left). Returns (ranks that
-        had a batch, total samples, sample-weighted mean loss). A parameter without a gradient here counts as
-        zero and gets one if any rank has one, so all ranks update the same parameters. Two collectives: a sum of
-        the counts, then Paddle's fused gradient all-reduce (fleet's), each rank's share scaled so that the sum is
-        the weighted mean.
-        """
+        """Make each trainable parameter's .grad the mean over the ranks weighted by their `samples` (0, and loss
+        None, for a rank without a batch; a missing gradient counts as zero), so one step on N ranks is one step on
+        the union of their samples. Returns (ranks that had a batch, total samples, weighted mean loss)."""
         import paddle
 
         params = [p for p in parameters if not p.stop_gradient]
@@ -137,12 +123,9 @@ class Ranks:
         return int(round(totals[2])), int(round(totals[0])), totals[1] / totals[0] if totals[0] > 0 else float("nan")
 
     def merged_results(self, metrics, names, create_metrics, label, values=None, weight=0.0):
-        """(values, metric results) over every rank; all ranks call it together.
-
-        `values` ({key: number}, e.g. a print_dict) become their mean over the ranks weighted by `weight` (the
-        rank's samples); keys some rank lacks are dropped. A metric with state() and merge_states(states) is
-        merged exactly into a fresh one from `create_metrics()`; any other reports rank 0's share, with a warning.
-        """
+        """(values, metric results) over all ranks: `values` ({key: number}) averaged with the ranks' `weight`s;
+        metrics with state() and merge_states(states) merged exactly into fresh ones from `create_metrics()`, any
+        other reports rank 0's share (with a warning)."""
         from tools.utils.metrics import metric_results
 
         values = dict(values or {})
@@ -173,12 +156,8 @@ _warned_unmergeable = set()
 
 
 def setup_data_parallel(config, device) -> Ranks:
-    """The ranks of this run, from runner.use_fleet and the launcher's environment; call after select_device().
-
-    No launcher: one process (runner.use_fleet True is an error: it would silently train alone). A launcher with
-    one process: one process (a warning). N > 1 processes: data-parallel, and runner.use_fleet must be True
-    (else N independent runs would overwrite each other's files).
-    """
+    """The ranks of this run from runner.use_fleet and the launcher's environment (call after select_device()).
+    runner.use_fleet must match: alone it would silently train alone, and N runs without it overwrite each other."""
     use_fleet = config.require("runner.use_fleet", bool)
     rank, size = os.environ.get("PADDLE_TRAINER_ID"), os.environ.get("PADDLE_TRAINERS_NUM")
     if rank is None or size is None:

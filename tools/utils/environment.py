@@ -1,7 +1,5 @@
 """The process a tool runs in: environment variables Paddle reads at start, the device, CPU threads, seeds.
-
-Paddle reads its FLAGS_* once, when it is imported, so prepare_environment() runs before the first
-`import paddle` anywhere in the process; this module imports paddle only inside its functions.
+Paddle reads its FLAGS_* once, at import: prepare_environment() runs first, and paddle is imported in functions.
 """
 import os
 import random
@@ -16,7 +14,6 @@ ENVIRONMENT_VARIABLES = ("FLAGS_cudnn_deterministic", "MKL_DEBUG_CPU_TYPE", "GLI
 
 
 def prepare_environment(deterministic: bool):
-    """Set the environment Paddle should start with. Call before import paddle."""
     if "paddle" in sys.modules:
         warnings.warn("prepare_environment() called after paddle was imported; "
                       "FLAGS_cudnn_deterministic may be ignored", RuntimeWarning, stacklevel=2)
@@ -32,7 +29,6 @@ def environment_snapshot() -> dict:
 
 
 def seed_everything(seed: int):
-    """Seed Python's, numpy's and Paddle's global generators."""
     import numpy as np
     import paddle
 

@@ -17,20 +17,16 @@ from tools.utils.console import UserError
 
 
 def to_scalar(value):
-    """A Python int/float from a number, numpy scalar or one-element tensor."""
-    if isinstance(value, (bool, numbers.Integral)):
-        return value if isinstance(value, bool) else int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if hasattr(value, "numpy"):  # paddle.Tensor; avoids importing paddle here
-        value = value.numpy()
-    if hasattr(value, "size") and hasattr(value, "reshape"):  # numpy array
-        if value.size != 1:
+    """A Python bool/int/float from a number, a numpy scalar or a one-element array or tensor."""
+    if hasattr(value, "item") and not isinstance(value, numbers.Number):
+        if getattr(value, "size", 1) != 1:  # tensors and arrays; a tensor's .size is its element count too
             raise TypeError(f"expected a single number, got an array of shape {list(value.shape)}")
-        value = value.reshape(-1)[0]
-    if hasattr(value, "item"):
-        return to_scalar(value.item())
-    raise TypeError(f"expected a number, got {type(value).__name__}")
+        value = value.item()
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def scalar_dict(values) -> dict:
@@ -87,12 +83,6 @@ class MetricsLog:
         if self._handle is not None:
             self._handle.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
 
 def read_metrics(path) -> list:
     """All records of a metrics file; UserError naming the file and line."""
@@ -121,7 +111,7 @@ def read_metrics(path) -> list:
 
 class VisualLog:
     """runner.use_visual: the scalars of one phase ("train" or "infer") in <config folder>/visualDL_log/<phase>,
-    tagged <phase>/<key>, as PaddleRec writes them. VisualDL is an optional extra."""
+    tagged <phase>/<key>, as PaddleRec writes them (VisualDL is an optional extra)."""
 
     def __init__(self, config, phase):
         try:
@@ -136,10 +126,7 @@ class VisualLog:
             if is_number(value):
                 self.writer.add_scalar(tag=f"{self.phase}/{key}", step=int(step), value=float(value))
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
+    def close(self):
         self.writer.close()
 
 
