@@ -16,8 +16,8 @@ if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
 # None of these import paddle at import time: cli.load_run_config prepares the environment first.
-from tools.utils.checkpoint import (latest_checkpoint, load_checkpoint, lock_run_folder, read_checkpoint_meta,  # noqa: E402
-                                    remove_stale_staging, replace_old_run, save_checkpoint)
+from tools.utils.checkpoint import (latest_checkpoint, load_checkpoint, lock_run_folder,  # noqa: E402
+                                    read_checkpoint_meta, replace_old_run, save_checkpoint)
 from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa: E402
 from tools.utils.console import UserError, format_results, format_values, log, progress_bar, warn  # noqa: E402
 from tools.utils.data import batches_then_none, count_samples, create_data_loader, expected_batches  # noqa: E402
@@ -89,7 +89,6 @@ class Trainer:
         overwrite = config.require("runner.overwrite", bool)
         if parallel.is_main:  # the one writer holds the folder for its whole life (doc/reliability.md)
             lock_run_folder(self.save_dir)
-            remove_stale_staging(self.save_dir)
         self.batch_size = loader_batch_size(config, "train", parallel.world_size)
         self.validation = (Validation(config, self.save_dir, parallel.world_size)
                            if config.get("runner.valid_data_dir") else None)
@@ -176,7 +175,8 @@ class Trainer:
         batches = sums["batches"]
         values = {"loss": sums["loss"] / batches, **values}
         speed = {"reader_cost": sums["reader"] / batches, "batch_cost": sums["batch"] / batches,
-                 "avg_samples": sums["samples"] / batches, "ips": sums["samples"] / sums["batch"] if sums["batch"] else 0}
+                 "avg_samples": sums["samples"] / batches,
+                 "ips": sums["samples"] / sums["batch"] if sums["batch"] else 0.0}
         log(f"epoch: {epoch}, batch_id: {batch_id}, {format_values(values)}, "
             f"avg_reader_cost: {speed['reader_cost']:.5f} sec, avg_batch_cost: {speed['batch_cost']:.5f} sec, "
             f"avg_samples: {speed['avg_samples']:.1f}, ips: {speed['ips']:.1f} ins/s")

@@ -1,11 +1,5 @@
-"""What a run keeps on disk: per-epoch checkpoints, its small JSON files, and its folder (doc/reliability.md).
-
-Checkpoints are in PaddleRec's layout, <save_dir>/<epoch>/rec.pdparams (model.state_dict()), rec.pdopt
-(optimizer.state_dict()) and meta.json, written into a hidden sibling folder that is renamed into place: an
-epoch folder is complete or absent. Small JSON files go through a temporary file and a rename too. Nothing read
-back is trusted (a run folder may be shared or copied): state dicts are unpickled with only the globals a state
-dict needs, JSON files with a size cap, meta.json field by field; the folder's name says which epoch it is.
-One trainer holds a run folder at a time (lock_run_folder); a fresh start replaces an old run only when asked.
+"""What a run keeps on disk: per-epoch checkpoints in PaddleRec's layout, small JSON files, and the run folder
+(doc/tools.md, doc/reliability.md). Everything is written atomically (staged()); nothing read back is trusted.
 """
 import atexit
 import collections
@@ -42,7 +36,6 @@ def _umask() -> int:
 
 
 def is_count(value) -> bool:
-    """A non-negative int (JSON true/false are not counts)."""
     return is_number(value, int) and value >= 0
 
 
@@ -56,7 +49,7 @@ def json_safe(value):
 
 
 def read_json_object(path, what) -> dict:
-    """The JSON object in `path`; UserError '<path>: corrupt <what> (...)' for anything else."""
+    """The JSON object in `path` (at most MAX_JSON_BYTES); UserError '<path>: corrupt <what> (...)' otherwise."""
     try:
         with open(path, "rb") as handle:
             data = handle.read(MAX_JSON_BYTES + 1)
@@ -86,8 +79,7 @@ def check_fields(path, what, fields):
 @contextlib.contextmanager
 def staged(path, folder=False, what=""):
     """Yield a hidden temporary sibling of `path` (a file, or with `folder` a folder) to write, then rename it into
-    place, so readers see the old `path` or the new one, never half of it; on failure it is removed. A folder
-    cannot be renamed over a non-empty one: the old one is renamed aside first and deleted after."""
+    place (an old folder is renamed aside first): readers see the old or the new `path`, never half of one."""
     parent, name = os.path.split(os.path.abspath(path))
     temporary = None
     try:
@@ -157,8 +149,7 @@ class _StateUnpickler(pickle.Unpickler):
 
 
 def _load_state(path):
-    """The state dict in `path`, checked by _StateUnpickler first and then loaded by Paddle from the same bytes
-    (a file swapped in between cannot slip through)."""
+    """The state dict in `path`: checked by _StateUnpickler, then loaded by Paddle from the same bytes."""
     import paddle
 
     if not os.path.isfile(path):
@@ -220,8 +211,8 @@ def read_checkpoint_meta(path) -> dict:
 
 
 def load_checkpoint(path, model, optimizer=None):
-    """Load an epoch folder into `model` (and `optimizer` when given); return its epoch (the folder's name when it
-    is a number, else meta.json's, else None). Every problem is a UserError naming the file."""
+    """Load an epoch folder into `model` (and `optimizer`); return its epoch (the folder's name when it is a number,
+    else meta.json's, else None). Every problem is a UserError naming the file."""
     if not os.path.isdir(path):
         raise UserError(f"{path}: checkpoint folder not found")
     meta = read_checkpoint_meta(path)
@@ -257,8 +248,7 @@ def _epoch_names(folder):
 
 
 def latest_checkpoint(save_dir):
-    """The newest complete epoch folder <save_dir>/<epoch>, or None. Saves are atomic, so a folder holding
-    rec.pdparams is whole; the hidden staging folders of an interrupted save are no epoch folders."""
+    """The newest complete epoch folder <save_dir>/<epoch> (saves are atomic: one with rec.pdparams), or None."""
     epochs = [(int(name), name) for name in _epoch_names(save_dir)
               if os.path.isfile(os.path.join(save_dir, name, PARAMS_FILE))]
     return os.path.join(save_dir, max(epochs)[1]) if epochs else None
@@ -270,12 +260,9 @@ def _holder(descriptor) -> str:
 
 
 def lock_run_folder(folder):
-    """Hold an exclusive flock on <folder>/.trainer.lock for the life of this process.
-
-    The file names the holder, so a second trainer can say who has the folder (a UserError). The kernel drops
-    the lock when its process dies however it dies, so the lock file of a dead trainer is taken over (with a
-    warning). A clean exit removes the file, and the folders made here if the run wrote nothing into them.
-    """
+    """Hold an exclusive flock on <folder>/.trainer.lock for the life of this process, then remove what interrupted
+    saves left. The file names the holder for a second trainer's error; the kernel drops a dead holder's lock, so
+    its file is taken over (a warning). A clean exit removes it, and the folders made here if they stayed empty."""
     path, created, parent = os.path.join(folder, LOCK_FILE), [], folder
     while parent and not os.path.exists(parent):
         created.append(parent)
@@ -303,6 +290,16 @@ def lock_run_folder(folder):
     atexit.register(_release, path, descriptor, created)
     if previous:
         warn(f"{folder}: took over the lock of {previous} (that trainer is no longer running)")
+    removed = sorted(name for name in os.listdir(folder) if _STAGING.match(name))  # safe now: no save is running
+    for name in removed:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+    if removed:
+        log(f"{folder}: removed what interrupted saves left: {', '.join(removed)}")
 
 
 def _release(path, descriptor, created):
@@ -314,20 +311,6 @@ def _release(path, descriptor, created):
             os.rmdir(made)  # only when the run wrote nothing into it
         except OSError:
             break
-
-
-def remove_stale_staging(folder):
-    """Remove (and log) what interrupted saves left in `folder`; only safe while holding its lock."""
-    removed = sorted(name for name in os.listdir(folder) if _STAGING.match(name)) if os.path.isdir(folder) else []
-    for name in removed:
-        path = os.path.join(folder, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.remove(path)
-    if removed:
-        log(f"{folder}: removed what interrupted saves left: {', '.join(removed)}")
 
 
 def replace_old_run(folder, overwrite, key="runner.overwrite"):
@@ -353,5 +336,5 @@ def replace_old_run(folder, overwrite, key="runner.overwrite"):
         if isinstance(reason, OSError):
             raise UserError(f"{folder}: cannot move the old run aside: {reason.strerror}") from None
         raise
-    shutil.rmtree(aside, ignore_errors=True)  # an interrupted removal is finished by remove_stale_staging
+    shutil.rmtree(aside, ignore_errors=True)  # an interrupted removal is finished by the next lock
     log(f"{folder}: removed the old run ({', '.join(entries)}) as {key}=True asks")

@@ -1,7 +1,6 @@
-"""The run's settings: a PaddleRec YAML config as a flat dict of dotted keys (plugins read
-`config.get("hyper_parameters.n_way")`), `-o key=value` overrides typed like the value they replace (so
-`-o runner.epochs=0.5` fails instead of training half an epoch), and the runner.* key table, printed for
-doc/tools.md by `python -m tools.utils.config`. Imports no paddle: the config is read before Paddle starts.
+"""The run's settings: a PaddleRec YAML config as a flat dict of dotted keys, `-o key=value` overrides typed like
+the value they replace (`-o runner.epochs=0.5` fails), and the runner.* key table (`python -m tools.utils.config`
+prints it for doc/tools.md). Imports no paddle: the config is read before Paddle starts.
 """
 import difflib
 import numbers
@@ -17,10 +16,8 @@ from tools.utils.console import UserError
 RunnerKey = namedtuple("RunnerKey", ["default", "type", "doc", "paddlerec"], defaults=[""])
 NO_EFFECT = "no effect here"
 
-# The runner.* keys the tools understand. `type` drives -o typing and the
-# load-time check of YAML values; a default of None means "no default" (the
-# tool that needs the key raises "missing required key") or, where the doc
-# says so, "derived from another key".
+# The runner.* keys the tools understand; `type` checks YAML and -o values. A default of None means none (a tool
+# that needs the key says "missing required key") or, where the doc says so, one derived from another key.
 RUNNER_DEFAULTS = {
     "runner.use_gpu": RunnerKey(False, bool, "Run on a GPU when this Paddle build and the machine have one; else warn and use the CPU.", "extended: default False, and a GPU that is missing gives a warning and the CPU"),
     "runner.epochs": RunnerKey(1, int, "Number of training epochs (counted from 0; a resumed run continues up to this number).", "same"),
@@ -67,13 +64,13 @@ RUNNER_DEFAULTS = {
 
 
 def keys_without_effect(config):
-    """[(key, why)] of the PaddleRec keys this config sets to something that would act in PaddleRec but not here."""
+    """[(key, why)] of the PaddleRec keys set to something that would act in PaddleRec but not here."""
     return [(key, spec.doc) for key, spec in RUNNER_DEFAULTS.items()
             if spec.paddlerec == NO_EFFECT and config.get(key) not in (None, False, "", spec.default)]
 
 
 def is_number(value, type_=numbers.Real) -> bool:
-    """A number of `type_` that is not a bool: YAML/JSON true is no count."""
+    """A number of `type_` that is not a bool (YAML/JSON true is no count)."""
     return isinstance(value, type_) and not isinstance(value, bool)
 
 
@@ -92,11 +89,8 @@ def check_type(value, type_):
 
 
 def convert_value(text: str, type_, none_allowed=False):
-    """Override text read as YAML, then checked like a YAML value (ValueError naming the text when it does not fit).
-
-    `none_allowed` lets keys whose default is None be reset with null; a str key takes the text as it is; a bool
-    key also takes 1/0; a float key also takes what float() reads (YAML 1.1 reads 1e-3 as text).
-    """
+    """Override text read as YAML and checked like a YAML value (else ValueError naming the text); a str key takes
+    the text as it is, a bool key 1/0 too, a float key what float() reads (YAML 1.1 reads 1e-3 as text)."""
     if none_allowed and text.strip().lower() in ("null", "none", "~"):
         return None
     if type_ is str:
@@ -119,8 +113,8 @@ def convert_value(text: str, type_, none_allowed=False):
 
 
 def suggest_keys(key, known, limit=3):
-    """Known keys close to a mistyped `key`, best first. All keys share long prefixes ("runner."), which makes
-    many look alike, so only those about as close as the best are kept."""
+    """Known keys close to a mistyped `key`, best first: only those about as close as the best, as the long shared
+    prefixes ("runner.") make many look alike."""
     scored = sorted(((difflib.SequenceMatcher(None, key, other).ratio(), other) for other in known), reverse=True)
     return [other for ratio, other in scored[:limit] if ratio >= max(0.6, scored[0][0] - 0.05)] if scored else []
 
@@ -137,10 +131,8 @@ def flatten(mapping, prefix=""):
 
 
 class Config(dict):
-    """Flat dotted-key config that knows its file (for error messages) and the type each -o value must have.
-
-    `aliases` maps a key to the key the user really set, for views such as validation's, where
-    runner.test_data_dir holds runner.valid_data_dir: errors then name the key the user can fix.
+    """Flat dotted-key config that knows its file (for errors) and the type each -o value must have. In a view
+    (validation's runner.test_data_dir holds runner.valid_data_dir) `aliases` make errors name the key the user set.
     """
 
     def __init__(self, values, path, key_types=None, aliases=None):
@@ -153,11 +145,10 @@ class Config(dict):
         return self["config_abs_dir"]
 
     def view(self, replacements, aliases):
-        """A copy with some keys replaced, for code that reads fixed keys (see the class docstring)."""
         return Config({**self, **replacements}, self.path, self.key_types, {**self.aliases, **aliases})
 
     def error(self, key_or_path, message) -> UserError:
-        """A UserError '<config path>: <key_or_path>: <message>' to raise."""
+        """UserError('<config path>: <key_or_path>: <message>') to raise."""
         return UserError(f"{self.path}: {self.aliases.get(key_or_path, key_or_path)}: {message}")
 
     def require(self, key, type_=None, minimum=None):
@@ -173,8 +164,7 @@ class Config(dict):
         return value
 
     def resolve_path(self, key, required=True):
-        """The path in `key`, relative to the config's folder as in PaddleRec; empty counts as unset
-        (UserError when required, else None)."""
+        """The path in `key`, relative to the config's folder as in PaddleRec; empty is unset (required: an error)."""
         value = self.get(key)
         if value in (None, ""):
             if required:
@@ -226,12 +216,8 @@ def _type_of(value):
 
 
 def load_config(path, overrides=(), plugin_defaults=None) -> Config:
-    """Read `path` over the defaults, then apply `-o key=value` items.
-
-    Precedence, lowest first: plugin CONFIG_DEFAULTS, runner defaults, YAML, overrides. An override must name a
-    key of one of the first three (so load the plugin's defaults first when plugin keys may be overridden, see
-    cli.load_run_config); its type comes from RUNNER_DEFAULTS, else the plugin default, else the YAML value.
-    """
+    """The config: plugin CONFIG_DEFAULTS, runner defaults, the YAML, then `-o key=value` overrides, each over the
+    last. An override must name a key of the first three, typed by RUNNER_DEFAULTS, the plugin default or the YAML."""
     yaml_values = flatten(read_yaml_mapping(path))
     yaml_values.pop("config_abs_dir", None)  # computed, never read
     plugin_defaults = plugin_defaults or {}

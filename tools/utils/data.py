@@ -1,9 +1,4 @@
-"""A DataLoader over the reader module a config names (doc/tools.md, "Plugin contract").
-
-The reader defines `class RecDataset(paddle.io.IterableDataset)`, built as `RecDataset(file_list, config)` plus
-`mode=` when its constructor takes it ("valid" only if it lists it in `MODES`, else "infer"); optional hooks
-`set_epoch(epoch)` and `shard(rank, world_size)` (data-parallel runs need it).
-"""
+"""A DataLoader over the RecDataset of the reader module a config names (doc/tools.md, "Plugin contract")."""
 import functools
 import inspect
 import itertools
@@ -23,8 +18,7 @@ MODE_KEYS = {
 
 
 def list_data_files(config, dir_key):
-    """Sorted absolute paths of the entries of the data folder in `dir_key`; hidden entries (.gitkeep) are
-    skipped, so a folder holding only those is empty."""
+    """Sorted absolute paths of the data folder's entries, hidden ones (.gitkeep) left out."""
     folder = config.resolve_path(dir_key)
     if not os.path.exists(folder):
         raise config.error(dir_key, f"data folder {folder} does not exist")
@@ -40,7 +34,8 @@ def list_data_files(config, dir_key):
 
 
 def create_dataset(config, mode, rank=0, world_size=1, epoch=0):
-    """The reader's RecDataset for `mode`, with its optional hooks applied."""
+    """RecDataset(file_list, config[, mode=]) ("valid" only if it lists it in MODES, else "infer"), with its optional
+    hooks set_epoch(epoch) and shard(rank, world_size) (which data-parallel runs need) applied."""
     dir_key, _, reader_key = MODE_KEYS[mode]
     file_list = list_data_files(config, dir_key)
     reader = import_from_config_folder(config, reader_key)
@@ -63,7 +58,7 @@ def create_dataset(config, mode, rank=0, world_size=1, epoch=0):
 
 
 def loader_batch_size(config, mode, world_size=1) -> int:
-    """Samples per loader batch on one rank: the configured (global) batch size split evenly over the ranks."""
+    """Samples per batch of one rank: the configured (global) batch size split evenly over the ranks."""
     batch_key = MODE_KEYS[mode][1]
     batch_size = config.require(batch_key, int, minimum=1)
     if batch_size % world_size:
@@ -73,10 +68,8 @@ def loader_batch_size(config, mode, world_size=1) -> int:
 
 
 def create_data_loader(config, mode, rank=0, world_size=1, epoch=0):
-    """A guarded paddle.io.DataLoader over this rank's share of the reader's RecDataset for `mode`.
-
-    num_workers=0: readers draw seeded samples, whose order worker processes would make depend on scheduling.
-    """
+    """A guarded DataLoader over this rank's share of the RecDataset for `mode`; no worker processes, which would
+    make the order of the seeded samples depend on scheduling."""
     batch_size = loader_batch_size(config, mode, world_size)
     dataset = create_dataset(config, mode, rank, world_size, epoch)
     return guarded_loader_class()(dataset, f"{config.path}: {MODE_KEYS[mode][2]}", batch_size=batch_size,
@@ -85,13 +78,9 @@ def create_data_loader(config, mode, rank=0, world_size=1, epoch=0):
 
 @functools.lru_cache(maxsize=None)
 def guarded_loader_class():
-    """GuardedDataLoader, built on first use (importing this module must not import paddle).
-
-    Even with num_workers=0 Paddle reads an IterableDataset in a background thread; an exception there (a reader
-    bug, a bad file) ends only that thread, prints its traceback and leaves the main thread waiting for ever.
-    The guard keeps the reader's or the collate step's first exception and ends the stream; the loader then
-    raises it in the main thread as one UserError line starting with `label` (config file and reader key).
-    """
+    """GuardedDataLoader (built on first use: importing this module must not import paddle). Paddle reads an
+    IterableDataset in a thread, where an exception (a reader bug, a bad file) ends only that thread and leaves the
+    main one waiting for ever; the guard keeps it and ends the stream, and the loader raises it as one UserError."""
     import paddle
     from paddle.io.dataloader.collate import default_collate_fn
 

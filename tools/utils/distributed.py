@@ -10,7 +10,8 @@ import time
 
 from tools.utils.console import DistributedError, UserError, log, set_rank, warn
 
-LAUNCH_HINT = "python -m paddle.distributed.launch --nproc_per_node N tools/<tool>.py -m <config> -o runner.use_fleet=True"
+LAUNCH_HINT = ("python -m paddle.distributed.launch --nproc_per_node N tools/<tool>.py -m <config> "
+               "-o runner.use_fleet=True")
 _STORE_PREFIX = "paddlerec_tools/sync"
 
 
@@ -131,7 +132,8 @@ class Ranks:
         values = dict(values or {})
         if not self.enabled:
             return values, metric_results(metrics, names)
-        mergeable = [callable(getattr(m, "state", None)) and callable(getattr(m, "merge_states", None)) for m in metrics]
+        mergeable = [callable(getattr(metric, "state", None)) and callable(getattr(metric, "merge_states", None))
+                     for metric in metrics]
         states = [metric.state() if ok else None for metric, ok in zip(metrics, mergeable)]
         gathered = self.all_gather_object((float(weight), values, states), label)
         total = sum(rank_weight for rank_weight, _, _ in gathered)
@@ -191,7 +193,9 @@ def setup_data_parallel(config, device) -> Ranks:
     parallel = Ranks(rank, world_size, float(timeout), store)
     # Every rank must run the same settings (config_abs_dir may differ between hosts).
     items = sorted((key, repr(value)) for key, value in config.items() if key != "config_abs_dir")
-    parallel.check_same(hashlib.sha256(pickle.dumps(items)).hexdigest()[:16], "the config (config file and -o overrides)")
+    digest = hashlib.sha256(pickle.dumps(items)).hexdigest()[:16]
+    parallel.check_same(digest, "the config (config file and -o overrides)")
     hosts = parallel.all_gather_object(socket.gethostname(), "listing the ranks")
-    log(f"data-parallel: {world_size} ranks ({'gloo' if device == 'cpu' else 'nccl'}) on {', '.join(sorted(set(hosts)))}")
+    backend = "gloo" if device == "cpu" else "nccl"
+    log(f"data-parallel: {world_size} ranks ({backend}) on {', '.join(sorted(set(hosts)))}")
     return parallel

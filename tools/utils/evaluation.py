@@ -1,6 +1,5 @@
-"""Evaluation, shared by infer.py and the trainer's validation so both compute their figures the same way, and
-the choice of the best epoch by validation, kept in <runner.model_save_path>/best.json (doc/tools.md).
-"""
+"""Evaluation, shared by infer.py and validation so both compute their figures alike, and the best epoch by
+validation, kept in <runner.model_save_path>/best.json (doc/tools.md)."""
 import math
 import os
 
@@ -17,8 +16,8 @@ SETTING_KEYS = ("valid_data_dir", "valid_tasks")  # what validation values were 
 
 
 def validation_config(config):
-    """The config validation runs with: readers and plugins read runner.test_data_dir and runner.infer_tasks for
-    evaluation, so these hold runner.valid_data_dir and (when set) runner.valid_tasks; errors name those."""
+    """The config view validation runs with: runner.test_data_dir and runner.infer_tasks, which readers and plugins
+    read, hold runner.valid_data_dir and runner.valid_tasks (if set); errors name those."""
     replacements = {"runner.test_data_dir": config.get("runner.valid_data_dir")}
     aliases = {"runner.test_data_dir": "runner.valid_data_dir"}
     if config.get("runner.valid_tasks") is not None:
@@ -28,19 +27,17 @@ def validation_config(config):
 
 
 def evaluation_loader(config, mode, parallel, seed):
-    """A fresh loader of the evaluation data ("infer" or "valid"), built after seeding with `seed`: every
-    evaluation sees the same data (reader epoch 0) and random state, so different checkpoints compare."""
+    """A loader of the evaluation data ("infer" or "valid") built after seeding: every evaluation sees the same data
+    (reader epoch 0) and random state, so checkpoints compare."""
     seed_everything(seed)
     return create_data_loader(config, mode, parallel.rank, parallel.world_size, epoch=0)
 
 
 def evaluate(model_obj, model, config, epoch, loader, parallel, name="infer", on_interval=None):
-    """Run the plugin's infer_forward over the loader; return (metric values, batches, samples).
+    """Run the plugin's infer_forward over the loader; return (metric values, batches, samples) of all ranks.
 
-    `name` ("infer" or "valid") labels lines, the bar and the sync points; on_interval(batch_id, values) also gets
-    each logged line's values (VisualDL). The tool calls neither model.eval() nor paddle.no_grad(): the plugin
-    chooses (MAML adapts with gradients). Data-parallel ranks go through their batches in step (a sum per batch
-    says how many still have one), and batches and samples count all ranks.
+    No model.eval() or paddle.no_grad(): the plugin chooses (MAML adapts with gradients). Data-parallel ranks go in
+    step (a sum per batch says how many still have one). on_interval(batch_id, values) gets each logged line's.
     """
     prefix = "" if name == "infer" else f"{name} "
     parallel.barrier(f"{name} epoch {epoch}: start")  # ranks may arrive far apart (loading, data building)
@@ -52,7 +49,8 @@ def evaluate(model_obj, model, config, epoch, loader, parallel, name="infer", on
         if batch is not None:
             metrics, print_dict = model_obj.infer_forward(model, metrics, batch, config)
             own_samples = count_samples(batch, loader.batch_size)
-        active, batch_samples = parallel.sum([batch is not None, own_samples], f"{name} epoch {epoch}, batch {batch_id}")
+        label = f"{name} epoch {epoch}, batch {batch_id}"
+        active, batch_samples = parallel.sum([batch is not None, own_samples], label)
         if not active:
             break
         batches, samples = batches + 1, samples + int(batch_samples)
@@ -78,7 +76,7 @@ def _finite(value) -> bool:
 
 
 def read_best_file(path) -> dict:
-    """best.json as a dict, checked; a missing or corrupt file is a one-line UserError naming it."""
+    """best.json, checked; a missing or corrupt file is a UserError naming it."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: not found (written by training with runner.valid_data_dir set)")
     data = read_json_object(path, "best.json")
@@ -107,8 +105,8 @@ def best_epoch_of(path):
 
 
 class ModelSelection:
-    """The validated epochs of a run and the best of them: the highest (mode max) or lowest (min) finite value of
-    `metric`, the earlier epoch on ties; save() writes best.json."""
+    """The validated epochs of a run; the best has the highest (mode max) or lowest (min) finite `metric`, the
+    earlier on ties."""
 
     def __init__(self, path, metric, mode, settings=None, history=()):
         if mode not in MODES:
@@ -143,11 +141,8 @@ class ModelSelection:
 
     @classmethod
     def resume(cls, path, metric, mode, settings, before_epoch):
-        """(selection, notes, warnings) of a run resumed at `before_epoch`, from its best.json (fresh without one).
-
-        Results of epochs >= before_epoch are dropped (they are trained again) and the best is chosen again with
-        the current metric and mode (None, a run without validation: the file's own); notes and warnings say
-        what changed.
+        """(selection, notes, warnings) of a run resumed at `before_epoch` from best.json: later epochs are dropped
+        (trained again), the best chosen again by `metric` and `mode` (None: the file's own); lines say what changed.
         """
         if not os.path.isfile(path):
             return cls(path, metric or "acc", mode or "max", settings), [], []
@@ -158,12 +153,15 @@ class ModelSelection:
         kept = [{key: entry.get(key) for key in ("epoch", "checkpoint", "values")}
                 for entry in data.get("history", []) if entry["epoch"] < before_epoch]
         dropped = sorted(entry["epoch"] for entry in data.get("history", []) if entry["epoch"] >= before_epoch)
-        notes = [f"{path}: dropped the validation results of epoch(s) {dropped}, which are trained again"] if dropped else []
+        notes, warnings = [], []
+        if dropped:
+            notes.append(f"{path}: dropped the validation results of epoch(s) {dropped}, which are trained again")
         if (data.get("metric"), data.get("mode")) != (metric, mode) and kept:
             notes.append(f"{path}: the earlier epochs were selected by {data.get('metric')} ({data.get('mode')}); "
                          f"now by {metric} ({mode})")
         changed = [key for key, value in settings.items() if key in data and data[key] != value]
-        warnings = [f"{path}: the earlier epochs were validated with other "
-                    f"{', '.join(f'runner.{key}' for key in changed)} ({', '.join(repr(data[key]) for key in changed)}"
-                    "); their values are compared as they are"] if changed and kept else []
+        if changed and kept:
+            warnings.append(f"{path}: the earlier epochs were validated with other "
+                            f"{', '.join(f'runner.{key}' for key in changed)} "
+                            f"({', '.join(repr(data[key]) for key in changed)}); their values are compared as they are")
         return cls(path, metric, mode, settings, kept), notes, warnings

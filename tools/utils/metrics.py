@@ -1,9 +1,5 @@
 """The numbers of a run: plain values from tensors and metrics, the metrics file (JSON lines, doc/tools.md),
-VisualDL scalars (runner.use_visual, where PaddleRec writes them), and NumericGuard, which stops training at
-its first NaN or infinite loss, gradient or parameter.
-
-Plugins hand the tools tensors (loss, print_dict values) and metrics whose accumulate() gives a float or a
-dict of floats (PaddleRec's contract; a metric may add details(), a dict with more keys such as an interval).
+VisualDL scalars, and NumericGuard, which stops training at its first NaN or infinite number.
 """
 import json
 import math
@@ -30,14 +26,12 @@ def to_scalar(value):
 
 
 def scalar_dict(values) -> dict:
-    """A print_dict-like mapping with every value made a plain number."""
     return {str(key): to_scalar(value) for key, value in (values or {}).items()}
 
 
 def metric_results(metrics, names) -> dict:
-    """{key: number} from each metric's details() if it has one, else its accumulate(): a number goes under the
-    metric's name, a dict (e.g. {"acc": .97, "acc_ci95": .004, "tasks": 1000}) gives its own keys (prefixed with
-    "<name>." when another metric took the key first)."""
+    """{key: number} from each metric's details() if it has one, else accumulate() (PaddleRec's): a number goes
+    under the metric's name, a dict ({"acc": .97, "acc_ci95": .004}) gives its keys ("<name>.<key>" if taken)."""
     results = {}
     for metric, name in zip(metrics, names):
         value = metric.details() if callable(getattr(metric, "details", None)) else metric.accumulate()
@@ -50,8 +44,8 @@ def metric_results(metrics, names) -> dict:
 
 
 class MetricsLog:
-    """Appends event records to a JSON-lines file, one write per record, so the file stays readable (and
-    plottable) while a run goes on; with path None (data-parallel ranks other than 0) writes nothing."""
+    """Appends event records to a JSON-lines file, one write each, so it stays readable while a run goes on; with
+    path None (data-parallel ranks other than 0) writes nothing."""
 
     def __init__(self, path, append=False):
         self.path, self._handle = path, None
@@ -65,8 +59,7 @@ class MetricsLog:
             raise UserError(f"{path}: cannot open metrics file: {reason.strerror}") from None
 
     def write(self, event, fields, extra=None):
-        """Append one record: `fields`, then those `extra` entries whose keys are free (a plugin-named value
-        cannot overwrite "epoch")."""
+        """Append `fields` and those `extra` entries whose keys are free (a plugin's value cannot replace "epoch")."""
         if self._handle is None:
             return
         record = {"event": event, **fields}
@@ -85,7 +78,7 @@ class MetricsLog:
 
 
 def read_metrics(path) -> list:
-    """All records of a metrics file; UserError naming the file and line."""
+    """All records of a metrics file (an unfinished last line is skipped); UserError naming the file and line."""
     try:
         with open(path, encoding="utf-8") as handle:
             lines = handle.readlines()
@@ -140,9 +133,8 @@ class NonFiniteError(UserError):
 
 
 def _first_non_finite(named_tensors):
-    """The name of the first tensor with a NaN or infinite element, or None. The normal path costs one host sync:
-    t * 0 is 0 for a finite element and NaN otherwise, so the sum is exact (a norm could overflow into a false
-    alarm); only after a failure are the tensors looked at one by one."""
+    """The name of the first tensor with a NaN or infinite element, or None, in one host sync: t * 0 is 0 for a
+    finite element and NaN otherwise, so its sum cannot overflow into a false alarm as a norm could."""
     import paddle
 
     def finite(tensors):
@@ -161,8 +153,8 @@ def likely_causes(config, keys) -> str:
 
 
 class NumericGuard:
-    """Stops a training run at its first non-finite number, before an update spreads it into every parameter and
-    the epoch's checkpoint; `causes` (likely_causes) ends every error line."""
+    """Stops training at its first non-finite number, before an update spreads it into every parameter and the
+    checkpoint; `causes` (likely_causes) ends every error line."""
 
     # A loss this many times its first value in the run gets one warning: still finite, but a run that diverges
     # (a meta learning rate of 1e6 gives ~1e13) should not go on without a word.
@@ -172,8 +164,7 @@ class NumericGuard:
         self.causes, self.warn, self.first_loss, self.warned = causes, warn, None, False
 
     def check_batch(self, loss_value, model, epoch, batch_id):
-        """Call after backward() (data-parallel: after the gradient all-reduce, so all ranks decide alike) and
-        before optimizer.step()."""
+        """Call after the gradients are final (data-parallel: all-reduced, so ranks agree), before the step."""
         where = f"epoch {epoch}, batch {batch_id}"
         stopped = f"training stopped before this update, nothing of epoch {epoch} saved; {self.causes}"
         if not math.isfinite(loss_value):

@@ -1,8 +1,5 @@
-"""Importing a model plugin (dygraph_model.py next to the config, PaddleRec's layout) and its readers, and reading
-what the plugin declares besides its class DygraphModel (DECLARATIONS).
-
-Modules are imported from their file under a unique name, so two model folders can be loaded in one process,
-and the folder goes first on sys.path so that the plugin's own `import net` finds its own net.py.
+"""Importing a model plugin (dygraph_model.py next to the config) and its readers, and what the plugin declares.
+Each file is imported under a unique name, its folder first on sys.path: the plugin's `import net` finds its own.
 """
 import hashlib
 import importlib
@@ -28,7 +25,6 @@ def _put_first_on_sys_path(folder):
 
 
 def import_file(path: str):
-    """Import the Python file at `path` once; return the module."""
     path = os.path.abspath(path)
     if path in _module_cache:
         return _module_cache[path]
@@ -56,8 +52,8 @@ def import_file(path: str):
 
 
 def import_from_config_folder(config, key: str):
-    """Import the module config[key] names, PaddleRec's "importlib format": a module name or a path relative to
-    the config's folder (".py" optional); a dotted name that is no file is tried with importlib last."""
+    """The module config[key] names: a path relative to the config's folder (".py" optional), else an importable
+    module name (PaddleRec's "importlib format")."""
     value = str(config.require(key, str))
     path = os.path.normpath(os.path.join(config.config_dir, value if value.endswith(".py") else value + ".py"))
     if os.path.isfile(path):
@@ -74,7 +70,6 @@ def import_from_config_folder(config, key: str):
 
 
 def import_plugin_module(config):
-    """The dygraph_model module next to the config (imported once)."""
     path = os.path.join(config.config_dir, PLUGIN_FILE)
     if not os.path.isfile(path):
         raise config.error(config.config_dir, f"no {PLUGIN_FILE} in the config's folder (the model plugin goes "
@@ -83,7 +78,6 @@ def import_plugin_module(config):
 
 
 def load_model_plugin(config):
-    """DygraphModel() of the plugin next to the config."""
     module = import_plugin_module(config)
     if getattr(module, "DygraphModel", None) is None:
         raise UserError(f"{module.__file__}: no class DygraphModel defined")
@@ -94,8 +88,8 @@ def _dict_of_str_keys(value):
     return isinstance(value, dict) and all(isinstance(key, str) for key in value)
 
 
-# What a plugin module may declare: name -> (what it must be, check, value when it declares nothing). The tools
-# know no model; these let a plugin shape them.
+# What a plugin module may declare to shape the tools, which know no model: name -> (what it must be, check,
+# the value when it declares nothing).
 DECLARATIONS = {
     # {dotted key: default}: keys -o may set and their types (cli.load_run_config).
     "CONFIG_DEFAULTS": ("a dict of dotted-key strings to defaults", _dict_of_str_keys, {}),
