@@ -1,4 +1,4 @@
-"""Data-parallel runs under `python -m paddle.distributed.launch` (doc/distributed.md): Paddle's process group
+"""Data-parallel runs under `python -m paddle.distributed.launch` (doc/distributed.md): fleet's collective group
 (gloo between CPU processes, NCCL between GPUs), its parameter broadcast and fused gradient all-reduce, and a
 barrier with runner.sync_timeout. A dead or hung rank ends every other rank with a DistributedError (exit 3).
 """
@@ -182,11 +182,15 @@ def setup_data_parallel(config, device) -> Ranks:
     timeout = config.require("runner.sync_timeout", int, minimum=1)
     if device == "cpu":
         os.environ["PADDLE_DISTRI_BACKEND"] = "gloo"  # on a CUDA build Paddle would pick NCCL
-    import paddle.distributed as dist
-    from paddle.base import core
+    import warnings
 
+    from paddle.base import core
+    from paddle.distributed import fleet
+
+    # Fleet's data-parallel topology makes (empty) groups for the other parallelisms and warns about each.
+    warnings.filterwarnings("ignore", message=r"Current global rank \d+ is not in group")
     try:
-        dist.init_parallel_env()
+        fleet.init(is_collective=True)  # as PaddleRec's use_fleet: the collective process group
         store = core.create_or_get_global_tcp_store()
     except (RuntimeError, ValueError, AssertionError) as error:
         raise DistributedError(f"joining the process group failed: {_first_line(error)}") from None
