@@ -148,6 +148,16 @@ class _StateUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("it uses persistent ids")
 
 
+def _plain(value, depth=0) -> bool:
+    """Whether `value` is what a state dict holds: number arrays, names, numbers, nested dicts, lists and tuples."""
+    if isinstance(value, np.ndarray):
+        return not value.dtype.hasobject
+    if isinstance(value, (dict, list, tuple)) and depth < 32:  # a state dict nests two or three levels
+        items = [item for pair in value.items() for item in pair] if isinstance(value, dict) else value
+        return all(_plain(item, depth + 1) for item in items)
+    return value is None or isinstance(value, (str, bytes, bool, int, float, np.generic))
+
+
 def _load_state(path):
     """The state dict in `path`: checked by _StateUnpickler, then loaded by Paddle from the same bytes."""
     import paddle
@@ -160,7 +170,8 @@ def _load_state(path):
     except OSError as reason:
         raise UserError(f"{path}: cannot read checkpoint file: {reason.strerror}") from None
     try:
-        _StateUnpickler(io.BytesIO(data), encoding="latin1").load()
+        if not _plain(_StateUnpickler(io.BytesIO(data), encoding="latin1").load()):
+            raise pickle.UnpicklingError("it holds more than arrays of numbers, names and numbers")
         state = paddle.load(io.BytesIO(data))
     except pickle.UnpicklingError as reason:
         raise UserError(f"{path}: refused: not a plain paddle.save state dict ({reason}); "

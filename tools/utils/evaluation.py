@@ -91,7 +91,10 @@ def read_best_file(path) -> dict:
         ("epoch", data.get("epoch"), data.get("epoch") is None or is_count(data["epoch"]), "a non-negative integer"),
         ("metric", data.get("metric"), isinstance(data.get("metric", ""), str), "a string"),
         ("mode", data.get("mode"), data.get("mode", "max") in MODES, "max or min"),
-        ("value", data.get("value"), data.get("value") is None or _finite(data["value"]), "a finite number")])
+        ("value", data.get("value"), data.get("value") is None or _finite(data["value"]), "a finite number"),
+        ("valid_data_dir", data.get("valid_data_dir"), isinstance(data.get("valid_data_dir", ""), str), "a path"),
+        ("valid_tasks", data.get("valid_tasks"), data.get("valid_tasks") is None or is_count(data["valid_tasks"]),
+         "a count")])
     return data
 
 
