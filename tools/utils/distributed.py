@@ -108,10 +108,12 @@ class Ranks:
         the union of their samples. Returns (ranks that had a batch, total samples, weighted mean loss)."""
         import paddle
 
+        if not self.enabled:
+            return int(loss is not None), samples, float("nan") if loss is None else float(loss)
         params = [p for p in parameters if not p.stop_gradient]
         own_loss = 0.0 if loss is None else samples * float(loss)
         totals = self.sum([samples, own_loss, loss is not None] + [p.grad is not None for p in params], label)
-        if self.enabled and totals[0] > 0:
+        if totals[0] > 0:
             from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients_with_group
 
             synced = [p for p, flag in zip(params, totals[3:]) if flag > 0.5]
