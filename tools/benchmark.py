@@ -2,10 +2,9 @@
 
     python tools/benchmark.py -m models/multitask/maml/config.yaml [-o key=value ...] [--iterations 5]
 
-Each variant (the plugin's BENCHMARK_VARIANTS, override dicts; one plain run if absent) runs in a fresh process,
-so its peak memory is its own. A timed iteration is the trainer's step on one fixed batch after a warm-up. A
-plugin with `kernel_seconds(model, batch, config)` also gets the time its compute kernels take replayed bare:
-the rest is overhead. BENCHMARK_LABELS names the columns ({"samples": "tasks", "kernels": "conv"}).
+Each of the plugin's BENCHMARK_VARIANTS (override dicts) runs in a fresh process, so its peak memory is its own; an
+iteration is the trainer's step on one fixed batch. A plugin's kernel_seconds(model, batch, config) gives the time
+of its compute kernels replayed bare (the rest is overhead); BENCHMARK_LABELS names the columns.
 """
 import argparse
 import json

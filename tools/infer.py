@@ -3,10 +3,8 @@
     python tools/infer.py -m models/<...>/config.yaml [-o key=value ...]
     python -m paddle.distributed.launch --nproc_per_node N tools/infer.py -m <config> -o runner.use_fleet=True
 
-For each epoch in [runner.infer_start_epoch, runner.infer_end_epoch) (with runner.infer_best=True: only the one
-named in best.json) this loads <runner.infer_load_path>/<epoch>, runs the evaluation loop the trainer's
-validation runs too (tools/utils/evaluation.py), prints one line and appends an "infer" record to
-<runner.infer_load_path>/infer_metrics.jsonl. Data-parallel ranks evaluate their shares; rank 0 reports.
+Evaluates <runner.infer_load_path>/<epoch> for each epoch in [runner.infer_start_epoch, runner.infer_end_epoch)
+(runner.infer_best=True: the one best.json names) with the validation's loop, appending to infer_metrics.jsonl.
 """
 import contextlib
 import os

@@ -2,11 +2,8 @@
 
     python tools/predict.py -m <config.yaml> --support DIR --query PATH [PATH ...] [--json FILE] [-o key=value ...]
 
-DIR holds one subfolder per class, named by the class, with its images; a query PATH is an image file or a
-folder of images (subfolders included). The checkpoint is the one infer.py evaluates last. The plugin's
-DygraphModel.predict(model, config, support, queries) does the work; this tool lists the files, prints one line
-per query image and a summary (with the accuracy on query images in folders named after a support class), and
-with --json writes the same with every class's probability, atomically.
+The plugin's DygraphModel.predict() does the work with the checkpoint infer.py evaluates last; this tool lists the
+support classes (DIR/<class>/<images>) and query images, and prints (--json: writes) the predictions.
 """
 import os
 import sys
