@@ -131,8 +131,8 @@ class ModelSelection:
     def add(self, epoch, checkpoint, values) -> bool:
         """Record an epoch's validation results; True when it is the new best."""
         entry = {"epoch": int(epoch), "checkpoint": checkpoint, "values": dict(values)}
-        self.__init__(self.path, self.metric, self.mode, self.settings,
-                      [item for item in self.history if item["epoch"] != epoch] + [entry])
+        self.history = sorted([item for item in self.history if item["epoch"] != epoch] + [entry],
+                              key=lambda item: item["epoch"])
         return self.best is entry
 
     def save(self):

@@ -103,7 +103,7 @@ DECLARATIONS = {
     "BENCHMARK_VARIANTS": ("a list of dicts of dotted-key strings to values",
                            lambda value: isinstance(value, list) and value and all(map(_dict_of_str_keys, value)),
                            [{}]),
-    "BENCHMARK_LABELS": ("a dict of strings", lambda value: _dict_of_str_keys(value), {}),
+    "BENCHMARK_LABELS": ("a dict of strings", _dict_of_str_keys, {}),
 }
 
 
