@@ -17,7 +17,7 @@ import pytest
 from tests.tool_helpers import REPO_ROOT, TOY_CONFIG, TOY_DIR, assert_ok, assert_user_error, run_tool
 from tools.utils.console import UserError
 from tools.utils.metrics import NonFiniteError, NumericGuard, likely_causes
-from tools.utils.plugin import non_finite_keys
+from tools.utils.plugin import plugin_declaration
 
 MAML_CONFIG = os.path.join(REPO_ROOT, "models", "multitask", "maml", "config.yaml")
 MAML_SMALL = ["runner.tasks_per_epoch=8", "runner.train_batch_size=8", "runner.infer_tasks=10",
@@ -139,12 +139,12 @@ def test_plugin_non_finite_keys_are_checked_and_formatted():
     class Module:
         __file__ = "plugin.py"
 
-    assert non_finite_keys(Module) == {}
+    assert plugin_declaration(Module, "NON_FINITE_KEYS") == {}
     Module.NON_FINITE_KEYS = {"a.b": "the rate"}
-    assert likely_causes({"a.b": 0.5}, non_finite_keys(Module)) == "check a.b (the rate, now 0.5)"
+    assert likely_causes({"a.b": 0.5}, plugin_declaration(Module, "NON_FINITE_KEYS")) == "check a.b (the rate, now 0.5)"
     Module.NON_FINITE_KEYS = ["a.b"]
     with pytest.raises(UserError, match="plugin.py: NON_FINITE_KEYS must be a dict"):
-        non_finite_keys(Module)
+        plugin_declaration(Module, "NON_FINITE_KEYS")
 
 
 # ----------------------------------------------------------------------------------------- data archives

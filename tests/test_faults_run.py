@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from tool_helpers import REPO_ROOT, TOOLS_DIR, TOY_CONFIG, TOY_DIR, assert_ok, assert_user_error, run_tool
@@ -171,6 +172,21 @@ def test_genuine_paddle_save_files_of_every_protocol_still_load(tmp_path):
         assert "refused" in str(caught.value)
 
 
+def test_a_state_dict_holding_more_than_arrays_names_and_numbers_is_refused(tmp_path):
+    """Harmless to unpickle, but no state dict: an object array or a set would fail inside Paddle's loading."""
+    from tools.utils.checkpoint import load_checkpoint, save_checkpoint
+    from tools.utils.console import UserError
+
+    model, _ = tiny_model()
+    folder = save_checkpoint(model, None, str(tmp_path), 0)
+    params = os.path.join(folder, "rec.pdparams")
+    for odd in (np.array([{"weight": 1}], dtype=object), {1, 2}):
+        with open(params, "wb") as handle:
+            pickle.dump({"weight": model.weight.numpy(), "bias": odd}, handle, protocol=4)
+        with pytest.raises(UserError, match=f"^{re.escape(params)}: refused: not a plain paddle.save state dict"):
+            load_checkpoint(folder, model)
+
+
 # ----- defect 2/3: meta.json and best.json are checked; the folder name is the epoch ------------------
 
 HOSTILE_META = {
@@ -209,10 +225,11 @@ def test_every_hostile_meta_json_is_refused_naming_it(tmp_path, case):
 
 @pytest.mark.parametrize("content, fragment", [
     ('{"epoch": ' + "[" * 100000 + "]" * 100000 + "}", "nested"),
-    ('{"epoch": 1, "metric": "acc", "value": "high", "history": []}', 'bad "value"'),
+    ('{"epoch": 1, "metric": "acc", "value": "high", "history": []}', '"value" must be a finite number'),
     ('{"epoch": 1, "history": [{"epoch": 1, "values": {"acc": {"x": [1]}}}]}', '"history" must be a list'),
     ('{"epoch": 1, "history": []}' + " " * (5 * 1024 * 1024), "larger than"),
-], ids=["deep nesting", "text value", "nested values", "huge file"])
+    ('{"epoch": 1, "valid_tasks": [[3]], "history": []}', '"valid_tasks" must be a count'),
+], ids=["deep nesting", "text value", "nested values", "huge file", "listed tasks"])
 def test_a_hostile_best_json_is_one_line(run_copy, content, fragment):
     best = run_copy / "best.json"
     best.write_text(content)

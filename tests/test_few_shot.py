@@ -56,10 +56,10 @@ def loaded(checkpoint):
     """(config, plugin object, model with the checkpoint, few_shot module), in this process."""
     from tools.utils.checkpoint import load_checkpoint
     from tools.utils.config import load_config
-    from tools.utils.plugin import import_file, import_plugin_module, load_model_plugin, plugin_config_defaults
+    from tools.utils.plugin import import_file, import_plugin_module, load_model_plugin, plugin_declaration
 
     # As the tools load it, less preparing the process's environment (paddle is already imported here).
-    defaults = plugin_config_defaults(import_plugin_module(load_config(CONFIG)))
+    defaults = plugin_declaration(import_plugin_module(load_config(CONFIG)), "CONFIG_DEFAULTS")
     config = load_config(CONFIG, _overrides(checkpoint), defaults)
     plugin = load_model_plugin(config)
     model = plugin.create_model(config)

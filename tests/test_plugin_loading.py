@@ -4,7 +4,7 @@ import pytest
 from tool_helpers import TOY_CONFIG
 from tools.utils.config import load_config
 from tools.utils.console import UserError
-from tools.utils.plugin import import_plugin_module, load_model_plugin, plugin_config_defaults
+from tools.utils.plugin import import_plugin_module, load_model_plugin, plugin_declaration
 
 # Paddle warns about ccache when imported; irrelevant to these tests.
 pytestmark = pytest.mark.filterwarnings("ignore:No ccache found")
@@ -37,7 +37,7 @@ def test_two_model_folders_in_one_process_keep_their_own_net(tmp_path):
     assert load_model_plugin(first).create_model(first) == ("model", 11)
     assert load_model_plugin(second).create_model(second) == ("model", 22)
     assert load_model_plugin(first).create_model(first) == ("model", 11)
-    assert plugin_config_defaults(import_plugin_module(second)) == {"hyper_parameters.size": 22}
+    assert plugin_declaration(import_plugin_module(second), "CONFIG_DEFAULTS") == {"hyper_parameters.size": 22}
     assert import_plugin_module(first).__name__ != import_plugin_module(second).__name__
 
 

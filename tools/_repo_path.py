@@ -1,8 +1,5 @@
-"""Imported first by every script in tools/: makes `import tools.utils` work from any working directory.
-
-Python puts a script's folder (tools/) first on sys.path, where tools/utils would shadow a model plugin's own
-`utils` module; this swaps it for the repository root.
-"""
+"""Imported first by every script in tools/: Python puts the script's folder first on sys.path, where tools/utils
+would shadow a plugin's own `utils`; this puts the repository root there instead (`import tools.utils` works)."""
 import os
 import sys
 

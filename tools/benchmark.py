@@ -2,13 +2,9 @@
 
     python tools/benchmark.py -m models/multitask/maml/config.yaml [-o key=value ...] [--iterations 5]
 
-Each variant (the plugin's BENCHMARK_VARIANTS, a list of override dicts; one plain run if absent) runs in a
-fresh process so its peak memory is its own. A timed iteration is exactly the trainer's step:
-train_forward, backward, optimizer step, on one fixed batch (reader time excluded), after a warm-up.
-If the plugin has `kernel_seconds(model, batch, config)`, the same compute kernels are replayed bare in the
-same process, and their share of the iteration time is reported: what is left is overhead we own.
-The plugin may name what its samples and kernels are with BENCHMARK_LABELS, e.g. {"samples": "tasks",
-"kernels": "conv"} (defaults: "samples", "kernel"); the tool knows no model.
+Each of the plugin's BENCHMARK_VARIANTS (override dicts) runs in a fresh process, so its peak memory is its own; an
+iteration is the trainer's step on one fixed batch. A plugin's kernel_seconds(model, batch, config) gives the time
+of its compute kernels replayed bare (the rest is overhead); BENCHMARK_LABELS names the columns.
 """
 import argparse
 import json
@@ -22,16 +18,14 @@ import time
 if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
-from tools.utils.cli import config_arg_parser, run_tool  # noqa: E402
+from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa: E402
 from tools.utils.console import UserError  # noqa: E402
+from tools.utils.plugin import plugin_declaration  # noqa: E402
 
 
 def measure(args):
     """Child process: time one variant and print one JSON line."""
-    from tools.utils.cli import load_run_config
-
     config, _ = load_run_config(args.config, args.overrides)
-
     from tools.utils.data import create_data_loader
     from tools.utils.environment import cpu_thread_count, seed_everything, select_device
     from tools.utils.plugin import load_model_plugin
@@ -43,64 +37,56 @@ def measure(args):
     optimizer = plugin.create_optimizer(model, config)
     metrics, _ = plugin.create_metrics()
     batch = next(iter(create_data_loader(config, "train")))
-
-    def step():
+    times = []
+    for iteration in range(args.warmup + args.iterations):
+        start = time.perf_counter()
         loss, _, _ = plugin.train_forward(model, metrics, batch, config)
         loss.backward()
         optimizer.step()
         optimizer.clear_grad()
         float(loss)  # wait for the result
-
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.iterations):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+        if iteration >= args.warmup:
+            times.append(time.perf_counter() - start)
     result = {"seconds": statistics.median(times), "all_seconds": times, "device": device,
-              "samples": int(config.get("runner.train_batch_size")),
-              "threads": cpu_thread_count(config)}
+              "samples": int(config.get("runner.train_batch_size")), "threads": cpu_thread_count(config)}
     if hasattr(plugin, "kernel_seconds"):
         result["kernel_seconds"], result["kernel_calls"] = plugin.kernel_seconds(model, batch, config)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("BENCHMARK " + json.dumps(result))
 
 
+def run_variant(args, variant):
+    """(label, the child's result) of one variant of the config."""
+    extra = [f"{key}={value}" for key, value in variant.items()]
+    command = [sys.executable, os.path.abspath(__file__), "--child", "-m", args.config,
+               "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
+    if args.overrides or extra:
+        command += ["-o", *args.overrides, *extra]
+    label = " ".join(extra) or "(config as is)"
+    print(f"running {label} ...", flush=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCHMARK ")]
+    if done.returncode != 0 or not lines:
+        sys.stderr.write(done.stderr)
+        raise UserError(f"{args.config}: benchmark of {label} failed (exit {done.returncode})")
+    return label, json.loads(lines[-1][len("BENCHMARK "):])
+
+
 def compare(args):
     """Parent process: run every variant in a child and print the table."""
-    from tools.utils.cli import load_run_config
-
-    _, plugin_module = load_run_config(args.config, args.overrides)  # validates config and overrides first
-    variants = getattr(plugin_module, "BENCHMARK_VARIANTS", [{}])
-    labels = {"samples": "samples", "kernels": "kernel", **getattr(plugin_module, "BENCHMARK_LABELS", {})}
-    per_second, kernel_s, kernel_share = f"{labels['samples']}/s", f"{labels['kernels']} s", f"{labels['kernels']} %"
-    rows = []
-    for variant in variants:
-        extra = [f"{k}={v}" for k, v in variant.items()]
-        command = [sys.executable, os.path.abspath(__file__), "--child", "-m", args.config,
-                   "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
-        if args.overrides or extra:
-            command += ["-o", *args.overrides, *extra]
-        label = " ".join(extra) or "(config as is)"
-        print(f"running {label} ...", flush=True)
-        done = subprocess.run(command, capture_output=True, text=True)
-        lines = [l for l in done.stdout.splitlines() if l.startswith("BENCHMARK ")]
-        if done.returncode != 0 or not lines:
-            sys.stderr.write(done.stderr)
-            raise UserError(f"{args.config}: benchmark of {label} failed (exit {done.returncode})")
-        rows.append((label, json.loads(lines[-1][len("BENCHMARK "):])))
-    base = rows[0][1]["seconds"]
-    print(f"\nmedian of {args.iterations} iterations after {args.warmup} warm-up, device "
-          f"{rows[0][1]['device']}, {rows[0][1]['threads']} CPU threads")
-    print(f"{'variant':38s} {'s/iter':>8s} {per_second:>8s} {'vs first':>8s} {'peak MB':>8s} {kernel_s:>7s} "
-          f"{kernel_share:>7s}")
+    _, plugin_module = load_run_config(args.config, args.overrides)  # checks the config and overrides first
+    labels = {"samples": "samples", "kernels": "kernel", **plugin_declaration(plugin_module, "BENCHMARK_LABELS")}
+    rows = [run_variant(args, variant) for variant in plugin_declaration(plugin_module, "BENCHMARK_VARIANTS")]
+    base, first = rows[0][1]["seconds"], rows[0][1]
+    print(f"\nmedian of {args.iterations} iterations after {args.warmup} warm-up, device {first['device']}, "
+          f"{first['threads']} CPU threads")
+    print(f"{'variant':38s} {'s/iter':>8s} {labels['samples'] + '/s':>8s} {'vs first':>8s} {'peak MB':>8s} "
+          f"{labels['kernels'] + ' s':>7s} {labels['kernels'] + ' %':>7s}")
     for label, r in rows:
         kernel = r.get("kernel_seconds")
-        share = f"{100 * kernel / r['seconds']:6.1f}%" if kernel is not None else "     -"
-        ktext = f"{kernel:7.3f}" if kernel is not None else "      -"
+        kernel_text = "      -      -" if kernel is None else f"{kernel:7.3f} {100 * kernel / r['seconds']:6.1f}%"
         print(f"{label:38s} {r['seconds']:8.3f} {r['samples'] / r['seconds']:8.2f} {r['seconds'] / base:7.2f}x "
-              f"{r['peak_rss_mb']:8.0f} {ktext} {share}")
+              f"{r['peak_rss_mb']:8.0f} {kernel_text}")
         print(f"{'':38s} all: {', '.join(f'{t:.3f}' for t in r['all_seconds'])}")
 
 

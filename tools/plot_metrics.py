@@ -1,16 +1,13 @@
 """Draw the learning curve of a run into a PNG with matplotlib (optional extra: pip install -e ".[plot]").
 
-    python tools/plot_metrics.py output/metrics.jsonl [output/infer_metrics.jsonl] [-o curve.png]
+    python tools/plot_metrics.py output/metrics.jsonl [output/infer_metrics.jsonl] [-o curve.png] [--keys loss acc]
 
-Plots the "train" records' loss and acc against the global step, one panel
-per key, and evaluation records ("infer", "valid") as points with their 95%
-interval when X_ci95 is present, placed at the step where that epoch ended.
-Other keys can be chosen with --keys.
+One panel per key: "train" records as a line against the global step, evaluation records ("infer", "valid") as
+points with their 95% interval (X_ci95) at the step where their epoch ended (from the "epoch" records).
 """
 import argparse
 import os
 import sys
-
 
 if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
@@ -20,44 +17,34 @@ from tools.utils.config import is_number  # noqa: E402
 from tools.utils.console import UserError, log, warn  # noqa: E402
 from tools.utils.metrics import read_metrics  # noqa: E402
 
-DEFAULT_KEYS = ("loss", "acc")
 EVALUATION_EVENTS = ("infer", "eval", "valid")
 
 
-def epoch_end_steps(records):
-    """{epoch: global step at its end} from "epoch" records (last one wins)."""
-    return {record["epoch"]: record["step"] for record in records
-            if record["event"] == "epoch" and is_number(record.get("epoch")) and is_number(record.get("step"))}
-
-
-def train_points(records, key):
-    return [(record["step"], record[key]) for record in records
-            if record["event"] == "train" and is_number(record.get("step")) and is_number(record.get(key))]
-
-
-def evaluation_points(records, key, steps):
-    """[(step, value, ci95 or 0)] of the evaluation records of `key`, at the step where their epoch ended."""
-    points, unplaced = [], 0
+def panel_points(records, key):
+    """([(step, value)] of the train records, [(step, value, ci95 or 0)] of the evaluation records) of `key`."""
+    epoch_ends = {record["epoch"]: record["step"] for record in records  # the last "epoch" record of an epoch wins
+                  if record["event"] == "epoch" and is_number(record.get("epoch")) and is_number(record.get("step"))}
+    train, evaluation, unplaced = [], [], 0
     for record in records:
-        if record["event"] not in EVALUATION_EVENTS or not is_number(record.get(key)):
-            continue
-        step = record.get("step", steps.get(record.get("epoch")))
-        if not is_number(step):
-            unplaced += 1
-            continue
-        interval = record.get(f"{key}_ci95")
-        points.append((step, record[key], interval if is_number(interval) else 0.0))
+        value = record.get(key)
+        if record["event"] == "train" and is_number(value) and is_number(record.get("step")):
+            train.append((record["step"], value))
+        elif record["event"] in EVALUATION_EVENTS and is_number(value):
+            step, interval = record.get("step", epoch_ends.get(record.get("epoch"))), record.get(f"{key}_ci95")
+            if is_number(step):
+                evaluation.append((step, value, interval if is_number(interval) else 0.0))
+            else:
+                unplaced += 1
     if unplaced:
         warn(f"{unplaced} evaluation record(s) of {key} skipped: no epoch record tells their step")
-    return points
+    return train, evaluation
 
 
 def build_figure(records, keys, title):
     """A matplotlib Figure with one panel per key that has data, or None when no key has any."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    steps = epoch_end_steps(records)
-    panels = [(key, train_points(records, key), evaluation_points(records, key, steps)) for key in keys]
+    panels = [(key, *panel_points(records, key)) for key in keys]
     panels = [panel for panel in panels if panel[1] or panel[2]]
     if not panels:
         return None
@@ -70,8 +57,7 @@ def build_figure(records, keys, title):
             x, y, errors = zip(*evaluation)
             label = f"eval {key}" + (" (95% CI)" if any(errors) else "")
             axes.errorbar(x, y, yerr=errors, fmt="o", capsize=3, label=label)
-        axes.set_ylabel(key)
-        axes.set_xlabel("step (batches)")
+        axes.set(xlabel="step (batches)", ylabel=key)
         axes.grid(alpha=0.3)
         axes.legend()
     return figure
@@ -83,9 +69,7 @@ def plot(args):
     except ImportError:
         raise UserError('plot_metrics.py needs the optional package matplotlib: pip install -e ".[plot]" '
                         "(or pip install matplotlib)") from None
-    records = []
-    for path in args.metrics_files:
-        records += read_metrics(path)
+    records = [record for path in args.metrics_files for record in read_metrics(path)]
     title = args.title or f"Learning curve: {os.path.abspath(args.metrics_files[0])}"
     figure = build_figure(records, args.keys, title)
     if figure is None:
@@ -103,7 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("metrics_files", nargs="+", metavar="metrics.jsonl",
                         help="metrics file(s) of a run; add infer_metrics.jsonl for evaluation points")
     parser.add_argument("-o", "--output", help="PNG to write (default: next to the first file, .png)")
-    parser.add_argument("--keys", nargs="+", default=list(DEFAULT_KEYS), help="record keys to plot, one panel each")
+    parser.add_argument("--keys", nargs="+", default=["loss", "acc"], help="record keys to plot, one panel each")
     parser.add_argument("--title", help="chart title")
     return run_tool(plot, parser.parse_args(argv))
 

@@ -1,27 +1,19 @@
-"""What every tool does first and last: its arguments, the start of a run, signals and exit codes.
-
-The start of every tool run (load_run_config), in the only order that works:
-1. Read the YAML and the runner.* overrides, without paddle.
-2. prepare_environment(): Paddle reads FLAGS_* once, when it is imported.
-3. Import the model plugin (this imports paddle) to learn its CONFIG_DEFAULTS.
-4. Load the config for real, so -o is checked against YAML + runner
-   defaults + plugin defaults.
-5. Replace the SIGTERM handler Paddle installed at import by ours (SIGINT too).
-The end (run_tool): a UserError becomes one `error: ...` line and exit code 2.
+"""What every tool does first and last: its arguments, the start of a run (doc/tools.md, "Start-up order"),
+signals and exit codes.
 """
 import argparse
 import signal
 import sys
 
-from tools.utils.config import RUNNER_DEFAULTS, keys_without_effect, load_config, split_override
+from tools.utils.config import RUNNER_DEFAULTS, keys_without_effect, load_config
 from tools.utils.console import (EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR,
                                  DistributedError, Terminated, UserError, rank_prefix, warn)
 from tools.utils.environment import prepare_environment
-from tools.utils.plugin import import_plugin_module, plugin_config_defaults
+from tools.utils.plugin import import_plugin_module, plugin_declaration
 
 
 def config_arg_parser(description) -> argparse.ArgumentParser:
-    """Parser with PaddleRec's `-m config.yaml` and repeatable `-o key=value`."""
+    """PaddleRec's `-m config.yaml` and repeatable `-o key=value`."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("-m", "--config", required=True, help="path of the model's config.yaml")
     parser.add_argument("-o", "--opt", dest="overrides", action="extend", nargs="+", default=[],
@@ -30,25 +22,17 @@ def config_arg_parser(description) -> argparse.ArgumentParser:
     return parser
 
 
-def _runner_overrides(overrides):
-    """Overrides of tool-owned keys, which can be checked before step 3."""
-    selected = []
-    for item in overrides:
-        parsed = split_override(item)
-        if parsed is None or parsed[0] in RUNNER_DEFAULTS:
-            selected.append(item)  # malformed items fail early too
-    return selected
-
-
 def load_run_config(config_path, overrides=()):
-    """(config, plugin_module) with the process environment prepared."""
-    early = load_config(config_path, _runner_overrides(overrides))
+    """(config, plugin_module): the YAML and runner.* overrides read without Paddle, the environment prepared (Paddle
+    reads it at import), the plugin imported, and the config read again with the plugin's defaults so every -o is
+    checked; then our SIGTERM handler replaces the one Paddle installs at import."""
+    early = load_config(config_path, [item for item in overrides
+                                      if "=" not in item or item.split("=", 1)[0].strip() in RUNNER_DEFAULTS])
     prepare_environment(early.require("runner.deterministic", bool))
     plugin_module = import_plugin_module(early)
-    config = load_config(config_path, overrides, plugin_config_defaults(plugin_module))
+    config = load_config(config_path, overrides, plugin_declaration(plugin_module, "CONFIG_DEFAULTS"))
     handle_signals()
-    # PaddleRec keys are never unknown; those that cannot act here say so once.
-    for key, why in keys_without_effect(config):
+    for key, why in keys_without_effect(config):  # PaddleRec keys are never unknown; those idle here say so
         warn(f"{key} = {config[key]!r} has no effect here: {why}")
     return config, plugin_module
 
@@ -70,38 +54,25 @@ def handle_signals():
     signal.signal(signal.SIGINT, _on_signal)
 
 
-def _signal_behind(error):
-    """The signal that `error` comes from, or None. Paddle re-raises an exception from Python code it
-    calls (a PyLayer's backward) as its own OSError, so the exception may not say: the signal received does."""
-    if isinstance(error, Terminated):
-        return signal.SIGTERM
-    if isinstance(error, KeyboardInterrupt):
-        return signal.SIGINT
-    if isinstance(error, Exception) and _signals_received:
-        return _signals_received[-1]
-    return None
-
-
 def run_tool(body, args) -> int:
-    """Run body(args); turn a UserError into one `error:` line and exit code 2
-    (a DistributedError: exit code 3; Ctrl-C: 130; SIGTERM: 143). In a data-parallel run the line starts
-    with the rank, e.g. `[rank 1/2] error: ...`."""
+    """Run body(args); end a UserError with one `error:` line and exit code 2 (DistributedError: 3; Ctrl-C: 130;
+    SIGTERM: 143). In a data-parallel run the line starts with the rank, e.g. `[rank 1/2] error: ...`."""
     try:
         body(args)
-    except UserError as error:
-        sys.stdout.flush()
-        print(f"{rank_prefix()}error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except DistributedError as error:
-        sys.stdout.flush()
-        print(f"{rank_prefix()}error: {error}", file=sys.stderr)
-        return EXIT_DISTRIBUTED
+        return EXIT_OK
+    except (UserError, DistributedError) as error:
+        message, code = str(error), EXIT_USER_ERROR if isinstance(error, UserError) else EXIT_DISTRIBUTED
     except BaseException as error:
-        signum = _signal_behind(error)
-        if signum is None:
+        # Paddle re-raises an exception from Python code it calls (a PyLayer's backward) as its own OSError, so
+        # the exception may not say which signal it comes from: the signal received does.
+        if isinstance(error, KeyboardInterrupt):
+            signum = signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT
+        elif isinstance(error, Exception) and _signals_received:
+            signum = _signals_received[-1]
+        else:
             raise
-        sys.stdout.flush()
         terminated = signum == signal.SIGTERM
-        print(f"{rank_prefix()}error: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
-        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
-    return EXIT_OK
+        message, code = ("terminated (SIGTERM)", EXIT_TERMINATED) if terminated else ("interrupted", EXIT_INTERRUPTED)
+    sys.stdout.flush()
+    print(f"{rank_prefix()}error: {message}", file=sys.stderr)
+    return code

@@ -1,92 +1,23 @@
-"""The run's settings: a PaddleRec-style YAML config as a flat dict of dotted keys, `-o key=value` overrides,
-and the runner.* key table (RUNNER_DEFAULTS, printed for doc/tools.md by `python -m tools.utils.config`).
-
-Model plugins read the config the PaddleRec way,
-`config.get("hyper_parameters.n_way")`, so every YAML leaf becomes one
-dotted key (lists are leaves). Tool-owned `runner.*` keys have defaults and
-types in RUNNER_DEFAULTS; a plugin may add its own defaults through a
-module-level CONFIG_DEFAULTS dict. An override is typed like the value it
-replaces, so a typo such as `-o runner.epochs=0.5` fails loudly instead of
-training for 0.5 epochs. This module must not import paddle: the entry points
-load the config before Paddle starts (see environment.py).
+"""The run's settings: a PaddleRec YAML config as a flat dict of dotted keys, `-o key=value` overrides typed like
+the value they replace (`-o runner.epochs=0.5` fails), and the runner.* key table (`python -m tools.utils.config`
+prints it for doc/tools.md). Imports no paddle: the config is read before Paddle starts.
 """
 import difflib
 import numbers
 import os
-import re
 from collections import namedtuple
 
 import yaml
 
 from tools.utils.console import UserError
 
-_INT_TEXT = re.compile(r"^[+-]?\d+$")
-_TRUE_WORDS = {"true", "1", "yes", "on"}
-_FALSE_WORDS = {"false", "0", "no", "off"}
-_NONE_WORDS = {"null", "none", "~"}
-
-
-def split_override(item: str):
-    """'key=value' -> (key, value text). Returns None when there is no '='."""
-    if "=" not in item:
-        return None
-    key, text = item.split("=", 1)
-    return key.strip(), text
-
-
-def convert_value(text: str, type_, none_allowed: bool = False):
-    """Turn override text into `type_`; raises ValueError with a short reason.
-
-    `type_` is one of bool, int, float, str, list, or None (unknown type: the
-    text is read as YAML, so `-o a=3` gives 3 and `-o a=x` gives 'x').
-    `none_allowed` lets keys whose default is None be reset with `null`.
-    """
-    stripped = text.strip()
-    if none_allowed and stripped.lower() in _NONE_WORDS:
-        return None
-    if type_ is bool:
-        word = stripped.lower()
-        if word in _TRUE_WORDS:
-            return True
-        if word in _FALSE_WORDS:
-            return False
-        raise ValueError(f"expected bool (true/false/1/0/yes/no), got {text!r}")
-    if type_ is int:
-        if not _INT_TEXT.match(stripped):
-            raise ValueError(f"expected int, got {text!r}")
-        return int(stripped)
-    if type_ is float:
-        try:
-            return float(stripped)
-        except ValueError:
-            raise ValueError(f"expected float, got {text!r}") from None
-    if type_ is str:
-        return text
-    if type_ is list:
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = None
-        if not isinstance(value, list):
-            raise ValueError(f"expected a list such as [3, 3], got {text!r}")
-        return value
-    # Unknown type (the key's current value is None): YAML decides, and text
-    # that is not valid YAML on its own stays a plain string.
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 # paddlerec: how the key relates to PaddleRec's tools/trainer.py and infer.py: "same", "extended" (same meaning,
 # more to it, said in the doc), NO_EFFECT + why (accepted; a warning when set), or "" (not a PaddleRec key).
 RunnerKey = namedtuple("RunnerKey", ["default", "type", "doc", "paddlerec"], defaults=[""])
 NO_EFFECT = "no effect here"
 
-# The runner.* keys the tools understand. `type` drives -o typing and the
-# load-time check of YAML values; a default of None means "no default" (the
-# tool that needs the key raises "missing required key") or, where the doc
-# says so, "derived from another key".
+# The runner.* keys the tools understand; `type` checks YAML and -o values. A default of None means none (a tool
+# that needs the key says "missing required key") or, where the doc says so, one derived from another key.
 RUNNER_DEFAULTS = {
     "runner.use_gpu": RunnerKey(False, bool, "Run on a GPU when this Paddle build and the machine have one; else warn and use the CPU.", "extended: default False, and a GPU that is missing gives a warning and the CPU"),
     "runner.epochs": RunnerKey(1, int, "Number of training epochs (counted from 0; a resumed run continues up to this number).", "same"),
@@ -131,147 +62,130 @@ RUNNER_DEFAULTS = {
     "runner.valid_mode": RunnerKey("max", str, "max: the highest runner.valid_metric is best; min: the lowest. Ties keep the earlier epoch."),
 }
 
-# Keys the loader computes; never read from YAML or -o.
-COMPUTED_KEYS = ("config_abs_dir",)
-
 
 def keys_without_effect(config):
-    """[(key, why)] of the PaddleRec keys this config sets to something that would act in PaddleRec but not here."""
+    """[(key, why)] of the PaddleRec keys set to something that would act in PaddleRec but not here."""
     return [(key, spec.doc) for key, spec in RUNNER_DEFAULTS.items()
             if spec.paddlerec == NO_EFFECT and config.get(key) not in (None, False, "", spec.default)]
 
 
-def type_name(value) -> str:
-    return "None" if value is None else type(value).__name__
-
-
 def is_number(value, type_=numbers.Real) -> bool:
-    """A number of `type_` (int, float, numbers.Real...) that is not a bool: YAML/JSON true is no count."""
+    """A number of `type_` that is not a bool (YAML/JSON true is no count)."""
     return isinstance(value, type_) and not isinstance(value, bool)
 
 
-def check_type(value, type_):
-    """Return `value` if it fits `type_`, else raise ValueError.
+def _type_text(type_) -> str:
+    return "a list" if type_ is list else type_.__name__
 
-    bool is not accepted as an int (YAML `True` for an epoch count is a
-    mistake), while an int is accepted for a float and returned as float.
-    """
-    if type_ is None:
-        return value
+
+def check_type(value, type_):
+    """`value` if it fits `type_` (None: anything goes; an int is widened for a float), else ValueError."""
     if type_ is float and is_number(value, int):
         return float(value)
-    if type_ in (int, float) and isinstance(value, bool):
-        raise ValueError(f"expected {type_.__name__}, got bool {value!r}")
-    if not isinstance(value, type_):
-        raise ValueError(f"expected {type_.__name__}, got {type_name(value)} {value!r}")
+    if type_ is not None and (not isinstance(value, type_) or (type_ in (int, float) and isinstance(value, bool))):
+        raise ValueError(f"expected {_type_text(type_)}, got {'None' if value is None else type(value).__name__} "
+                         f"{value!r}")
     return value
 
 
-def suggest_keys(key, known, limit=3):
-    """Known keys close to a mistyped `key`, best first.
+def convert_value(text: str, type_, none_allowed=False):
+    """Override text read as YAML and checked like a YAML value (else ValueError naming the text); a str key takes
+    the text as it is, a bool key 1/0 too, a float key what float() reads (YAML 1.1 reads 1e-3 as text)."""
+    if none_allowed and text.strip().lower() in ("null", "none", "~"):
+        return None
+    if type_ is str:
+        return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text  # not YAML on its own: plain text
+    if type_ is bool and value in (0, 1) and is_number(value, int):
+        value = bool(value)
+    if type_ is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    try:
+        return check_type(value, type_)
+    except ValueError:
+        raise ValueError(f"expected {_type_text(type_)}, got {text!r}") from None
 
-    All keys share long prefixes ("runner.", "hyper_parameters."), which makes
-    many of them look similar; only keep those about as close as the best.
-    """
-    scored = [(difflib.SequenceMatcher(None, key, other).ratio(), other) for other in known]
-    scored = sorted((item for item in scored if item[0] >= 0.6), reverse=True)
-    if not scored:
-        return []
-    best = scored[0][0]
-    return [other for ratio, other in scored[:limit] if ratio >= best - 0.05]
+
+def suggest_keys(key, known, limit=3):
+    """Known keys close to a mistyped `key`, best first: only those about as close as the best, as the long shared
+    prefixes ("runner.") make many look alike."""
+    scored = sorted(((difflib.SequenceMatcher(None, key, other).ratio(), other) for other in known), reverse=True)
+    return [other for ratio, other in scored[:limit] if ratio >= max(0.6, scored[0][0] - 0.05)] if scored else []
 
 
 def flatten(mapping, prefix=""):
     """{'a': {'b': 1, 'c': [1]}} -> {'a.b': 1, 'a.c': [1]}; lists are leaves."""
     flat = {}
     for key, value in mapping.items():
-        dotted = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            flat.update(flatten(value, dotted + "."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
-            flat[dotted] = value
+            flat[f"{prefix}{key}"] = value
     return flat
 
 
 class Config(dict):
-    """Flat dotted-key config; also knows its file for error messages."""
+    """Flat dotted-key config that knows its file (for errors) and the type each -o value must have. In a view
+    (validation's runner.test_data_dir holds runner.valid_data_dir) `aliases` make errors name the key the user set.
+    """
 
-    def __init__(self, values, path):
+    def __init__(self, values, path, key_types=None, aliases=None):
         super().__init__(values)
-        self.path = path  # as given by the user, so messages read naturally
-        self.key_types = {}  # key -> type used to convert -o values
-        self["config_abs_dir"] = os.path.dirname(os.path.abspath(path))
+        self.path, self.key_types, self.aliases = path, dict(key_types or {}), dict(aliases or {})
+        self.setdefault("config_abs_dir", os.path.dirname(os.path.abspath(path)))
 
     @property
     def config_dir(self) -> str:
         return self["config_abs_dir"]
 
-    def error(self, key_or_path, message) -> UserError:
-        """A UserError '<config path>: <key_or_path>: <message>' to raise."""
-        return UserError(f"{self.path}: {key_or_path}: {message}")
+    def view(self, replacements, aliases):
+        return Config({**self, **replacements}, self.path, self.key_types, {**self.aliases, **aliases})
 
-    def require(self, key, type_=None):
-        """The value of `key`, or a UserError if it is missing or mistyped."""
-        value = self.get(key)
-        if value is None:
+    def error(self, key_or_path, message) -> UserError:
+        """UserError('<config path>: <key_or_path>: <message>') to raise."""
+        return UserError(f"{self.path}: {self.aliases.get(key_or_path, key_or_path)}: {message}")
+
+    def require(self, key, type_=None, minimum=None):
+        """The value of `key`; a UserError if it is missing, mistyped or below `minimum`."""
+        if self.get(key) is None:
             raise self.error(key, "missing required key")
         try:
-            return check_type(value, type_)
+            value = check_type(self[key], type_)
         except ValueError as reason:
             raise self.error(key, str(reason)) from None
+        if minimum is not None and value < minimum:
+            raise self.error(key, f"must be at least {minimum}, got {value}")
+        return value
 
     def resolve_path(self, key, required=True):
-        """The path in `key` made absolute relative to the config's folder.
-
-        PaddleRec semantics: relative paths in a config are relative to the
-        config file, not to the current directory. An empty value counts as
-        unset: UserError when required, else None.
-        """
+        """The path in `key`, relative to the config's folder as in PaddleRec; empty is unset (required: an error)."""
         value = self.get(key)
         if value in (None, ""):
             if required:
                 raise self.error(key, "missing required key")
             return None
-        value = os.path.expanduser(str(value))
-        return os.path.normpath(os.path.join(self.config_dir, value))
-
-    def known_keys(self):
-        return sorted(set(self.key_types) | (set(self) - set(COMPUTED_KEYS)))
+        return os.path.normpath(os.path.join(self.config_dir, os.path.expanduser(str(value))))
 
     def apply_override(self, item):
-        parsed = split_override(item)
-        if parsed is None or not parsed[0]:
+        key, equals, text = item.partition("=")
+        key = key.strip()
+        if not equals or not key:
             raise self.error(f"-o {item}", "expected key=value")
-        key, text = parsed
         if key not in self.key_types:
-            hint = suggest_keys(key, self.known_keys())
-            suffix = f" (did you mean {', '.join(hint)}?)" if hint else ""
-            raise self.error(f"-o {key}", f"unknown key{suffix}")
-        runner_key = RUNNER_DEFAULTS.get(key)
-        none_allowed = self.get(key) is None or (runner_key is not None and runner_key.default is None)
+            hint = suggest_keys(key, sorted(set(self.key_types) | set(self) - {"config_abs_dir"}))
+            raise self.error(f"-o {key}", "unknown key" + (f" (did you mean {', '.join(hint)}?)" if hint else ""))
+        spec = RUNNER_DEFAULTS.get(key)
+        none_allowed = self.get(key) is None or (spec is not None and spec.default is None)
         try:
             self[key] = convert_value(text, self.key_types[key], none_allowed)
         except ValueError as reason:
             raise self.error(f"-o {key}", str(reason)) from None
-
-
-class ConfigView(Config):
-    """A copy of a config with some keys replaced, for code that reads fixed keys.
-
-    Validation hands the evaluation reader a view in which runner.test_data_dir
-    and runner.infer_tasks hold the validation settings. `aliases` maps a
-    replaced key to the key the user really set, so config.error() names that.
-    """
-
-    def __init__(self, base, replacements, aliases=None):
-        dict.__init__(self, base)
-        self.path = base.path
-        self.key_types = dict(base.key_types)
-        self.update(replacements)
-        self.aliases = dict(aliases or {})
-
-    def error(self, key_or_path, message) -> UserError:
-        return super().error(self.aliases.get(key_or_path, key_or_path), message)
 
 
 def read_yaml_mapping(path):
@@ -282,89 +196,54 @@ def read_yaml_mapping(path):
         raise UserError(f"{path}: is a folder, expected a YAML config file")
     try:
         with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+            data = yaml.safe_load(handle)
     except (OSError, UnicodeDecodeError) as reason:
-        detail = getattr(reason, "strerror", None) or str(reason)
-        raise UserError(f"{path}: cannot read config file: {detail}") from None
-    try:
-        data = yaml.safe_load(text)
+        raise UserError(f"{path}: cannot read config file: {getattr(reason, 'strerror', None) or reason}") from None
     except yaml.YAMLError as reason:
         mark = getattr(reason, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(reason, "problem", None) or "invalid YAML"
-        raise UserError(f"{path}: {where}YAML syntax error: {problem}") from None
+        raise UserError(f"{path}: {where}YAML syntax error: {getattr(reason, 'problem', None) or 'invalid YAML'}") \
+            from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: top level must be a mapping of sections, got {type_name(data)}")
+        raise UserError(f"{path}: top level must be a mapping of sections, got "
+                        f"{'None' if data is None else type(data).__name__}")
     return data
 
 
-def _runner_value(config, key, spec):
-    """Check a YAML runner value against its declared type."""
-    value = config[key]
-    if value is None and spec.default in (None, ""):
-        return spec.default
-    try:
-        return check_type(value, spec.type)
-    except ValueError as reason:
-        raise config.error(key, str(reason)) from None
+def _type_of(value):
+    """The type an override of this value must have (None: whatever YAML reads)."""
+    return type(value) if isinstance(value, (bool, int, float, str, list)) else None
 
 
 def load_config(path, overrides=(), plugin_defaults=None) -> Config:
-    """Read `path`, merge defaults under it, then apply `-o key=value` items.
-
-    Precedence, lowest first: plugin CONFIG_DEFAULTS, runner defaults, YAML,
-    overrides. An override must name a key that exists in one of the first
-    three, so load the plugin's defaults first (see cli.load_run_config) when plugin
-    keys may be overridden. Types for -o come from RUNNER_DEFAULTS, else the
-    plugin default's type, else the YAML value's type.
-    """
+    """The config: plugin CONFIG_DEFAULTS, runner defaults, the YAML, then `-o key=value` overrides, each over the
+    last. An override must name a key of the first three, typed by RUNNER_DEFAULTS, the plugin default or the YAML."""
     yaml_values = flatten(read_yaml_mapping(path))
-    for key in COMPUTED_KEYS:
-        yaml_values.pop(key, None)
-
-    values = dict(plugin_defaults or {})
-    values.update({key: spec.default for key, spec in RUNNER_DEFAULTS.items()})
-    values.update(yaml_values)
-    config = Config(values, path)
-
-    for key, value in yaml_values.items():
-        config.key_types[key] = _type_of(value)
-    for key, default in (plugin_defaults or {}).items():
-        if default is not None:
-            config.key_types[key] = _type_of(default)
+    yaml_values.pop("config_abs_dir", None)  # computed, never read
+    plugin_defaults = plugin_defaults or {}
+    types = {key: _type_of(value) for key, value in yaml_values.items()}
+    types.update({key: _type_of(value) for key, value in plugin_defaults.items()
+                  if value is not None or key not in types})
+    types.update({key: spec.type for key, spec in RUNNER_DEFAULTS.items()})
+    defaults = {key: spec.default for key, spec in RUNNER_DEFAULTS.items()}
+    config = Config({**plugin_defaults, **defaults, **yaml_values}, path, types)
+    for key in RUNNER_DEFAULTS.keys() & yaml_values.keys():
+        if yaml_values[key] is None and defaults[key] in (None, ""):
+            config[key] = defaults[key]
         else:
-            config.key_types.setdefault(key, None)
-    for key, spec in RUNNER_DEFAULTS.items():
-        config.key_types[key] = spec.type
-        if key in yaml_values:
-            config[key] = _runner_value(config, key, spec)
-
+            config[key] = config.require(key, types[key])
     for item in overrides:
         config.apply_override(item)
     return config
 
 
-def _type_of(value):
-    """The type an override of this value must have (None: parse as YAML)."""
-    if isinstance(value, (bool, int, float, str, list)):
-        return type(value)
-    return None
-
-
-def _default_text(value) -> str:
-    if value is None:
-        return "(unset)"
-    if value == "":
-        return '`""`'
-    return f"`{value}`"
-
-
 def runner_keys_markdown() -> str:
     lines = ["| key | type | default | PaddleRec | meaning |", "| --- | --- | --- | --- | --- |"]
     for key, spec in RUNNER_DEFAULTS.items():
-        doc = spec.doc.replace("|", "\\|")  # a bare | would split the table cell
-        paddlerec = (spec.paddlerec or "not a PaddleRec key").replace("|", "\\|")
-        lines.append(f"| `{key}` | {spec.type.__name__} | {_default_text(spec.default)} | {paddlerec} | {doc} |")
+        default = "(unset)" if spec.default is None else '`""`' if spec.default == "" else f"`{spec.default}`"
+        cells = [spec.paddlerec or "not a PaddleRec key", spec.doc]
+        paddlerec, doc = (cell.replace("|", "\\|") for cell in cells)  # a bare | would split the table cell
+        lines.append(f"| `{key}` | {spec.type.__name__} | {default} | {paddlerec} | {doc} |")
     return "\n".join(lines) + "\n"
 
 

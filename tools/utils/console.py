@@ -1,16 +1,7 @@
-"""What the user sees: log lines, warnings, progress bars, and the errors that end a tool.
+"""What the user sees: PaddleRec-style log lines and warnings, progress bars, and the errors that end a tool.
 
-Log lines and warnings go through `logging` in PaddleRec's format
-(`2026-01-01 12:00:00,000 - INFO - epoch: 0, ...`; warnings at level WARNING on
-stderr). Their handler writes with tqdm.write, so an active bar (on stderr) is
-redrawn below them instead of being torn. Bars only appear on a terminal: in
-log files and CI they would be a stream of carriage returns. Errors that end a
-tool are not log lines: they are one `error: ...` line (UserError, printed by
-tools/utils/cli.py with the exit codes below).
-
-In a data-parallel run (set_rank with world_size > 1) every line starts with
-`[rank R/N] `, only rank 0 logs and draws bars, and every rank still prints
-its warnings and errors.
+Lines go through `logging` in PaddleRec's format with tqdm.write, so a progress bar (stderr, terminals only) is
+redrawn below them, not torn. Data-parallel: lines start with `[rank R/N] `; only rank 0 logs and draws bars.
 """
 import logging
 import sys
@@ -24,23 +15,15 @@ def one_line(message) -> str:
 
 
 class UserError(ValueError):
-    """A mistake the user can fix (bad config, missing file, wrong key).
-
-    The message is a single line that names the file and the key or path at
-    fault, so the tools can print it without a traceback and exit with code 2.
-    Anything else that escapes a tool is a bug and keeps its traceback.
-    """
+    """A mistake the user can fix: one line naming the file and key or path at fault, exit 2 (other errors are bugs
+    and keep their traceback)."""
 
     def __init__(self, message: str):
         super().__init__(one_line(message))
 
 
 class DistributedError(Exception):
-    """A data-parallel run cannot go on: a peer rank died, hung or disagrees.
-
-    Printed like a UserError (one `error:` line naming the rank), with its
-    own exit code, so a job's logs say which rank gave up and why.
-    """
+    """A data-parallel run cannot go on (a peer rank died, hung or disagrees): one `error:` line, exit 3."""
 
     def __init__(self, message: str):
         super().__init__(one_line(message))
@@ -50,16 +33,9 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM arrived (kill, a scheduler, a container stop): unwinds like Ctrl-C, so saves stay atomic."""
 
 
-# Exit codes shared by every tool (documented in doc/tools.md).
-EXIT_OK = 0
-EXIT_USER_ERROR = 2
-EXIT_DISTRIBUTED = 3
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143  # 128 + SIGTERM, what shells report for a process it ended
-
-
+# Exit codes shared by every tool (documented in doc/tools.md); 143 = 128 + SIGTERM, as shells report it.
+EXIT_OK, EXIT_USER_ERROR, EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 2, 3, 130, 143
 _rank, _world_size = 0, 1
-LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"  # PaddleRec's tools/trainer.py and infer.py
 
 
 class _TqdmHandler(logging.Handler):
@@ -74,35 +50,27 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
-def _tools_logger():
-    logger = logging.getLogger("paddle_maml_tools")
-    if not logger.handlers:
-        handler = _TqdmHandler()
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False  # Paddle configures the root logger with its own format
-    return logger
-
-
-_logger = _tools_logger()
+_logger = logging.getLogger("paddle_maml_tools")
+if not _logger.handlers:
+    _handler = _TqdmHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))  # PaddleRec's format
+    _logger.addHandler(_handler)
+    _logger.setLevel(logging.INFO)
+    _logger.propagate = False  # Paddle configures the root logger with its own format
 
 
 def set_rank(rank: int, world_size: int):
-    """Label this process's lines with its rank; ranks other than 0 stop logging."""
     global _rank, _world_size
     _rank, _world_size = int(rank), int(world_size)
 
 
 def rank_prefix() -> str:
-    """'[rank R/N] ' in a data-parallel run, else ''."""
     return f"[rank {_rank}/{_world_size}] " if _world_size > 1 else ""
 
 
 def log(line: str):
-    if _rank != 0:
-        return  # one voice per job: rank 0 speaks for all ranks
-    _logger.info(f"{rank_prefix()}{line}")
+    if _rank == 0:  # one voice per job: rank 0 speaks for all ranks
+        _logger.info(f"{rank_prefix()}{line}")
 
 
 def warn(message: str):
@@ -110,9 +78,8 @@ def warn(message: str):
 
 
 def progress_bar(total, description):
-    """A tqdm bar over batches; total=None gives a bar with unknown length."""
-    return tqdm(total=total, desc=description, unit="batch", file=sys.stderr,
-                dynamic_ncols=True, leave=False, disable=None if _rank == 0 else True)
+    return tqdm(total=total, desc=description, unit="batch", file=sys.stderr, dynamic_ncols=True, leave=False,
+                disable=None if _rank == 0 else True)
 
 
 def format_number(value) -> str:
@@ -120,38 +87,21 @@ def format_number(value) -> str:
 
 
 def format_values(values: dict) -> str:
-    """'loss: 1.2345, acc: 0.5000' in PaddleRec's log style."""
+    """'loss: 1.2345, acc: 0.5000', PaddleRec's style."""
     return ", ".join(f"{key}: {format_number(value)}" for key, value in values.items())
 
 
-def format_train_line(epoch, batch_id, values, reader_cost, batch_cost, avg_samples, ips) -> str:
-    """PaddleRec's per-interval training log line."""
-    parts = [f"epoch: {epoch}", f"batch_id: {batch_id}"]
-    if values:
-        parts.append(format_values(values))
-    parts += [f"avg_reader_cost: {reader_cost:.5f} sec", f"avg_batch_cost: {batch_cost:.5f} sec",
-              f"avg_samples: {avg_samples:.1f}", f"ips: {ips:.1f} ins/s"]
-    return ", ".join(parts)
-
-
-def format_infer_values(values: dict) -> str:
-    """'acc 0.9712 ± 0.0040 (95% CI, 1000 tasks)', generic for other keys.
-
-    A key X with a companion X_ci95 is shown as a confidence interval; a
-    "tasks" (or "samples") count goes into that parenthesis.
-    """
+def format_results(values: dict) -> str:
+    """'acc 0.9712 ± 0.0040 (95% CI, 1000 tasks)': a key X with a companion X_ci95 is shown with its interval,
+    and a "tasks" (or "samples") count goes into that parenthesis; 'no results' when there is nothing."""
     count_key = next((key for key in ("tasks", "samples") if key in values), None)
-    has_interval = any(f"{key}_ci95" in values for key in values)
+    with_interval = any(f"{key}_ci95" in values for key in values)
     parts = []
     for key, value in values.items():
-        if key.endswith("_ci95") and key[:-len("_ci95")] in values:
-            continue
-        if key == count_key and has_interval:
+        if (key.endswith("_ci95") and key[:-len("_ci95")] in values) or (key == count_key and with_interval):
             continue
         interval = values.get(f"{key}_ci95")
-        if interval is None:
-            parts.append(f"{key} {format_number(value)}")
-            continue
         detail = "95% CI" + (f", {values[count_key]} {count_key}" if count_key else "")
-        parts.append(f"{key} {format_number(value)} ± {format_number(interval)} ({detail})")
-    return ", ".join(parts)
+        parts.append(f"{key} {format_number(value)}" if interval is None else
+                     f"{key} {format_number(value)} ± {format_number(interval)} ({detail})")
+    return ", ".join(parts) or "no results"
