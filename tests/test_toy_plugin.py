@@ -378,3 +378,31 @@ def test_benchmark_columns_are_named_by_the_plugin(tmp_path):
         handle.write('\nBENCHMARK_LABELS = {"samples": "points", "kernels": "linear"}\n')
     assert header(plugin / "config.yaml").split()[2:] == ["points/s", "vs", "first", "peak", "MB", "linear", "s",
                                                            "linear", "%"]
+
+
+def test_benchmark_peer_column_times_the_plugins_peer_command_in_the_peer_folder(tmp_path):
+    """--peer runs the plugin's BENCHMARK_PEER command in the given folder and prints its time and our ratio."""
+    plugin = tmp_path / "toy"
+    shutil.copytree(TOY_DIR, plugin, ignore=shutil.ignore_patterns("output_*", "__pycache__"))
+    with open(plugin / "dygraph_model.py", "a", encoding="utf-8") as handle:
+        handle.write('\nBENCHMARK_PEER = {"label": "fake", "config": "config.yaml", "seconds": r"took ([0-9.]+) s",'
+                     ' "commands": [["sh", "peer.sh", "{iterations}"]]}\n')
+    peer = tmp_path / "peer"
+    peer.mkdir()
+    (peer / "peer.sh").write_text('echo "warming up"; echo "took 0.5 s over $1 iterations"\n')
+    process = run_tool("benchmark.py", "-m", plugin / "config.yaml", "--iterations", "2", "--warmup", "0",
+                       "--peer", peer)
+    assert_ok(process)
+    lines = process.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("variant "))
+    assert header.split()[-4:] == ["fake", "s", "vs", "peer"]
+    row = lines[lines.index(header) + 1].split()
+    ours, theirs, ratio = float(row[-8]), float(row[-2]), float(row[-1].rstrip("x"))  # the label may have spaces
+    assert theirs == 0.5 and abs(ratio - ours / 0.5) < 0.01 + 0.01 * ours / 0.5
+    assert "peer.sh 2" in process.stdout  # {iterations} became the benchmark's count
+    (peer / "peer.sh").write_text("echo nothing useful\n")
+    failed = run_tool("benchmark.py", "-m", plugin / "config.yaml", "--iterations", "1", "--warmup", "0",
+                      "--peer", peer)
+    assert_user_error(failed, "the peer command failed (exit 0) or printed no time")
+    no_peer = run_tool("benchmark.py", "-m", TOY_CONFIG, "--iterations", "1", "--warmup", "0", "--peer", peer)
+    assert_user_error(no_peer, "--peer given, but the model plugin declares no BENCHMARK_PEER")

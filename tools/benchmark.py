@@ -4,11 +4,14 @@
 
 Each of the plugin's BENCHMARK_VARIANTS (override dicts) runs in a fresh process, so its peak memory is its own; an
 iteration is the trainer's step on one fixed batch. A plugin's kernel_seconds(model, batch, config) gives the time
-of its compute kernels replayed bare (the rest is overhead); BENCHMARK_LABELS names the columns.
+of its compute kernels replayed bare (the rest is overhead); BENCHMARK_LABELS names the columns. With --peer DIR,
+the plugin's BENCHMARK_PEER commands (one per variant, run in DIR) time another implementation of the same workload
+in the same run, for a "vs peer" ratio.
 """
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -72,21 +75,47 @@ def run_variant(args, variant):
     return label, json.loads(lines[-1][len("BENCHMARK "):])
 
 
+def run_peer(args, peer, variant_index):
+    """Seconds per iteration of the peer's command for one variant (BENCHMARK_PEER), run in args.peer."""
+    command = [part.format(iterations=args.iterations) for part in peer["commands"][variant_index]]
+    print(f"running peer: {' '.join(command)} ...", flush=True)
+    try:
+        done = subprocess.run(command, cwd=args.peer, capture_output=True, text=True)
+    except OSError as exc:
+        raise UserError(f"{args.peer}: cannot run the peer ({exc})")
+    found = re.findall(peer["seconds"], done.stdout)
+    if done.returncode != 0 or not found:
+        sys.stderr.write(done.stderr[-3000:])
+        raise UserError(f"{args.peer}: the peer command failed (exit {done.returncode}) or printed no time")
+    return float(found[-1])
+
+
 def compare(args):
     """Parent process: run every variant in a child and print the table."""
     _, plugin_module = load_run_config(args.config, args.overrides)  # checks the config and overrides first
     labels = {"samples": "samples", "kernels": "kernel", **plugin_declaration(plugin_module, "BENCHMARK_LABELS")}
-    rows = [run_variant(args, variant) for variant in plugin_declaration(plugin_module, "BENCHMARK_VARIANTS")]
+    variants = plugin_declaration(plugin_module, "BENCHMARK_VARIANTS")
+    peer = plugin_declaration(plugin_module, "BENCHMARK_PEER") if args.peer else None
+    if args.peer and not peer:
+        raise UserError(f"{args.config}: --peer given, but the model plugin declares no BENCHMARK_PEER")
+    if peer and os.path.basename(args.config) != peer["config"]:
+        print(f"note: the peer times the workload of {peer['config']}; {args.config} may differ", flush=True)
+    rows = [run_variant(args, variant) for variant in variants]
+    for index, (_, result) in enumerate(rows):
+        if peer:
+            result["peer_seconds"] = run_peer(args, peer, index)
     base, first = rows[0][1]["seconds"], rows[0][1]
     print(f"\nmedian of {args.iterations} iterations after {args.warmup} warm-up, device {first['device']}, "
           f"{first['threads']} CPU threads")
     print(f"{'variant':38s} {'s/iter':>8s} {labels['samples'] + '/s':>8s} {'vs first':>8s} {'peak MB':>8s} "
-          f"{labels['kernels'] + ' s':>7s} {labels['kernels'] + ' %':>7s}")
+          f"{labels['kernels'] + ' s':>7s} {labels['kernels'] + ' %':>7s}"
+          + (f" {peer['label'] + ' s':>8s} {'vs peer':>8s}" if peer else ""))
     for label, r in rows:
         kernel = r.get("kernel_seconds")
         kernel_text = "      -      -" if kernel is None else f"{kernel:7.3f} {100 * kernel / r['seconds']:6.1f}%"
+        peer_text = (f" {r['peer_seconds']:8.3f} {r['seconds'] / r['peer_seconds']:7.2f}x" if peer else "")
         print(f"{label:38s} {r['seconds']:8.3f} {r['samples'] / r['seconds']:8.2f} {r['seconds'] / base:7.2f}x "
-              f"{r['peak_rss_mb']:8.0f} {kernel_text}")
+              f"{r['peak_rss_mb']:8.0f} {kernel_text}{peer_text}")
         print(f"{'':38s} all: {', '.join(f'{t:.3f}' for t in r['all_seconds'])}")
 
 
@@ -94,6 +123,7 @@ def main():
     parser = config_arg_parser(__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    parser.add_argument("--peer", metavar="DIR", help="also time the plugin's BENCHMARK_PEER commands, run in DIR")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.iterations < 1 or args.warmup < 0:

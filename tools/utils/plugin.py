@@ -104,6 +104,13 @@ DECLARATIONS = {
                            lambda value: isinstance(value, list) and value and all(map(_dict_of_str_keys, value)),
                            [{}]),
     "BENCHMARK_LABELS": ("a dict of strings", _dict_of_str_keys, {}),
+    # Another implementation of the same workload, for benchmark --peer: {"label", "config" (the config file name
+    # it mirrors), "seconds" (a regex whose group is seconds per iteration), "commands" (one argument list per
+    # variant, run in the peer's folder; "{iterations}" is replaced)}.
+    "BENCHMARK_PEER": ("a dict with label, config, seconds and commands",
+                       lambda value: isinstance(value, dict) and {"label", "config", "seconds", "commands"} <= set(value)
+                       and isinstance(value["commands"], list) and all(isinstance(c, list) for c in value["commands"]),
+                       None),
 }
 
 

@@ -53,6 +53,11 @@ NON_FINITE_KEYS = {"hyper_parameters.base_optimizer.learning_rate": "the inner l
 # tools/benchmark.py times one meta-iteration per variant (first the one a ratio is taken against).
 BENCHMARK_VARIANTS = [{"hyper_parameters.first_order": True}, {"hyper_parameters.first_order": False}]
 BENCHMARK_LABELS = {"samples": "tasks", "kernels": "conv"}  # its columns: tasks/s, conv s, conv %
+# learn2learn's MAML on PyTorch, the harness of ../shared/peers (built as its README says, in a folder passed
+# as --peer): the workload of config_paddlerec.yaml, one command per variant above (first order, second order).
+_PEER_RUN = ["venv/bin/python", "maml_omniglot.py", "--impl", "l2l", "--mode", "bench", "--bench-iters", "{iterations}"]
+BENCHMARK_PEER = {"label": "l2l", "config": "config_paddlerec.yaml", "seconds": r"s/iter median ([0-9.]+)",
+                  "commands": [_PEER_RUN + ["--first-order"], _PEER_RUN]}
 
 
 def _with_defaults(check):
