@@ -100,10 +100,11 @@ def compare(args):
         raise UserError(f"{args.config}: --peer given, but the model plugin declares no BENCHMARK_PEER")
     if peer and os.path.basename(args.config) != peer["config"]:
         print(f"note: the peer times the workload of {peer['config']}; {args.config} may differ", flush=True)
-    rows = [run_variant(args, variant) for variant in variants]
-    for index, (_, result) in enumerate(rows):
-        if peer:
-            result["peer_seconds"] = run_peer(args, peer, index)
+    rows = []
+    for index, variant in enumerate(variants):
+        rows.append(run_variant(args, variant))
+        if peer:  # right after our run of the same variant: the machine's speed drifts over minutes
+            rows[-1][1]["peer_seconds"] = run_peer(args, peer, index)
     base, first = rows[0][1]["seconds"], rows[0][1]
     print(f"\nmedian of {args.iterations} iterations after {args.warmup} warm-up, device {first['device']}, "
           f"{first['threads']} CPU threads")
