@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 
 import numpy as np
 import paddle
@@ -110,10 +111,30 @@ def test_maml_onednn_0_keeps_onednn_unloaded():
 
 
 def test_the_models_large_convolutions_go_to_onednn_and_the_first_layer_does_not():
+    conv = kernels.ConvSettings(1, 1, 4)
     query = paddle.zeros([75, 256, 14, 14]), paddle.zeros([256, 64, 3, 3])
     first_layer = paddle.zeros([75, 4, 28, 28]), paddle.zeros([256, 1, 3, 3])
-    assert onednn_conv.preferred(*query) == (onednn_conv._libs is not None)
-    assert not onednn_conv.preferred(*first_layer)
+    assert onednn_conv.preferred(*query, conv) == (onednn_conv._libs is not None)
+    assert not onednn_conv.preferred(*first_layer, conv)
+
+
+@needs_onednn
+def test_a_convolution_onednn_refuses_is_computed_by_paddles_kernel_with_one_warning(monkeypatch):
+    def refuse(*args):
+        raise onednn_conv.OneDNNError("oneDNN primitive descriptor failed (status 3)")
+
+    monkeypatch.setattr(onednn_conv, "_create_convolution_primitives", refuse)
+    monkeypatch.setattr(onednn_conv, "_primitives", {})
+    rng = np.random.default_rng(4)
+    x = paddle.to_tensor(rng.standard_normal((9, 16, 14, 14)).astype("float32"))
+    w = paddle.to_tensor(rng.standard_normal((16, 8, 3, 3)).astype("float32"))
+    conv = kernels.ConvSettings(1, 1, 2)
+    with pytest.warns(UserWarning, match="oneDNN refused a convolution of .9, 16, 14, 14. by .16, 8, 3, 3."):
+        assert not onednn_conv.preferred(x, w, conv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second attempt, no second warning
+        assert not onednn_conv.preferred(x, w, conv)
+    _close(kernels.conv2d(x, w, conv), _paddle_kernels(x, w, paddle.zeros([9, 16, 14, 14]), conv)[0])
 
 
 @needs_onednn

@@ -29,14 +29,14 @@ def _conv_attributes(conv):
 def conv2d(x, weight, conv):
     """conv(x, weight) with the settings `conv` (a ConvSettings): oneDNN's kernel on one thread where it is
     the faster (float32 on a CPU, large enough; onednn_conv.preferred), else Paddle's."""
-    if onednn_conv.preferred(x, weight):
+    if onednn_conv.preferred(x, weight, conv):
         return onednn_conv.conv2d(x, weight, conv)
     return _C_ops.conv2d(x, weight, *_conv_attributes(conv))
 
 
 def conv2d_grad(x, weight, out_grad, conv):
     """(d/dx, d/dweight) of sum(out_grad * conv(x, weight)), from the kernel conv2d would choose."""
-    if onednn_conv.preferred(x, weight):
+    if onednn_conv.preferred(x, weight, conv):
         return onednn_conv.conv2d_grad(x, weight, out_grad, conv)
     return _C_ops.conv2d_grad(x, weight, out_grad, *_conv_attributes(conv))
 

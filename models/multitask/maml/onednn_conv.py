@@ -10,9 +10,10 @@ oneDNN's blocked code (the primitive alone): forward 166 -> 115 ms, both gradien
 
 This module calls oneDNN's C API with ctypes on the tensors' own memory, so no compiler is involved; where
 oneDNN wants a blocked layout, the operands are reordered into scratch buffers and the results back to
-NCHW (that copy is why small convolutions stay with Paddle: `preferred`). Every call here is float32 on the CPU; anything else (float64 in the finite-
-difference tests, GPU tensors), a Paddle without libdnnl, or a convolution oneDNN refuses goes to Paddle's
-own kernels (native_kernels.py decides, with `supports`). MAML_ONEDNN=0 turns this module off.
+NCHW (that copy is why small convolutions stay with Paddle: `preferred`). Every call here is float32 on the
+CPU; anything else (float64 in the finite-difference tests, GPU tensors), a Paddle without libdnnl, or a
+convolution oneDNN refuses goes to Paddle's own kernels (native_kernels.py asks `preferred`). MAML_ONEDNN=0
+turns this module off.
 
 Thread safety: each primitive gets its scratch memory from the caller (oneDNN's "user" scratchpad mode),
 and each OS thread has its own oneDNN stream, so the two halves of a split convolution (cpu_schedule.py)
@@ -21,6 +22,7 @@ can run the same primitive at once. oneDNN uses OpenMP threads: `omp_threads` se
 import ctypes
 import os
 import threading
+import warnings
 
 import paddle
 
@@ -227,16 +229,9 @@ _OUTPUTS = (_ARG_DST, _ARG_DIFF_SRC, _ARG_DIFF_WEIGHTS)
 
 def _reorder(source, target):
     """A primitive copying memory of descriptor `source` into the layout of `target`."""
-    dnnl = _libs[0]
-    engine = _setup()
-    reorder = _Primitive.__new__(_Primitive)
-    pd = _ptr()
-    _check(dnnl.dnnl_reorder_primitive_desc_create(ctypes.byref(pd), source, engine, target, engine, _attr),
-           "reorder descriptor")
-    reorder.pd, reorder.handle = pd, _ptr()
-    _check(dnnl.dnnl_primitive_create(ctypes.byref(reorder.handle), pd), "reorder")
-    reorder.scratch_md = _ptr(dnnl.dnnl_primitive_desc_query_md(pd, _QUERY_SCRATCHPAD_MD, 0))
-    reorder.scratch_bytes = dnnl.dnnl_memory_desc_get_size(reorder.scratch_md) if reorder.scratch_md else 0
+    dnnl, engine = _libs[0], _setup()
+    reorder = _Primitive(lambda pd: dnnl.dnnl_reorder_primitive_desc_create(pd, source, engine, target, engine, _attr),
+                         {})
     reorder.source, reorder.target = source, target
     return reorder
 
@@ -250,39 +245,49 @@ def _convolution_primitives(x_shape, w_shape, conv):
     with _lock:
         if key in _primitives:
             return _primitives[key]
-        dnnl = _libs[0]
-        engine = _setup()
-        n, c, h, w = x_shape
-        out_c, in_per_group, kh, kw = w_shape
-        g = conv.groups
-        oh = (h + 2 * conv.padding - kh) // conv.stride + 1
-        ow = (w + 2 * conv.padding - kw) // conv.stride + 1
-        src = _descriptor([n, c, h, w], _TAG_ABCD)
-        dst = _descriptor([n, out_c, oh, ow], _TAG_ABCD)
-        w_shape = [g, out_c // g, in_per_group, kh, kw] if g > 1 else [out_c, in_per_group, kh, kw]
-        weights = _descriptor(w_shape, _TAG_ABCDE if g > 1 else _TAG_ABCD)
-        # oneDNN picks the layouts of its fastest code for "any"; _Primitive reorders to and from NCHW
-        src_any, dst_any = _descriptor([n, c, h, w], _TAG_ANY), _descriptor([n, out_c, oh, ow], _TAG_ANY)
-        weights_any = _descriptor(w_shape, _TAG_ANY)
-        strides, dilations = _dims([conv.stride] * 2), _dims([0, 0])  # oneDNN: dilation 0 = none
-        pad = _dims([conv.padding] * 2)
-        forward = _Primitive(
-            lambda pd: dnnl.dnnl_convolution_forward_primitive_desc_create(
-                pd, engine, _FORWARD_TRAINING, _CONVOLUTION_DIRECT, src_any, weights_any, None, dst_any,
-                strides, dilations, pad, pad, _attr),
-            {_ARG_SRC: src, _ARG_WEIGHTS: weights, _ARG_DST: dst}, outputs=(_ARG_DST,))
-        backward_data = _Primitive(
-            lambda pd: dnnl.dnnl_convolution_backward_data_primitive_desc_create(
-                pd, engine, _CONVOLUTION_DIRECT, src_any, weights_any, dst_any, strides, dilations, pad, pad,
-                forward.pd, _attr),
-            {_ARG_DIFF_SRC: src, _ARG_WEIGHTS: weights, _ARG_DIFF_DST: dst}, outputs=(_ARG_DIFF_SRC,))
-        backward_weights = _Primitive(
-            lambda pd: dnnl.dnnl_convolution_backward_weights_primitive_desc_create(
-                pd, engine, _CONVOLUTION_DIRECT, src_any, weights_any, None, dst_any, strides, dilations,
-                pad, pad, forward.pd, _attr),
-            {_ARG_SRC: src, _ARG_DIFF_WEIGHTS: weights, _ARG_DIFF_DST: dst}, outputs=(_ARG_DIFF_WEIGHTS,))
-        found = _primitives[key] = (forward, backward_data, backward_weights, [n, out_c, oh, ow])
+        try:
+            found = _primitives[key] = _create_convolution_primitives(x_shape, w_shape, conv)
+        except OneDNNError as exc:  # this convolution stays with Paddle's kernel (preferred)
+            warnings.warn(f"oneDNN refused a convolution of {list(x_shape)} by {list(w_shape)} ({exc}); "
+                          "Paddle's kernel computes it")
+            found = _primitives[key] = None
         return found
+
+
+def _create_convolution_primitives(x_shape, w_shape, conv):
+    """(forward, backward-data, backward-weights primitives, output shape); OneDNNError if refused."""
+    dnnl = _libs[0]
+    engine = _setup()
+    n, c, h, w = x_shape
+    out_c, in_per_group, kh, kw = w_shape
+    g = conv.groups
+    oh = (h + 2 * conv.padding - kh) // conv.stride + 1
+    ow = (w + 2 * conv.padding - kw) // conv.stride + 1
+    src = _descriptor([n, c, h, w], _TAG_ABCD)
+    dst = _descriptor([n, out_c, oh, ow], _TAG_ABCD)
+    w_shape = [g, out_c // g, in_per_group, kh, kw] if g > 1 else [out_c, in_per_group, kh, kw]
+    weights = _descriptor(w_shape, _TAG_ABCDE if g > 1 else _TAG_ABCD)
+    # oneDNN picks the layouts of its fastest code for "any"; _Primitive reorders to and from NCHW
+    src_any, dst_any = _descriptor([n, c, h, w], _TAG_ANY), _descriptor([n, out_c, oh, ow], _TAG_ANY)
+    weights_any = _descriptor(w_shape, _TAG_ANY)
+    strides, dilations = _dims([conv.stride] * 2), _dims([0, 0])  # oneDNN: dilation 0 = none
+    pad = _dims([conv.padding] * 2)
+    forward = _Primitive(
+        lambda pd: dnnl.dnnl_convolution_forward_primitive_desc_create(
+            pd, engine, _FORWARD_TRAINING, _CONVOLUTION_DIRECT, src_any, weights_any, None, dst_any,
+            strides, dilations, pad, pad, _attr),
+        {_ARG_SRC: src, _ARG_WEIGHTS: weights, _ARG_DST: dst}, outputs=(_ARG_DST,))
+    backward_data = _Primitive(
+        lambda pd: dnnl.dnnl_convolution_backward_data_primitive_desc_create(
+            pd, engine, _CONVOLUTION_DIRECT, src_any, weights_any, dst_any, strides, dilations, pad, pad,
+            forward.pd, _attr),
+        {_ARG_DIFF_SRC: src, _ARG_WEIGHTS: weights, _ARG_DIFF_DST: dst}, outputs=(_ARG_DIFF_SRC,))
+    backward_weights = _Primitive(
+        lambda pd: dnnl.dnnl_convolution_backward_weights_primitive_desc_create(
+            pd, engine, _CONVOLUTION_DIRECT, src_any, weights_any, None, dst_any, strides, dilations,
+            pad, pad, forward.pd, _attr),
+        {_ARG_SRC: src, _ARG_DIFF_WEIGHTS: weights, _ARG_DIFF_DST: dst}, outputs=(_ARG_DIFF_WEIGHTS,))
+    return forward, backward_data, backward_weights, [n, out_c, oh, ow]
 
 
 def supports(x, weight):
@@ -299,10 +304,11 @@ _MIN_CHANNELS_PER_GROUP = 8
 _MIN_PIXELS = 600
 
 
-def preferred(x, weight):
-    """Whether a convolution of x with weight should run here rather than in Paddle's kernel."""
+def preferred(x, weight, conv):
+    """Whether a convolution of x with weight (ConvSettings conv) should run here rather than in Paddle's kernel."""
     return (supports(x, weight) and weight.shape[1] >= _MIN_CHANNELS_PER_GROUP
-            and x.shape[0] * x.shape[2] * x.shape[3] >= _MIN_PIXELS)
+            and x.shape[0] * x.shape[2] * x.shape[3] >= _MIN_PIXELS
+            and _convolution_primitives(x.shape, weight.shape, conv) is not None)
 
 
 def conv2d(x, weight, conv, omp_threads=1):
