@@ -406,3 +406,8 @@ def test_benchmark_peer_column_times_the_plugins_peer_command_in_the_peer_folder
     assert_user_error(failed, "the peer command failed (exit 0) or printed no time")
     no_peer = run_tool("benchmark.py", "-m", TOY_CONFIG, "--iterations", "1", "--warmup", "0", "--peer", peer)
     assert_user_error(no_peer, "--peer given, but the model plugin declares no BENCHMARK_PEER")
+    with open(plugin / "dygraph_model.py", "a", encoding="utf-8") as handle:
+        handle.write('\nBENCHMARK_PEER["commands"].append(["sh", "peer.sh"])\n')
+    too_many = run_tool("benchmark.py", "-m", plugin / "config.yaml", "--iterations", "1", "--warmup", "0",
+                        "--peer", peer)
+    assert_user_error(too_many, "BENCHMARK_PEER has 2 command(s) for 1 BENCHMARK_VARIANTS")

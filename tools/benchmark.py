@@ -98,6 +98,9 @@ def compare(args):
     peer = plugin_declaration(plugin_module, "BENCHMARK_PEER") if args.peer else None
     if args.peer and not peer:
         raise UserError(f"{args.config}: --peer given, but the model plugin declares no BENCHMARK_PEER")
+    if peer and len(peer["commands"]) != len(variants):
+        raise UserError(f"{args.config}: the model plugin's BENCHMARK_PEER has {len(peer['commands'])} command(s) "
+                        f"for {len(variants)} BENCHMARK_VARIANTS; it needs one per variant")
     if peer and os.path.basename(args.config) != peer["config"]:
         print(f"note: the peer times the workload of {peer['config']}; {args.config} may differ", flush=True)
     rows = []

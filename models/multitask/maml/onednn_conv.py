@@ -37,6 +37,7 @@ _QUERY_IMPL_INFO, _QUERY_SCRATCHPAD_MD, _QUERY_EXEC_ARG_MD = 8, 136, 255
 _ARG_FROM, _ARG_TO = 1, 17
 _ARG_SRC, _ARG_DST, _ARG_WEIGHTS, _ARG_SCRATCHPAD = 1, 17, 33, 80
 _ARG_DIFF_SRC, _ARG_DIFF_DST, _ARG_DIFF_WEIGHTS = 129, 145, 161
+_OUTPUTS = (_ARG_DST, _ARG_DIFF_SRC, _ARG_DIFF_WEIGHTS)  # reordered out of oneDNN's layout after a call
 _STREAM_IN_ORDER = 1
 
 _Dims = ctypes.c_int64 * 12
@@ -104,7 +105,7 @@ _lock = threading.Lock()
 _engine = None
 _attr = None
 _thread_state = threading.local()
-_primitives = {}  # (kind, shapes, settings) -> _Primitive
+_primitives = {}  # (input shape, weight shape, ConvSettings) -> _create_convolution_primitives(...), or None
 
 
 def _check(status, what):
@@ -153,7 +154,7 @@ class _Primitive:
     layout for an argument (its fast AVX2/AVX-512 code wants channels in blocks of 8 or 16), the argument is
     reordered into a scratch buffer before the call (inputs) or out of it after (outputs)."""
 
-    def __init__(self, create, plain, outputs=()):
+    def __init__(self, create, plain):
         dnnl = _libs[0]
         pd = _ptr()
         _check(create(ctypes.byref(pd)), "primitive descriptor")
@@ -167,7 +168,7 @@ class _Primitive:
         for arg, md in plain.items():
             chosen = _ptr(dnnl.dnnl_primitive_desc_query_md(pd, _QUERY_EXEC_ARG_MD, arg))
             if not dnnl.dnnl_memory_desc_equal(chosen, md):
-                source, target = (chosen, md) if arg in outputs else (md, chosen)
+                source, target = (chosen, md) if arg in _OUTPUTS else (md, chosen)
                 self.chosen[arg] = (chosen, dnnl.dnnl_memory_desc_get_size(chosen), _reorder(source, target))
 
     def implementation(self):
@@ -192,7 +193,7 @@ class _Primitive:
                 if arg in _OUTPUTS:
                     after.append((reorder, buffer, tensor))
                 else:
-                    reorder.execute({_ARG_FROM: (reorder.source, tensor), _ARG_TO: (md, buffer)})
+                    reorder.execute({_ARG_FROM: (reorder.source, tensor), _ARG_TO: (reorder.target, buffer)})
             self.execute(args)
             for reorder, buffer, tensor in after:
                 reorder.execute({_ARG_FROM: (reorder.source, buffer), _ARG_TO: (reorder.target, tensor)})
@@ -224,14 +225,11 @@ class _Primitive:
         del scratch  # kept alive until oneDNN is done with it
 
 
-_OUTPUTS = (_ARG_DST, _ARG_DIFF_SRC, _ARG_DIFF_WEIGHTS)
-
-
 def _reorder(source, target):
     """A primitive copying memory of descriptor `source` into the layout of `target`."""
     dnnl, engine = _libs[0], _setup()
-    reorder = _Primitive(lambda pd: dnnl.dnnl_reorder_primitive_desc_create(pd, source, engine, target, engine, _attr),
-                         {})
+    reorder = _Primitive(
+        lambda pd: dnnl.dnnl_reorder_primitive_desc_create(pd, source, engine, target, engine, _attr), {})
     reorder.source, reorder.target = source, target
     return reorder
 
@@ -276,17 +274,17 @@ def _create_convolution_primitives(x_shape, w_shape, conv):
         lambda pd: dnnl.dnnl_convolution_forward_primitive_desc_create(
             pd, engine, _FORWARD_TRAINING, _CONVOLUTION_DIRECT, src_any, weights_any, None, dst_any,
             strides, dilations, pad, pad, _attr),
-        {_ARG_SRC: src, _ARG_WEIGHTS: weights, _ARG_DST: dst}, outputs=(_ARG_DST,))
+        {_ARG_SRC: src, _ARG_WEIGHTS: weights, _ARG_DST: dst})
     backward_data = _Primitive(
         lambda pd: dnnl.dnnl_convolution_backward_data_primitive_desc_create(
             pd, engine, _CONVOLUTION_DIRECT, src_any, weights_any, dst_any, strides, dilations, pad, pad,
             forward.pd, _attr),
-        {_ARG_DIFF_SRC: src, _ARG_WEIGHTS: weights, _ARG_DIFF_DST: dst}, outputs=(_ARG_DIFF_SRC,))
+        {_ARG_DIFF_SRC: src, _ARG_WEIGHTS: weights, _ARG_DIFF_DST: dst})
     backward_weights = _Primitive(
         lambda pd: dnnl.dnnl_convolution_backward_weights_primitive_desc_create(
             pd, engine, _CONVOLUTION_DIRECT, src_any, weights_any, None, dst_any, strides, dilations,
             pad, pad, forward.pd, _attr),
-        {_ARG_SRC: src, _ARG_DIFF_WEIGHTS: weights, _ARG_DIFF_DST: dst}, outputs=(_ARG_DIFF_WEIGHTS,))
+        {_ARG_SRC: src, _ARG_DIFF_WEIGHTS: weights, _ARG_DIFF_DST: dst})
     return forward, backward_data, backward_weights, [n, out_c, oh, ow]
 
 
