@@ -95,6 +95,43 @@ def test_two_threads_running_the_same_primitive_at_once_get_their_own_results():
             _close(ours, theirs)
 
 
+@needs_onednn
+@pytest.mark.parametrize("plan, n", [("batch", 9), ("groups", 5)])
+def test_split_halves_written_into_one_output_equal_the_whole_call(plan, n):
+    """cpu_schedule's two halves write straight into slices of one output, input gradient and (groups) weight
+    gradient: a channel slice of the output is strided, so a wrong stride or offset shows up here."""
+    cpu_schedule = sys.modules["cpu_schedule"]
+    rng = np.random.default_rng(3)
+    conv = kernels.ConvSettings(1, 1, 4)
+    x = paddle.to_tensor(rng.standard_normal((n, 4 * 8, 14, 14)).astype("float32"))
+    w = paddle.to_tensor(rng.standard_normal((4 * 16, 8, 3, 3)).astype("float32"))
+    dy = paddle.to_tensor(rng.standard_normal((n, 4 * 16, 14, 14)).astype("float32"))
+    halves = cpu_schedule._halves(x, w, conv, plan, dy)[0]
+    assert cpu_schedule._in_place(halves)  # else this would test the concat path
+    y = cpu_schedule.conv2d(x, w, conv, plan)
+    dx, dw = cpu_schedule.conv2d_grad(x, w, dy, conv, plan)
+    for ours, theirs in zip((y, dx, dw), _paddle_kernels(x, w, dy, conv)):
+        _close(ours, theirs)
+
+
+@needs_onednn
+def test_results_land_in_a_channel_slice_of_a_given_tensor_and_nowhere_else():
+    rng = np.random.default_rng(4)
+    conv = kernels.ConvSettings(1, 1, 1)
+    x = paddle.to_tensor(rng.standard_normal((3, 8, 6, 6)).astype("float32"))
+    w = paddle.to_tensor(rng.standard_normal((8, 8, 3, 3)).astype("float32"))
+    dy = paddle.to_tensor(rng.standard_normal((3, 8, 6, 6)).astype("float32"))
+    out, dx = paddle.full([3, 24, 6, 6], 7.0), paddle.full([3, 24, 6, 6], 7.0)
+    onednn_conv.conv2d(x, w, conv, out=out[:, 8:16])
+    onednn_conv.conv2d_grad(x, w, dy, conv, dx=dx[:, 8:16])
+    y_want, dx_want, _ = _paddle_kernels(x, w, dy, conv)
+    for got, want in ((out, y_want), (dx, dx_want)):
+        _close(got[:, 8:16], want)
+        assert (got[:, :8].numpy() == 7.0).all() and (got[:, 16:].numpy() == 7.0).all()
+    with pytest.raises(ValueError, match="channel slice"):
+        onednn_conv.conv2d(x, w, conv, out=paddle.zeros([3, 8, 6, 5]))
+
+
 def test_float64_and_disabled_onednn_use_paddles_kernels(monkeypatch):
     x64 = paddle.zeros([1, 2, 5, 5], dtype="float64")
     assert not onednn_conv.supports(x64, paddle.zeros([2, 2, 3, 3], dtype="float64"))
@@ -110,11 +147,13 @@ def test_maml_onednn_0_keeps_onednn_unloaded():
     assert out.stdout.strip().splitlines()[-1] == "True", out.stderr[-2000:]
 
 
-def test_the_models_large_convolutions_go_to_onednn_and_the_first_layer_does_not():
+def test_the_models_convolutions_go_to_onednn_and_the_first_layer_does_not():
     conv = kernels.ConvSettings(1, 1, 4)
     query = paddle.zeros([75, 256, 14, 14]), paddle.zeros([256, 64, 3, 3])
+    support_half_last_layer = paddle.zeros([5, 128, 3, 3]), paddle.zeros([128, 64, 3, 3])
     first_layer = paddle.zeros([75, 4, 28, 28]), paddle.zeros([256, 1, 3, 3])
     assert onednn_conv.preferred(*query, conv) == (onednn_conv._libs is not None)
+    assert onednn_conv.preferred(*support_half_last_layer, conv._replace(groups=2)) == (onednn_conv._libs is not None)
     assert not onednn_conv.preferred(*first_layer, conv)
 
 
@@ -144,9 +183,8 @@ def test_second_order_meta_gradient_with_onednn_equals_paddles_kernels(monkeypat
     rng = np.random.default_rng(3)
     batch = [rng.standard_normal((4, 3, 1, 16, 16)).astype("float32"), np.tile(np.arange(3), (4, 1)),
              rng.standard_normal((4, 6, 1, 16, 16)).astype("float32"), np.tile(np.arange(3).repeat(2), (4, 1))]
-    # every convolution of this small network to oneDNN (the production thresholds would keep them in
-    # Paddle's kernels), counting the calls so the comparison cannot pass by never reaching oneDNN
-    monkeypatch.setattr(onednn_conv, "_MIN_PIXELS", 0)
+    # every convolution of this small network to oneDNN (the production threshold would keep the first layer
+    # in Paddle's kernels), counting the calls so the comparison cannot pass by never reaching oneDNN
     monkeypatch.setattr(onednn_conv, "_MIN_CHANNELS_PER_GROUP", 1)
     calls = []
     for name in ("conv2d", "conv2d_grad"):

@@ -53,29 +53,29 @@ def _mkl_local_threads():
 _set_mkl_local_threads = _mkl_local_threads()
 
 
-def _single_threaded(fn, *args):
-    """fn(*args) with MKL limited to this thread (restored afterwards)."""
+def _single_threaded(fn, *args, **kwargs):
+    """fn(*args, **kwargs) with MKL limited to this thread (restored afterwards)."""
     if _set_mkl_local_threads is None:
-        return fn(*args)
+        return fn(*args, **kwargs)
     previous = _set_mkl_local_threads(1)
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     finally:
         _set_mkl_local_threads(previous)
 
 
-def _submit(fn, *args):
+def _submit(fn, *args, **kwargs):
     global _executor
     if _executor is None:
         _executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="conv")
-    return _executor.submit(_single_threaded, fn, *args)
+    return _executor.submit(_single_threaded, fn, *args, **kwargs)
 
 
 def split_plan(x, weight, conv, gradient):
     """'batch', 'groups' or None: how to cut one convolution call (conv2d, or conv2d_grad if `gradient`) in two.
 
     Large batches split on the batch axis (contiguous halves: the forward output and the input gradient are
-    concatenated, the weight gradients added); small batches (the support set) split on the task groups,
+    joined, the weight gradients added); small batches (the support set) split on the task groups,
     which balances 5 images better than 3 + 2. With one input channel per group (the first layer) a
     convolution does 18 flops per output element, so copying the halves' output together costs more than the
     second core saves (measured: 3.6 -> 5.4 ms forward); its weight gradient still gains when the batch is
@@ -93,42 +93,72 @@ def split_plan(x, weight, conv, gradient):
     return "batch" if n >= 2 else None
 
 
-def _half_groups(x, weight, conv):
-    """(input channels, output channels, settings) of the first half of the task groups."""
-    return x.shape[1] // 2, weight.shape[0] // 2, conv._replace(groups=conv.groups // 2)
+def _halves(x, weight, conv, plan, out_grad=None):
+    """The two halves of a call as argument tuples (x, weight, [out_grad,] conv); the axis on which the halves
+    of the output and of the input gradient lie; and the size of the first half there (output, input)."""
+    if plan == "batch":
+        h = (x.shape[0] + 1) // 2
+        parts = [(x[:h], weight), (x[h:], weight)]
+        grads = [(out_grad[:h],), (out_grad[h:],)] if out_grad is not None else [(), ()]
+        return [p + g + (conv,) for p, g in zip(parts, grads)], 0, h, h
+    ci, co, half = x.shape[1] // 2, weight.shape[0] // 2, conv._replace(groups=conv.groups // 2)
+    parts = [(x[:, :ci], weight[:co]), (x[:, ci:], weight[co:])]
+    grads = [(out_grad[:, :co],), (out_grad[:, co:],)] if out_grad is not None else [(), ()]
+    return [p + g + (half,) for p, g in zip(parts, grads)], 1, co, ci
+
+
+def _cut(t, axis, at):
+    return (t[:at], t[at:]) if axis == 0 else (t[:, :at], t[:, at:])
+
+
+def _in_place(halves):
+    """Whether both halves' kernels write into slices of one tensor the caller gives (no concat)."""
+    return all(kernels.writes_in_place(args[0], args[1], args[-1]) for args in halves)
 
 
 def conv2d(x, weight, conv, plan):
     """native_kernels.conv2d, cut in two halves on two threads as `plan` (split_plan's) says."""
     x, weight = x.detach(), weight.detach()
-    if plan == "batch":
-        h = (x.shape[0] + 1) // 2
-        other = _submit(kernels.conv2d, x[h:], weight, conv)
-        return paddle.concat([_single_threaded(kernels.conv2d, x[:h], weight, conv), other.result()], axis=0)
-    if plan == "groups":
-        ci, co, half = _half_groups(x, weight, conv)
-        other = _submit(kernels.conv2d, x[:, ci:], weight[co:], half)
-        return paddle.concat([_single_threaded(kernels.conv2d, x[:, :ci], weight[:co], half), other.result()],
-                             axis=1)
-    return kernels.conv2d(x, weight, conv)
+    if plan is None:
+        return kernels.conv2d(x, weight, conv)
+    halves, axis, at, _ = _halves(x, weight, conv, plan)
+    if _in_place(halves):
+        out = paddle.empty(kernels.conv2d_output_shape(x.shape, weight.shape, conv), dtype=x.dtype)
+        first, second = _cut(out, axis, at)
+        other = _submit(kernels.conv2d, *halves[1], out=second)
+        _single_threaded(kernels.conv2d, *halves[0], out=first)
+        other.result()
+        return out
+    other = _submit(kernels.conv2d, *halves[1])
+    return paddle.concat([_single_threaded(kernels.conv2d, *halves[0]), other.result()], axis=axis)
 
 
 def conv2d_grad(x, weight, out_grad, conv, plan):
-    """native_kernels.conv2d_grad, cut in two halves on two threads as `plan` (split_plan's) says."""
+    """native_kernels.conv2d_grad, cut in two halves on two threads as `plan` (split_plan's) says. The weight
+    gradient of a batch split is the sum of the halves'; of a group split, their concatenation."""
     x, weight, out_grad = x.detach(), weight.detach(), out_grad.detach()
+    if plan is None:
+        return kernels.conv2d_grad(x, weight, out_grad, conv)
+    halves, axis, _, at = _halves(x, weight, conv, plan, out_grad)
+    if _in_place(halves):
+        dx = paddle.empty(x.shape, dtype=x.dtype)
+        dx_parts = _cut(dx, axis, at)
+        if plan == "batch":
+            dw = None
+            dw_parts = (None, None)
+        else:
+            dw = paddle.empty(weight.shape, dtype=weight.dtype)
+            dw_parts = _cut(dw, 0, weight.shape[0] // 2)
+        other = _submit(kernels.conv2d_grad, *halves[1], dx=dx_parts[1], dw=dw_parts[1])
+        _, dw0 = _single_threaded(kernels.conv2d_grad, *halves[0], dx=dx_parts[0], dw=dw_parts[0])
+        _, dw1 = other.result()
+        return dx, (dw0 + dw1 if dw is None else dw)
+    other = _submit(kernels.conv2d_grad, *halves[1])
+    dx0, dw0 = _single_threaded(kernels.conv2d_grad, *halves[0])
+    dx1, dw1 = other.result()
     if plan == "batch":
-        h = (x.shape[0] + 1) // 2
-        other = _submit(kernels.conv2d_grad, x[h:], weight, out_grad[h:], conv)
-        dx0, dw0 = _single_threaded(kernels.conv2d_grad, x[:h], weight, out_grad[:h], conv)
-        dx1, dw1 = other.result()
         return paddle.concat([dx0, dx1], axis=0), dw0 + dw1
-    if plan == "groups":
-        ci, co, half = _half_groups(x, weight, conv)
-        other = _submit(kernels.conv2d_grad, x[:, ci:], weight[co:], out_grad[:, co:], half)
-        dx0, dw0 = _single_threaded(kernels.conv2d_grad, x[:, :ci], weight[:co], out_grad[:, :co], half)
-        dx1, dw1 = other.result()
-        return paddle.concat([dx0, dx1], axis=1), paddle.concat([dw0, dw1], axis=0)
-    return kernels.conv2d_grad(x, weight, out_grad, conv)
+    return paddle.concat([dx0, dx1], axis=1), paddle.concat([dw0, dw1], axis=0)
 
 
 def max_pool2x2_with_index(x):

@@ -26,19 +26,35 @@ def _conv_attributes(conv):
             "NCHW")              # data_format
 
 
-def conv2d(x, weight, conv):
+def conv2d(x, weight, conv, out=None):
     """conv(x, weight) with the settings `conv` (a ConvSettings): oneDNN's kernel on one thread where it is
-    the faster (float32 on a CPU, large enough; onednn_conv.preferred), else Paddle's."""
+    the faster (float32 on a CPU, large enough; onednn_conv.preferred), else Paddle's. `out`: a tensor (or
+    channel slice) oneDNN writes the result into; only for calls it computes (writes_in_place)."""
     if onednn_conv.preferred(x, weight, conv):
-        return onednn_conv.conv2d(x, weight, conv)
+        return onednn_conv.conv2d(x, weight, conv, out=out)
+    assert out is None, "only oneDNN's convolutions write into a given tensor"
     return _C_ops.conv2d(x, weight, *_conv_attributes(conv))
 
 
-def conv2d_grad(x, weight, out_grad, conv):
-    """(d/dx, d/dweight) of sum(out_grad * conv(x, weight)), from the kernel conv2d would choose."""
+def conv2d_grad(x, weight, out_grad, conv, dx=None, dw=None):
+    """(d/dx, d/dweight) of sum(out_grad * conv(x, weight)), from the kernel conv2d would choose; dx and dw as
+    conv2d's `out`."""
     if onednn_conv.preferred(x, weight, conv):
-        return onednn_conv.conv2d_grad(x, weight, out_grad, conv)
+        return onednn_conv.conv2d_grad(x, weight, out_grad, conv, dx=dx, dw=dw)
+    assert dx is None and dw is None, "only oneDNN's convolutions write into given tensors"
     return _C_ops.conv2d_grad(x, weight, out_grad, *_conv_attributes(conv))
+
+
+def writes_in_place(x, weight, conv):
+    """Whether conv2d / conv2d_grad of x with weight can write into tensors the caller gives."""
+    return onednn_conv.preferred(x, weight, conv)
+
+
+def conv2d_output_shape(x_shape, weight_shape, conv):
+    n, _, h, w = x_shape
+    out_channels, _, kh, kw = weight_shape
+    return [n, out_channels, (h + 2 * conv.padding - kh) // conv.stride + 1,
+            (w + 2 * conv.padding - kw) // conv.stride + 1]
 
 
 # Momentum of the running statistics. The training kernel updates the running buffers it is given in place;

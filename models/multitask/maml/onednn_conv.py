@@ -10,7 +10,8 @@ oneDNN's blocked code (the primitive alone): forward 166 -> 115 ms, both gradien
 
 This module calls oneDNN's C API with ctypes on the tensors' own memory, so no compiler is involved; where
 oneDNN wants a blocked layout, the operands are reordered into scratch buffers and the results back to
-NCHW (that copy is why small convolutions stay with Paddle: `preferred`). Every call here is float32 on the
+NCHW. Inputs and outputs may be channel slices of larger NCHW tensors (oneDNN reads and writes them through
+strides), so the two halves of a split convolution need no copy in and no concat out. Every call here is float32 on the
 CPU; anything else (float64 in the finite-difference tests, GPU tensors), a Paddle without libdnnl, or a
 convolution oneDNN refuses goes to Paddle's own kernels (native_kernels.py asks `preferred`). MAML_ONEDNN=0
 turns this module off.
@@ -67,6 +68,7 @@ def _load():
         "dnnl_stream_create": [ctypes.POINTER(_ptr), _ptr, ctypes.c_uint],
         "dnnl_memory_desc_create_with_tag": [ctypes.POINTER(_ptr), ctypes.c_int, _Dims, ctypes.c_int,
                                              ctypes.c_int],
+        "dnnl_memory_desc_create_with_strides": [ctypes.POINTER(_ptr), ctypes.c_int, _Dims, ctypes.c_int, _Dims],
         "dnnl_primitive_attr_create": [ctypes.POINTER(_ptr)],
         "dnnl_primitive_attr_set_scratchpad_mode": [_ptr, ctypes.c_int],
         "dnnl_convolution_forward_primitive_desc_create": [
@@ -105,7 +107,9 @@ _lock = threading.Lock()
 _engine = None
 _attr = None
 _thread_state = threading.local()
-_primitives = {}  # (input shape, weight shape, ConvSettings) -> _create_convolution_primitives(...), or None
+# (input shape, weight shape, ConvSettings, channels of the tensors x and y are channel slices of) ->
+# _create_convolution_primitives(...), or None
+_primitives = {}
 
 
 def _check(status, what):
@@ -147,6 +151,27 @@ def _descriptor(shape, tag):
     _check(_libs[0].dnnl_memory_desc_create_with_tag(ctypes.byref(md), len(shape), _dims(shape), _F32, tag),
            "memory descriptor")
     return md
+
+
+def _activation_descriptor(shape, channels):
+    """NCHW memory of `shape` that is the channel slice of an NCHW tensor with `channels` channels: the two
+    halves of a task-group split (cpu_schedule) are read and written in place, with no copy or concat."""
+    n, c, h, w = shape
+    md = _ptr()
+    _check(_libs[0].dnnl_memory_desc_create_with_strides(ctypes.byref(md), 4, _dims(shape), _F32,
+                                                         _dims([channels * h * w, h * w, w, 1])),
+           "memory descriptor")
+    return md
+
+
+def channel_slice_of(t):
+    """The channel count of the contiguous NCHW tensor that `t` is a channel slice of (its own channel count
+    when contiguous), or None when t is laid out otherwise."""
+    n, c, h, w = t.shape
+    s0, s1, s2, s3 = t.strides
+    if (s1, s2, s3) != (h * w, w, 1) or s0 % (h * w) or s0 // (h * w) < c:
+        return None
+    return s0 // (h * w) if n > 1 else c
 
 
 class _Primitive:
@@ -234,9 +259,14 @@ def _reorder(source, target):
     return reorder
 
 
-def _convolution_primitives(x_shape, w_shape, conv):
-    """(forward, backward-data, backward-weights) primitives for this shape and ConvSettings, cached."""
-    key = (tuple(x_shape), tuple(w_shape), tuple(conv))
+def _convolution_primitives(x_shape, w_shape, conv, x_channels=None, y_channels=None, dx_channels=None):
+    """(forward, backward-data, backward-weights) primitives for this shape and ConvSettings, cached. The input,
+    the output (and its gradient) and the input's gradient are channel slices of NCHW tensors of x_channels,
+    y_channels and dx_channels channels (None: contiguous)."""
+    x_channels = x_channels or x_shape[1]
+    y_channels = y_channels or w_shape[0]
+    dx_channels = dx_channels or x_shape[1]
+    key = (tuple(x_shape), tuple(w_shape), tuple(conv), x_channels, y_channels, dx_channels)
     found = _primitives.get(key)
     if found is not None:
         return found
@@ -244,7 +274,7 @@ def _convolution_primitives(x_shape, w_shape, conv):
         if key in _primitives:
             return _primitives[key]
         try:
-            found = _primitives[key] = _create_convolution_primitives(x_shape, w_shape, conv)
+            found = _primitives[key] = _create_convolution_primitives(x_shape, w_shape, conv, *key[3:])
         except OneDNNError as exc:  # this convolution stays with Paddle's kernel (preferred)
             warnings.warn(f"oneDNN refused a convolution of {list(x_shape)} by {list(w_shape)} ({exc}); "
                           "Paddle's kernel computes it")
@@ -252,7 +282,7 @@ def _convolution_primitives(x_shape, w_shape, conv):
         return found
 
 
-def _create_convolution_primitives(x_shape, w_shape, conv):
+def _create_convolution_primitives(x_shape, w_shape, conv, x_channels, y_channels, dx_channels):
     """(forward, backward-data, backward-weights primitives, output shape); OneDNNError if refused."""
     dnnl = _libs[0]
     engine = _setup()
@@ -261,8 +291,9 @@ def _create_convolution_primitives(x_shape, w_shape, conv):
     g = conv.groups
     oh = (h + 2 * conv.padding - kh) // conv.stride + 1
     ow = (w + 2 * conv.padding - kw) // conv.stride + 1
-    src = _descriptor([n, c, h, w], _TAG_ABCD)
-    dst = _descriptor([n, out_c, oh, ow], _TAG_ABCD)
+    src = _activation_descriptor([n, c, h, w], x_channels)
+    dst = _activation_descriptor([n, out_c, oh, ow], y_channels)
+    diff_src = _activation_descriptor([n, c, h, w], dx_channels)
     w_shape = [g, out_c // g, in_per_group, kh, kw] if g > 1 else [out_c, in_per_group, kh, kw]
     weights = _descriptor(w_shape, _TAG_ABCDE if g > 1 else _TAG_ABCD)
     # oneDNN picks the layouts of its fastest code for "any"; _Primitive reorders to and from NCHW
@@ -279,7 +310,7 @@ def _create_convolution_primitives(x_shape, w_shape, conv):
         lambda pd: dnnl.dnnl_convolution_backward_data_primitive_desc_create(
             pd, engine, _CONVOLUTION_DIRECT, src_any, weights_any, dst_any, strides, dilations, pad, pad,
             forward.pd, _attr),
-        {_ARG_DIFF_SRC: src, _ARG_WEIGHTS: weights, _ARG_DIFF_DST: dst})
+        {_ARG_DIFF_SRC: diff_src, _ARG_WEIGHTS: weights, _ARG_DIFF_DST: dst})
     backward_weights = _Primitive(
         lambda pd: dnnl.dnnl_convolution_backward_weights_primitive_desc_create(
             pd, engine, _CONVOLUTION_DIRECT, src_any, weights_any, None, dst_any, strides, dilations,
@@ -295,35 +326,61 @@ def supports(x, weight):
 
 
 # Where oneDNN's blocked-layout code pays for its two layout copies (measured per call on an AMD EPYC, one
-# thread per half, against Paddle's kernel with MKL's AVX2 path): it wins from 8 input channels per group
-# when a call has enough pixels (75 x 3 x 3 and 5 x 14 x 14: 1.1-2.1x) and loses on the first layer (one
-# input channel: 0.85-0.9x) and on 5 images of 7 x 7 or 3 x 3 (0.7-1.0x).
+# thread, against Paddle's kernel with MKL's AVX2 path): from 8 input channels per group, at every size the
+# model has (5 x 7 x 7 task-group halves: forward 1.4x, gradients 1.7x; 5 x 3 x 3: 2.1x / 1.7x), now that
+# the halves of a split call are read and written in place (before, their copies made calls under ~600
+# pixels lose). With one input channel per group (the first layer) Paddle's forward is faster (42 vs 80 ms
+# on 75 x 4 x 28 x 28) and the gradients tie, so the first layer stays with Paddle.
 _MIN_CHANNELS_PER_GROUP = 8
-_MIN_PIXELS = 600
 
 
 def preferred(x, weight, conv):
     """Whether a convolution of x with weight (ConvSettings conv) should run here rather than in Paddle's kernel."""
     return (supports(x, weight) and weight.shape[1] >= _MIN_CHANNELS_PER_GROUP
-            and x.shape[0] * x.shape[2] * x.shape[3] >= _MIN_PIXELS
             and _convolution_primitives(x.shape, weight.shape, conv) is not None)
 
 
-def conv2d(x, weight, conv, omp_threads=1):
-    """conv(x, weight), NCHW, no bias, with ConvSettings `conv`."""
-    x, weight = x.contiguous(), weight.contiguous()
-    forward, _, _, out_shape = _convolution_primitives(x.shape, weight.shape, conv)
-    out = paddle.empty(out_shape, dtype=x.dtype)
+def _sliced(t):
+    """(t, the channel count of the tensor it is a channel slice of), copying t when it is laid out otherwise."""
+    channels = channel_slice_of(t)
+    if channels is None:
+        t = t.contiguous()
+        channels = t.shape[1]
+    return t, channels
+
+
+def _output(out, shape, like):
+    """`out` (a channel slice the caller gives, of `shape`) or a new tensor; with its channel count."""
+    if out is None:
+        return paddle.empty(shape, dtype=like.dtype), shape[1]
+    channels = channel_slice_of(out)
+    if list(out.shape) != list(shape) or channels is None:
+        raise ValueError(f"out must be a channel slice of an NCHW tensor of shape {list(shape)}")
+    return out, channels
+
+
+def conv2d(x, weight, conv, omp_threads=1, out=None):
+    """conv(x, weight), NCHW, no bias, with ConvSettings `conv`. x may be a channel slice of a larger tensor;
+    `out`, if given, is written (it may be one too) and returned."""
+    (x, x_channels), weight = _sliced(x), weight.contiguous()
+    y_shape = _convolution_primitives(x.shape, weight.shape, conv)[3]
+    out, y_channels = _output(out, y_shape, x)
+    forward = _convolution_primitives(x.shape, weight.shape, conv, x_channels, y_channels)[0]
     forward.run({_ARG_SRC: x, _ARG_WEIGHTS: weight, _ARG_DST: out}, omp_threads)
     return out
 
 
-def conv2d_grad(x, weight, out_grad, conv, omp_threads=1):
-    """(d/dx, d/dweight) of sum(out_grad * conv(x, weight))."""
-    x, weight, out_grad = x.contiguous(), weight.contiguous(), out_grad.contiguous()
-    _, backward_data, backward_weights, _ = _convolution_primitives(x.shape, weight.shape, conv)
-    dx = paddle.empty(x.shape, dtype=x.dtype)
-    dw = paddle.empty(weight.shape, dtype=weight.dtype)
+def conv2d_grad(x, weight, out_grad, conv, omp_threads=1, dx=None, dw=None):
+    """(d/dx, d/dweight) of sum(out_grad * conv(x, weight)). x and out_grad may be channel slices of larger
+    tensors, and the caller may give dx (a channel slice too) and dw (contiguous) to write into."""
+    (x, x_channels), (out_grad, y_channels), weight = _sliced(x), _sliced(out_grad), weight.contiguous()
+    dx, dx_channels = _output(dx, x.shape, x)
+    if dw is None:
+        dw = paddle.empty(weight.shape, dtype=weight.dtype)
+    elif list(dw.shape) != list(weight.shape) or not dw.is_contiguous():
+        raise ValueError(f"dw must be a contiguous tensor of shape {list(weight.shape)}")
+    _, backward_data, backward_weights, _ = _convolution_primitives(x.shape, weight.shape, conv, x_channels,
+                                                                    y_channels, dx_channels)
     backward_data.run({_ARG_DIFF_SRC: dx, _ARG_WEIGHTS: weight, _ARG_DIFF_DST: out_grad}, omp_threads)
     backward_weights.run({_ARG_SRC: x, _ARG_DIFF_WEIGHTS: dw, _ARG_DIFF_DST: out_grad}, omp_threads)
     return dx, dw
