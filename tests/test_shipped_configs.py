@@ -75,3 +75,14 @@ def test_omniglot_config_reads_folders_the_dataset_script_writes(path):
 def test_each_config_writes_its_own_output_folder():
     folders = [_load(p)[1].resolve_path("runner.model_save_path", required=False) for p in CONFIGS]
     assert len(set(folders)) == len(folders), folders
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_each_benchmark_variant_trains_at_the_order_it_names(path):
+    """tools/benchmark.py times the trainer's step in epoch 0 with each variant's overrides; a second-order row
+    that ran first order (a config's first_order_epochs) would be a wrong figure, not an error."""
+    plugin = load()[0]
+    for variant in plugin.BENCHMARK_VARIANTS:
+        config = load_config(path, [f"{key}={value}" for key, value in variant.items()],
+                             plugin_defaults=plugin.CONFIG_DEFAULTS)
+        assert plugin.inner_settings(config, True, 0)[2] == variant["hyper_parameters.first_order"]
