@@ -62,7 +62,8 @@ TASKS_PER_CHUNK = 4
 
 
 def adapted_chunks(model, meta_batch, tasks_per_chunk, steps, lr, first_order):
-    """For each chunk of consecutive tasks: (slice of the tasks, the stages of their adaptation on their support sets)."""
+    """For each chunk of consecutive tasks: (slice of the tasks, the stages of their adaptation on their
+    support sets)."""
     for start in range(0, meta_batch.tasks, tasks_per_chunk):
         part = slice(start, min(start + tasks_per_chunk, meta_batch.tasks))
         copies = net.expand_to_tasks(model.adapted_parameters(), part.stop - part.start)
