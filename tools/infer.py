@@ -55,7 +55,7 @@ def checkpoint_folders(config):
 
 
 def infer(args):
-    config, plugin_module = load_run_config(args.config, args.overrides)
+    config, plugin_module = load_run_config(args.config, args.overrides, data_parallel=True)
     load_dir, folders, chosen = checkpoint_folders(config)
     note = " ".join(plugin_declaration(plugin_module, "EVALUATION_NOTE").split())
     config.require("runner.print_interval", int, minimum=1)

@@ -76,7 +76,7 @@ class Trainer:
     """One training run: set up in __init__ (everything checked before anything is written), then fit()."""
 
     def __init__(self, args):
-        config, plugin_module = load_run_config(args.config, args.overrides)
+        config, plugin_module = load_run_config(args.config, args.overrides, data_parallel=True)
         self.config, self.overrides = config, list(args.overrides)
         self.epochs = config.require("runner.epochs", int, minimum=1)
         config.require("runner.print_interval", int, minimum=1)
