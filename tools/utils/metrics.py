@@ -1,13 +1,14 @@
 """The numbers of a run: plain values from tensors and metrics, the metrics file (JSON lines, doc/tools.md),
 VisualDL scalars, and NumericGuard, which stops training at its first NaN or infinite number.
 """
+import io
 import json
 import math
 import numbers
 import os
 import time
 
-from tools.utils.checkpoint import json_safe
+from tools.utils.checkpoint import json_safe, read_file
 from tools.utils.config import is_number
 from tools.utils.console import UserError
 
@@ -80,12 +81,9 @@ class MetricsLog:
 def read_metrics(path) -> list:
     """All records of a metrics file (an unfinished last line is skipped); UserError naming the file and line."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.readlines()
-    except FileNotFoundError:
-        raise UserError(f"{path}: metrics file not found") from None
-    except (OSError, UnicodeDecodeError) as reason:
-        raise UserError(f"{path}: cannot read metrics file: {getattr(reason, 'strerror', None) or reason}") from None
+        lines = io.StringIO(read_file(path, "metrics file").decode("utf-8")).readlines()  # split at \n only
+    except UnicodeDecodeError as reason:
+        raise UserError(f"{path}: cannot read metrics file: {reason}") from None
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
