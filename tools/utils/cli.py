@@ -7,8 +7,8 @@ import sys
 
 from tools.utils.config import RUNNER_DEFAULTS, keys_without_effect, load_config
 from tools.utils.console import (EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR,
-                                 DistributedError, Terminated, UserError, hold_signals, last_signal, on_signal,
-                                 rank_prefix, warn)
+                                 DistributedError, Terminated, UserError, hold_signals, on_signal, rank_prefix,
+                                 signals_received, warn)
 from tools.utils.distributed import launched_rank
 from tools.utils.environment import prepare_environment
 from tools.utils.plugin import import_plugin_module, plugin_declaration
@@ -65,8 +65,8 @@ def run_tool(body, args) -> int:
         # the exception may not say which signal it comes from: the signal received does.
         if isinstance(error, KeyboardInterrupt):
             signum = signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT
-        elif isinstance(error, Exception) and last_signal():
-            signum = last_signal()
+        elif isinstance(error, Exception) and signals_received:
+            signum = signals_received[-1]
         else:
             raise
         terminated = signum == signal.SIGTERM

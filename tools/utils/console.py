@@ -38,7 +38,7 @@ class Terminated(KeyboardInterrupt):
 # Exit codes shared by every tool (documented in doc/tools.md); 143 = 128 + SIGTERM, as shells report it.
 EXIT_OK, EXIT_USER_ERROR, EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 2, 3, 130, 143
 _rank, _world_size = 0, 1
-_signals_received, _holding = [], False  # while _holding, SIGTERM and Ctrl-C are only recorded
+signals_received, _holding = [], False  # while _holding, SIGTERM and Ctrl-C are only recorded
 
 
 def _interrupt(signum):
@@ -49,7 +49,7 @@ def _interrupt(signum):
 
 def on_signal(signum, frame):
     """The tools' SIGTERM and SIGINT handler (cli.handle_signals): the first ends the tool like Ctrl-C."""
-    _signals_received.append(signum)
+    signals_received.append(signum)
     if not _holding:
         _interrupt(signum)
 
@@ -57,10 +57,6 @@ def on_signal(signum, frame):
 def hold_signals():
     global _holding
     _holding = True
-
-
-def last_signal():
-    return _signals_received[-1] if _signals_received else None
 
 
 @contextlib.contextmanager
@@ -71,11 +67,11 @@ def signals_held():
     if _holding:
         yield
         return
-    _holding, count = True, len(_signals_received)
+    _holding, count = True, len(signals_received)
     yield
     _holding = False
-    if len(_signals_received) > count:
-        _interrupt(_signals_received[-1])
+    if len(signals_received) > count:
+        _interrupt(signals_received[-1])
 
 
 class _TqdmHandler(logging.Handler):

@@ -34,11 +34,9 @@ def evaluation_loader(config, mode, parallel, seed):
 
 
 def evaluate(model_obj, model, config, epoch, loader, parallel, name="infer", on_interval=None):
-    """Run the plugin's infer_forward over the loader; return (metric values, batches, samples) of all ranks.
-
-    No model.eval() or paddle.no_grad(): the plugin chooses (MAML adapts with gradients). Data-parallel ranks go in
-    step (a sum per batch says how many still have one). on_interval(batch_id, values) gets each logged line's.
-    """
+    """The plugin's infer_forward over the loader: (metric values, batches, samples) of all ranks, which go in step
+    (a sum per batch says how many still have one). No model.eval() or paddle.no_grad(): the plugin chooses (a
+    model may adapt with gradients). on_interval(batch_id, values) gets each logged line's values."""
     prefix = "" if name == "infer" else f"{name} "
     parallel.barrier(f"{name} epoch {epoch}: start")  # ranks may arrive far apart (loading, data building)
     metrics, names = model_obj.create_metrics()
