@@ -142,11 +142,10 @@ class ModelSelection:
 
     @classmethod
     def resume(cls, path, metric, mode, settings, before_epoch):
-        """(selection, notes, warnings) of a run resumed at `before_epoch` from best.json: later epochs are dropped
-        (trained again), the best chosen again by `metric` and `mode` (None: the file's own); lines say what changed.
-        """
+        """(selection, changed) of a run resumed at `before_epoch` from best.json: later epochs are dropped (trained
+        again), the best chosen again by `metric` and `mode` (None: the file's own); log lines say what changed."""
         if not os.path.isfile(path):
-            return cls(path, metric or "acc", mode or "max", settings), [], []
+            return cls(path, metric or "acc", mode or "max", settings), False
         data = read_best_file(path)
         if metric is None or mode is None:
             metric, mode = data.get("metric", "acc"), data.get("mode", "max")
@@ -154,15 +153,15 @@ class ModelSelection:
         kept = [{key: entry.get(key) for key in ("epoch", "checkpoint", "values")}
                 for entry in data.get("history", []) if entry["epoch"] < before_epoch]
         dropped = sorted(entry["epoch"] for entry in data.get("history", []) if entry["epoch"] >= before_epoch)
-        notes, warnings = [], []
         if dropped:
-            notes.append(f"{path}: dropped the validation results of epoch(s) {dropped}, which are trained again")
-        if (data.get("metric"), data.get("mode")) != (metric, mode) and kept:
-            notes.append(f"{path}: the earlier epochs were selected by {data.get('metric')} ({data.get('mode')}); "
-                         f"now by {metric} ({mode})")
+            log(f"{path}: dropped the validation results of epoch(s) {dropped}, which are trained again")
+        reselected = (data.get("metric"), data.get("mode")) != (metric, mode) and bool(kept)
+        if reselected:
+            log(f"{path}: the earlier epochs were selected by {data.get('metric')} ({data.get('mode')}); "
+                f"now by {metric} ({mode})")
         changed = [key for key, value in settings.items() if key in data and data[key] != value]
         if changed and kept:
-            warnings.append(f"{path}: the earlier epochs were validated with other "
-                            f"{', '.join(f'runner.{key}' for key in changed)} "
-                            f"({', '.join(repr(data[key]) for key in changed)}); their values are compared as they are")
-        return cls(path, metric, mode, settings, kept), notes, warnings
+            warn(f"{path}: the earlier epochs were validated with other "
+                 f"{', '.join(f'runner.{key}' for key in changed)} "
+                 f"({', '.join(repr(data[key]) for key in changed)}); their values are compared as they are")
+        return cls(path, metric, mode, settings, kept), bool(dropped) or reselected

@@ -102,28 +102,27 @@ def read_metrics(path) -> list:
 
 class VisualLog:
     """runner.use_visual: the scalars of one phase ("train" or "infer") in <config folder>/visualDL_log/<phase>,
-    tagged <phase>/<key>, as PaddleRec writes them (VisualDL is an optional extra)."""
+    tagged <phase>/<key>, as PaddleRec writes them (VisualDL is an optional extra); off, or not rank 0: nothing."""
 
-    def __init__(self, config, phase):
+    def __init__(self, config, phase, is_main=True):
+        self.writer, self.phase = None, phase
+        if not (config.get("runner.use_visual") and is_main):
+            return
         try:
             from visualdl import LogWriter
         except ImportError:
             raise config.error("runner.use_visual", 'needs the optional package visualdl: pip install -e ".[visual]" '
                                "(or pip install visualdl)") from None
-        self.writer, self.phase = LogWriter(logdir=os.path.join(config.config_dir, "visualDL_log", phase)), phase
+        self.writer = LogWriter(logdir=os.path.join(config.config_dir, "visualDL_log", phase))
 
     def add(self, values, step):
-        for key, value in values.items():
+        for key, value in values.items() if self.writer else ():
             if is_number(value):
                 self.writer.add_scalar(tag=f"{self.phase}/{key}", step=int(step), value=float(value))
 
     def close(self):
-        self.writer.close()
-
-
-def open_visual_log(config, phase, is_main=True):
-    """A VisualLog when runner.use_visual is on (rank 0 only), else None."""
-    return VisualLog(config, phase) if config.get("runner.use_visual") and is_main else None
+        if self.writer:
+            self.writer.close()
 
 
 class NonFiniteError(UserError):
