@@ -227,13 +227,15 @@ def test_real_mirror_full_run(omniglot_splits):
     assert digest == PADDLEREC_TEST_SHA
 
 
-def test_real_mirror_rerun_is_a_fast_noop(omniglot_splits, omniglot_mirror, tmp_path):
+def test_real_mirror_rerun_is_a_fast_noop(omniglot_splits, tmp_path):
     out, _ = omniglot_splits
     before = {f: os.stat(out / f).st_mtime_ns for f in SPLITS}
+    (tmp_path / "empty_mirror").mkdir()
     start = time.monotonic()
-    proc = run_prepare("--out", out, mirror=omniglot_mirror, cwd=tmp_path)  # from another cwd
+    # Fast because it reads no archive: an empty mirror (and no internet) must do, from another cwd.
+    proc = run_prepare("--out", out, mirror=tmp_path / "empty_mirror", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert time.monotonic() - start < 10
+    print(f"rerun took {time.monotonic() - start:.1f} s")  # a figure, not an assertion: the machine may be loaded
     assert "already complete" in proc.stdout and "nothing to do" in proc.stdout
     assert {f: os.stat(out / f).st_mtime_ns for f in SPLITS} == before
 

@@ -219,7 +219,7 @@ def test_validation_reader_mode_and_config_view():
     assert toy.stream == 1 and toy.num_samples == 30  # the toy reader's infer stream
 
 
-def test_selection_rules(tmp_path):
+def test_selection_rules(tmp_path, capsys):
     from tools.utils.evaluation import ModelSelection, read_best_file
 
     selection = ModelSelection(str(tmp_path / "best.json"), "acc", "max")
@@ -233,9 +233,11 @@ def test_selection_rules(tmp_path):
     assert (data["epoch"], data["value"], data["checkpoint"]) == (4, 0.6, "c4")
     assert data["history"][0]["values"]["acc"] is None  # NaN written as null
     assert math.isclose(data["history"][1]["values"]["acc"], 0.5)
-    resumed, notes, _ = ModelSelection.resume(str(tmp_path / "best.json"), "acc", "min", {}, before_epoch=3)
+    capsys.readouterr()
+    resumed, changed = ModelSelection.resume(str(tmp_path / "best.json"), "acc", "min", {}, before_epoch=3)
     assert resumed.best["epoch"] == 1 and [entry["epoch"] for entry in resumed.history] == [0, 1, 2]
-    assert any("dropped" in note for note in notes) and any("now by acc (min)" in note for note in notes)
+    notes = capsys.readouterr().out
+    assert changed and "dropped the validation results of epoch(s) [3, 4]" in notes and "now by acc (min)" in notes
 
 
 def test_data_parallel_validation_matches_one_process(tmp_path):

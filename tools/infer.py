@@ -21,7 +21,7 @@ from tools.utils.console import UserError, format_number, format_results, log  #
 from tools.utils.distributed import setup_data_parallel  # noqa: E402
 from tools.utils.environment import seed_everything, select_device  # noqa: E402
 from tools.utils.evaluation import BEST_FILE, best_epoch_of, evaluate, evaluation_loader  # noqa: E402
-from tools.utils.metrics import MetricsLog, open_visual_log  # noqa: E402
+from tools.utils.metrics import MetricsLog, VisualLog  # noqa: E402
 from tools.utils.plugin import load_model_plugin, plugin_declaration  # noqa: E402
 
 RANGE_KEYS = "runner.infer_start_epoch/runner.infer_end_epoch"
@@ -55,7 +55,7 @@ def checkpoint_folders(config):
 
 
 def infer(args):
-    config, plugin_module = load_run_config(args.config, args.overrides)
+    config, plugin_module = load_run_config(args.config, args.overrides, data_parallel=True)
     load_dir, folders, chosen = checkpoint_folders(config)
     note = " ".join(plugin_declaration(plugin_module, "EVALUATION_NOTE").split())
     config.require("runner.print_interval", int, minimum=1)
@@ -72,18 +72,18 @@ def infer(args):
     # Built before the results file is opened, so a bad data folder or reader fails without touching it.
     loader = evaluation_loader(config, "infer", parallel, seed)
     results_path = os.path.join(load_dir, "infer_metrics.jsonl")
-    visual = open_visual_log(config, "infer", parallel.is_main)
+    visual = VisualLog(config, "infer", parallel.is_main)
     steps_before = 0  # VisualDL steps count batches over all checkpoints, as in PaddleRec
     results_log = MetricsLog(results_path if parallel.is_main else None, append=True)
-    with contextlib.closing(results_log), contextlib.closing(visual) if visual else contextlib.nullcontext():
+    with contextlib.closing(results_log), contextlib.closing(visual):
         for index, (epoch, folder) in enumerate(folders.items()):
             load_checkpoint(folder, model)
             if index > 0:  # every checkpoint is evaluated on the same data with the same seed
                 loader = evaluation_loader(config, "infer", parallel, seed)
             start = time.perf_counter()
-            on_interval = visual and (lambda batch_id, shown: visual.add(shown, steps_before + batch_id))
-            values, batches, samples = evaluate(model_obj, model, config, epoch, loader, parallel,
-                                                on_interval=on_interval)
+            values, batches, samples = evaluate(
+                model_obj, model, config, epoch, loader, parallel,
+                on_interval=lambda batch_id, shown: visual.add(shown, steps_before + batch_id))
             steps_before += batches
             log(f"epoch {epoch}: {format_results(values)}")
             results_log.write("infer", {"epoch": epoch, "checkpoint": folder, **({"best": True} if best else {})}, {

@@ -23,17 +23,13 @@ from tools.utils.plugin import load_model_plugin  # noqa: E402
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def _is_image(path):
-    return os.path.isfile(path) and path.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def _images(folder, recursive):
     """Sorted image files in `folder` (and with `recursive` its subfolders); hidden entries skipped."""
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(name for name in dirs if not name.startswith(".")) if recursive else []
         found += [os.path.join(root, name) for name in sorted(files) if not name.startswith(".")]
-    return [path for path in found if _is_image(path)]
+    return [path for path in found if os.path.isfile(path) and path.lower().endswith(IMAGE_EXTENSIONS)]
 
 
 def support_classes(folder):

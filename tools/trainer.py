@@ -27,7 +27,7 @@ from tools.utils.environment import cpu_thread_count, environment_snapshot, epoc
 from tools.utils.environment import select_device  # noqa: E402
 from tools.utils.evaluation import BEST_FILE, MODES, ModelSelection, evaluate, evaluation_loader  # noqa: E402
 from tools.utils.evaluation import validation_config  # noqa: E402
-from tools.utils.metrics import MetricsLog, NumericGuard, likely_causes, open_visual_log, scalar_dict  # noqa: E402
+from tools.utils.metrics import MetricsLog, NumericGuard, VisualLog, likely_causes, scalar_dict  # noqa: E402
 from tools.utils.plugin import load_model_plugin, plugin_declaration  # noqa: E402
 
 AUTO_RESUME = "auto"
@@ -76,7 +76,7 @@ class Trainer:
     """One training run: set up in __init__ (everything checked before anything is written), then fit()."""
 
     def __init__(self, args):
-        config, plugin_module = load_run_config(args.config, args.overrides)
+        config, plugin_module = load_run_config(args.config, args.overrides, data_parallel=True)
         self.config, self.overrides = config, list(args.overrides)
         self.epochs = config.require("runner.epochs", int, minimum=1)
         config.require("runner.print_interval", int, minimum=1)
@@ -154,15 +154,11 @@ class Trainer:
             log(f"removed {path} of an earlier run (a fresh start overwrites its checkpoints)")
             return
         old = validation and validation.selection
-        selection, notes, warnings = ModelSelection.resume(path, old and old.metric, old and old.mode,
-                                                           old and old.settings, self.start_epoch)
-        for line in notes:
-            log(line)
-        for line in warnings:
-            warn(line)
-        if notes and selection.history:  # results of epochs trained again were dropped, or selected again
+        selection, changed = ModelSelection.resume(path, old and old.metric, old and old.mode, old and old.settings,
+                                                   self.start_epoch)
+        if changed and selection.history:  # results of epochs trained again were dropped, or selected again
             selection.save()
-        elif notes:
+        elif changed:
             remove_file(path)
         if selection.best is not None:
             log(f"best epoch so far (from {path}): {selection.best['epoch']}, "
@@ -182,8 +178,7 @@ class Trainer:
             f"avg_samples: {speed['avg_samples']:.1f}, ips: {speed['ips']:.1f} ins/s")
         self.metrics_log.write("train", {"epoch": epoch, "batch": batch_id, "step": self.step, "lr": learning_rate},
                                {**values, **speed})
-        if self.visual is not None:
-            self.visual.add(values, self.step)
+        self.visual.add(values, self.step)
 
     def run_epoch(self, epoch, loader):
         """Train one epoch; return (summary values, batches, samples, seconds). Data-parallel ranks go through this
@@ -245,7 +240,7 @@ class Trainer:
         start, view, selection = time.perf_counter(), self.validation.config, self.validation.selection
         loader = evaluation_loader(view, "valid", self.parallel, self.seed)
         values, batches, samples = evaluate(self.model_obj, self.model, view, epoch, loader, self.parallel, "valid")
-        self.optimizer.clear_grad()  # evaluation may leave gradients (MAML adapts with them)
+        self.optimizer.clear_grad()  # evaluation may leave gradients (a model may adapt with them)
         if selection.add(epoch, folder, values):
             verdict = "new best"
         elif selection.best is not None:
@@ -277,7 +272,7 @@ class Trainer:
             evaluation_loader(validation.config, "valid", parallel, seed)
         seed_everything(epoch_seed(seed, start_epoch))
         loader = create_data_loader(config, "train", parallel.rank, parallel.world_size, epoch=start_epoch)
-        self.visual = open_visual_log(config, "train", parallel.is_main)  # a missing visualdl stops the run here
+        self.visual = VisualLog(config, "train", parallel.is_main)  # a missing visualdl stops the run here
         self.carry_over_best()
         self.metrics_log = MetricsLog(self.metrics_path if parallel.is_main else None,
                                       append=self.resumed_from is not None)
@@ -296,8 +291,7 @@ class Trainer:
             log(f"validation: {validation.config.resolve_path('runner.test_data_dir')}, {every}; best epoch by "
                 f"{validation.selection.metric} ({validation.selection.mode}) in {validation.selection.path}")
         run_start, summary = time.perf_counter(), {}
-        visual_closing = contextlib.closing(self.visual) if self.visual else contextlib.nullcontext()
-        with contextlib.closing(self.metrics_log), visual_closing:
+        with contextlib.closing(self.metrics_log), contextlib.closing(self.visual):
             for epoch in range(start_epoch, epochs):
                 if epoch != start_epoch:
                     seed_everything(epoch_seed(seed, epoch))

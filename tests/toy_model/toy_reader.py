@@ -4,9 +4,10 @@ The data files only describe the blobs (label,center_x,center_y,spread);
 points are drawn from a generator seeded by (runner.seed, mode, epoch), so
 every run, and every resumed run, sees exactly the same samples.
 
-Test hook (tests/test_distributed.py): TOY_FAULT=RANK:exit makes that data-parallel rank die abruptly when
-it starts reading its first training batch; TOY_FAULT=RANK:hang makes it stall while its training data is
-built (before the first epoch's barrier). The tools themselves hold no fault injection.
+Test hook (tests/test_distributed.py): TOY_FAULT=RANK:exit makes that data-parallel rank die abruptly in the
+gradient all-reduce of its first training batch, while the other ranks wait for it there; TOY_FAULT=RANK:hang
+makes it stall while its training data is built (before the first epoch's barrier). The tools themselves hold
+no fault injection.
 """
 import csv
 import os
@@ -36,6 +37,19 @@ def read_blobs(path, config):
     return blobs
 
 
+def _die_in_the_gradient_all_reduce():
+    """Make this rank exit abruptly once the other ranks wait for it in the gradient all-reduce. Dying at once
+    would race Paddle's launcher, which SIGTERMs the other ranks within about a second: a rank slowed down by a
+    loaded machine could be stopped before it reached the collective, and never report the failure."""
+    from paddle.distributed.fleet.utils import hybrid_parallel_util
+
+    def die(*args, **kwargs):
+        time.sleep(2)  # the ranks went through the sample counts' all-reduce together: the others are in this one
+        os._exit(17)
+
+    hybrid_parallel_util.fused_allreduce_gradients_with_group = die
+
+
 class RecDataset(paddle.io.IterableDataset):
     def __init__(self, file_list, config, mode="train"):
         super().__init__()
@@ -62,8 +76,9 @@ class RecDataset(paddle.io.IterableDataset):
         if self.training and os.environ.get("TOY_FAULT") == f"{self.rank}:{kind}":
             print(f"TOY_FAULT={self.rank}:{kind} (test)", file=sys.stderr, flush=True)
             if kind == "exit":
-                os._exit(17)
-            time.sleep(3600)
+                _die_in_the_gradient_all_reduce()
+            else:
+                time.sleep(3600)
 
     def __len__(self):
         return len(range(self.rank, self.num_samples, self.world_size))

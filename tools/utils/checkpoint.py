@@ -48,13 +48,20 @@ def json_safe(value):
     return [json_safe(item) for item in value] if isinstance(value, (list, tuple)) else value
 
 
-def read_json_object(path, what) -> dict:
-    """The JSON object in `path` (at most MAX_JSON_BYTES); UserError '<path>: corrupt <what> (...)' otherwise."""
+def read_file(path, what, limit=-1) -> bytes:
+    """The bytes of `path` (at most `limit` + 1); UserError '<path>: <what> not found' or 'cannot read <what>'."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read(MAX_JSON_BYTES + 1)
+            return handle.read(limit + 1 if limit >= 0 else -1)
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
     except OSError as reason:
         raise UserError(f"{path}: cannot read {what}: {reason.strerror}") from None
+
+
+def read_json_object(path, what) -> dict:
+    """The JSON object in `path` (at most MAX_JSON_BYTES); UserError '<path>: corrupt <what> (...)' otherwise."""
+    data = read_file(path, what, MAX_JSON_BYTES)
     if len(data) > MAX_JSON_BYTES:
         raise UserError(f"{path}: corrupt {what} (larger than {MAX_JSON_BYTES} bytes)")
     try:
@@ -162,13 +169,7 @@ def _load_state(path):
     """The state dict in `path`: checked by _StateUnpickler, then loaded by Paddle from the same bytes."""
     import paddle
 
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: checkpoint file not found")
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as reason:
-        raise UserError(f"{path}: cannot read checkpoint file: {reason.strerror}") from None
+    data = read_file(path, "checkpoint file")
     try:
         if not _plain(_StateUnpickler(io.BytesIO(data), encoding="latin1").load()):
             raise pickle.UnpicklingError("it holds more than arrays of numbers, names and numbers")

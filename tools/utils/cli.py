@@ -7,7 +7,9 @@ import sys
 
 from tools.utils.config import RUNNER_DEFAULTS, keys_without_effect, load_config
 from tools.utils.console import (EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR,
-                                 DistributedError, Terminated, UserError, rank_prefix, warn)
+                                 DistributedError, Terminated, UserError, hold_signals, on_signal, rank_prefix,
+                                 signals_received, warn)
+from tools.utils.distributed import launched_rank
 from tools.utils.environment import prepare_environment
 from tools.utils.plugin import import_plugin_module, plugin_declaration
 
@@ -22,12 +24,15 @@ def config_arg_parser(description) -> argparse.ArgumentParser:
     return parser
 
 
-def load_run_config(config_path, overrides=()):
-    """(config, plugin_module): the YAML and runner.* overrides read without Paddle, the environment prepared (Paddle
-    reads it at import), the plugin imported, and the config read again with the plugin's defaults so every -o is
-    checked; then our SIGTERM handler replaces the one Paddle installs at import."""
+def load_run_config(config_path, overrides=(), data_parallel=False):
+    """(config, plugin_module): the YAML and runner.* overrides read without Paddle (with `data_parallel`, the
+    launcher's ranks checked against them), the environment prepared (Paddle reads it at import), the plugin
+    imported, and the config read again with the plugin's defaults so every -o is checked; then our SIGTERM handler
+    replaces the one Paddle installs at import."""
     early = load_config(config_path, [item for item in overrides
                                       if "=" not in item or item.split("=", 1)[0].strip() in RUNNER_DEFAULTS])
+    if data_parallel:
+        launched_rank(early)
     prepare_environment(early.require("runner.deterministic", bool))
     plugin_module = import_plugin_module(early)
     config = load_config(config_path, overrides, plugin_declaration(plugin_module, "CONFIG_DEFAULTS"))
@@ -37,21 +42,13 @@ def load_run_config(config_path, overrides=()):
     return config, plugin_module
 
 
-_signals_received = []
-
-
-def _on_signal(signum, frame):
-    _signals_received.append(signum)
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-
 def handle_signals():
     """Make SIGTERM end the tool like Ctrl-C (one line, exit 143), and remember which signal arrived. Call after
     `import paddle`, whose own SIGTERM handler, installed at import, prints a C++ stack dump and dies mid-write."""
     import paddle  # noqa: F401  (installs Paddle's handler now, if the plugin has not imported it yet)
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
 
 
 def run_tool(body, args) -> int:
@@ -61,18 +58,19 @@ def run_tool(body, args) -> int:
         body(args)
         return EXIT_OK
     except (UserError, DistributedError) as error:
+        hold_signals()  # a SIGTERM now must not cut this line short
         message, code = str(error), EXIT_USER_ERROR if isinstance(error, UserError) else EXIT_DISTRIBUTED
     except BaseException as error:
         # Paddle re-raises an exception from Python code it calls (a PyLayer's backward) as its own OSError, so
         # the exception may not say which signal it comes from: the signal received does.
         if isinstance(error, KeyboardInterrupt):
             signum = signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT
-        elif isinstance(error, Exception) and _signals_received:
-            signum = _signals_received[-1]
+        elif isinstance(error, Exception) and signals_received:
+            signum = signals_received[-1]
         else:
             raise
         terminated = signum == signal.SIGTERM
         message, code = ("terminated (SIGTERM)", EXIT_TERMINATED) if terminated else ("interrupted", EXIT_INTERRUPTED)
     sys.stdout.flush()
-    print(f"{rank_prefix()}error: {message}", file=sys.stderr)
+    print(f"{rank_prefix()}error: {message}", file=sys.stderr, flush=True)
     return code

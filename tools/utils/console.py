@@ -3,7 +3,9 @@
 Lines go through `logging` in PaddleRec's format with tqdm.write, so a progress bar (stderr, terminals only) is
 redrawn below them, not torn. Data-parallel: lines start with `[rank R/N] `; only rank 0 logs and draws bars.
 """
+import contextlib
 import logging
+import signal
 import sys
 
 from tqdm import tqdm
@@ -36,6 +38,40 @@ class Terminated(KeyboardInterrupt):
 # Exit codes shared by every tool (documented in doc/tools.md); 143 = 128 + SIGTERM, as shells report it.
 EXIT_OK, EXIT_USER_ERROR, EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 2, 3, 130, 143
 _rank, _world_size = 0, 1
+signals_received, _holding = [], False  # while _holding, SIGTERM and Ctrl-C are only recorded
+
+
+def _interrupt(signum):
+    global _holding
+    _holding = True  # the tool is ending now: Paddle's launcher sends SIGTERM up to 3 times, 0.2 s apart
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def on_signal(signum, frame):
+    """The tools' SIGTERM and SIGINT handler (cli.handle_signals): the first ends the tool like Ctrl-C."""
+    signals_received.append(signum)
+    if not _holding:
+        _interrupt(signum)
+
+
+def hold_signals():
+    global _holding
+    _holding = True
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Run the block with SIGTERM and Ctrl-C recorded, raised after it. When the block fails they stay held: the
+    tool ends with that error, which a launcher's SIGTERM (sent as soon as a peer rank died) must not replace."""
+    global _holding
+    if _holding:
+        yield
+        return
+    _holding, count = True, len(signals_received)
+    yield
+    _holding = False
+    if len(signals_received) > count:
+        _interrupt(signals_received[-1])
 
 
 class _TqdmHandler(logging.Handler):

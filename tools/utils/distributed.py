@@ -8,7 +8,7 @@ import pickle
 import socket
 import time
 
-from tools.utils.console import DistributedError, UserError, log, set_rank, warn
+from tools.utils.console import DistributedError, UserError, log, set_rank, signals_held, warn
 
 LAUNCH_HINT = ("python -m paddle.distributed.launch --nproc_per_node N tools/<tool>.py -m <config> "
                "-o runner.use_fleet=True")
@@ -54,7 +54,8 @@ class Ranks:
 
     def _collective(self, label, operation):
         try:
-            return operation()
+            with signals_held():  # a dead peer: the launcher's SIGTERM must not hide this rank's error line
+                return operation()
         except (RuntimeError, ValueError, OSError) as error:  # gloo: RuntimeError; the store: ValueError
             raise DistributedError(f"{label}: collective failed ({_first_line(error)}); another rank has probably "
                                    "died (see workerlog.<rank> in the launcher's --log_dir)") from None
@@ -159,28 +160,35 @@ class Ranks:
 _warned_unmergeable = set()
 
 
-def setup_data_parallel(config, device) -> Ranks:
-    """The ranks of this run from runner.use_fleet and the launcher's environment (call after select_device()).
-    runner.use_fleet must match: alone it would silently train alone, and N runs without it overwrite each other."""
+def launched_rank(config):
+    """(rank, world size) from the launcher's environment, (0, 1) without one, checked against runner.use_fleet,
+    which must match: alone it would silently train alone, and N runs without it overwrite each other. Needs no
+    Paddle: the tools call it first, so every launched rank reaches a refusal within moments of the others."""
     use_fleet = config.require("runner.use_fleet", bool)
     rank, size = os.environ.get("PADDLE_TRAINER_ID"), os.environ.get("PADDLE_TRAINERS_NUM")
     if rank is None or size is None:
         if use_fleet:
             raise config.error("runner.use_fleet", "True, but no distributed launcher started this process; "
                                f"run: {LAUNCH_HINT} (or set runner.use_fleet: False)")
-        return Ranks()
+        return 0, 1
     if not (rank.isdigit() and size.isdigit() and int(rank) < int(size)):
         raise UserError(f"environment: PADDLE_TRAINER_ID={rank!r}, PADDLE_TRAINERS_NUM={size!r}: expected a rank "
                         "of the world size (set by paddle.distributed.launch)")
-    rank, world_size = int(rank), int(size)
+    if int(size) > 1:
+        set_rank(int(rank), int(size))
+        if not use_fleet:
+            raise config.error("runner.use_fleet", f"False, but the launcher started {size} processes; each would "
+                               "run alone and overwrite the others' files; add -o runner.use_fleet=True")
+    return int(rank), int(size)
+
+
+def setup_data_parallel(config, device) -> Ranks:
+    """The ranks of this run (launched_rank()) joined in fleet's collective group (call after select_device())."""
+    rank, world_size = launched_rank(config)
     if world_size == 1:
-        if use_fleet:
+        if config["runner.use_fleet"]:
             warn("runner.use_fleet is True but the launcher started a single process; training single-process")
         return Ranks()
-    set_rank(rank, world_size)
-    if not use_fleet:
-        raise config.error("runner.use_fleet", f"False, but the launcher started {world_size} processes; each would "
-                           "run alone and overwrite the others' files; add -o runner.use_fleet=True")
     timeout = config.require("runner.sync_timeout", int, minimum=1)
     if device == "cpu":
         os.environ["PADDLE_DISTRI_BACKEND"] = "gloo"  # on a CUDA build Paddle would pick NCCL

@@ -53,11 +53,8 @@ def cpu_thread_count(config) -> int:
 
 
 def select_device(config) -> str:
-    """Set Paddle's device from runner.use_gpu and the CPU threads from runner.num_threads; return the device.
-
-    A GPU that this Paddle build or machine cannot provide is no error (configs travel between machines): one
-    warning line, then the CPU.
-    """
+    """Set Paddle's device from runner.use_gpu and the CPU threads; return the device. A GPU this Paddle build or
+    machine cannot provide is no error (configs travel between machines): one warning line, then the CPU."""
     import paddle
 
     device = "cpu"

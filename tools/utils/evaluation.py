@@ -34,11 +34,9 @@ def evaluation_loader(config, mode, parallel, seed):
 
 
 def evaluate(model_obj, model, config, epoch, loader, parallel, name="infer", on_interval=None):
-    """Run the plugin's infer_forward over the loader; return (metric values, batches, samples) of all ranks.
-
-    No model.eval() or paddle.no_grad(): the plugin chooses (MAML adapts with gradients). Data-parallel ranks go in
-    step (a sum per batch says how many still have one). on_interval(batch_id, values) gets each logged line's.
-    """
+    """The plugin's infer_forward over the loader: (metric values, batches, samples) of all ranks, which go in step
+    (a sum per batch says how many still have one). No model.eval() or paddle.no_grad(): the plugin chooses (a
+    model may adapt with gradients). on_interval(batch_id, values) gets each logged line's values."""
     prefix = "" if name == "infer" else f"{name} "
     parallel.barrier(f"{name} epoch {epoch}: start")  # ranks may arrive far apart (loading, data building)
     metrics, names = model_obj.create_metrics()
@@ -144,11 +142,10 @@ class ModelSelection:
 
     @classmethod
     def resume(cls, path, metric, mode, settings, before_epoch):
-        """(selection, notes, warnings) of a run resumed at `before_epoch` from best.json: later epochs are dropped
-        (trained again), the best chosen again by `metric` and `mode` (None: the file's own); lines say what changed.
-        """
+        """(selection, changed) of a run resumed at `before_epoch` from best.json: later epochs are dropped (trained
+        again), the best chosen again by `metric` and `mode` (None: the file's own); log lines say what changed."""
         if not os.path.isfile(path):
-            return cls(path, metric or "acc", mode or "max", settings), [], []
+            return cls(path, metric or "acc", mode or "max", settings), False
         data = read_best_file(path)
         if metric is None or mode is None:
             metric, mode = data.get("metric", "acc"), data.get("mode", "max")
@@ -156,15 +153,15 @@ class ModelSelection:
         kept = [{key: entry.get(key) for key in ("epoch", "checkpoint", "values")}
                 for entry in data.get("history", []) if entry["epoch"] < before_epoch]
         dropped = sorted(entry["epoch"] for entry in data.get("history", []) if entry["epoch"] >= before_epoch)
-        notes, warnings = [], []
         if dropped:
-            notes.append(f"{path}: dropped the validation results of epoch(s) {dropped}, which are trained again")
-        if (data.get("metric"), data.get("mode")) != (metric, mode) and kept:
-            notes.append(f"{path}: the earlier epochs were selected by {data.get('metric')} ({data.get('mode')}); "
-                         f"now by {metric} ({mode})")
+            log(f"{path}: dropped the validation results of epoch(s) {dropped}, which are trained again")
+        reselected = (data.get("metric"), data.get("mode")) != (metric, mode) and bool(kept)
+        if reselected:
+            log(f"{path}: the earlier epochs were selected by {data.get('metric')} ({data.get('mode')}); "
+                f"now by {metric} ({mode})")
         changed = [key for key, value in settings.items() if key in data and data[key] != value]
         if changed and kept:
-            warnings.append(f"{path}: the earlier epochs were validated with other "
-                            f"{', '.join(f'runner.{key}' for key in changed)} "
-                            f"({', '.join(repr(data[key]) for key in changed)}); their values are compared as they are")
-        return cls(path, metric, mode, settings, kept), notes, warnings
+            warn(f"{path}: the earlier epochs were validated with other "
+                 f"{', '.join(f'runner.{key}' for key in changed)} "
+                 f"({', '.join(repr(data[key]) for key in changed)}); their values are compared as they are")
+        return cls(path, metric, mode, settings, kept), bool(dropped) or reselected

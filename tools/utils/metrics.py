@@ -1,13 +1,14 @@
 """The numbers of a run: plain values from tensors and metrics, the metrics file (JSON lines, doc/tools.md),
 VisualDL scalars, and NumericGuard, which stops training at its first NaN or infinite number.
 """
+import io
 import json
 import math
 import numbers
 import os
 import time
 
-from tools.utils.checkpoint import json_safe
+from tools.utils.checkpoint import json_safe, read_file
 from tools.utils.config import is_number
 from tools.utils.console import UserError
 
@@ -80,12 +81,9 @@ class MetricsLog:
 def read_metrics(path) -> list:
     """All records of a metrics file (an unfinished last line is skipped); UserError naming the file and line."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.readlines()
-    except FileNotFoundError:
-        raise UserError(f"{path}: metrics file not found") from None
-    except (OSError, UnicodeDecodeError) as reason:
-        raise UserError(f"{path}: cannot read metrics file: {getattr(reason, 'strerror', None) or reason}") from None
+        lines = io.StringIO(read_file(path, "metrics file").decode("utf-8")).readlines()  # split at \n only
+    except UnicodeDecodeError as reason:
+        raise UserError(f"{path}: cannot read metrics file: {reason}") from None
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -104,28 +102,27 @@ def read_metrics(path) -> list:
 
 class VisualLog:
     """runner.use_visual: the scalars of one phase ("train" or "infer") in <config folder>/visualDL_log/<phase>,
-    tagged <phase>/<key>, as PaddleRec writes them (VisualDL is an optional extra)."""
+    tagged <phase>/<key>, as PaddleRec writes them (VisualDL is an optional extra); off, or not rank 0: nothing."""
 
-    def __init__(self, config, phase):
+    def __init__(self, config, phase, is_main=True):
+        self.writer, self.phase = None, phase
+        if not (config.get("runner.use_visual") and is_main):
+            return
         try:
             from visualdl import LogWriter
         except ImportError:
             raise config.error("runner.use_visual", 'needs the optional package visualdl: pip install -e ".[visual]" '
                                "(or pip install visualdl)") from None
-        self.writer, self.phase = LogWriter(logdir=os.path.join(config.config_dir, "visualDL_log", phase)), phase
+        self.writer = LogWriter(logdir=os.path.join(config.config_dir, "visualDL_log", phase))
 
     def add(self, values, step):
-        for key, value in values.items():
+        for key, value in values.items() if self.writer else ():
             if is_number(value):
                 self.writer.add_scalar(tag=f"{self.phase}/{key}", step=int(step), value=float(value))
 
     def close(self):
-        self.writer.close()
-
-
-def open_visual_log(config, phase, is_main=True):
-    """A VisualLog when runner.use_visual is on (rank 0 only), else None."""
-    return VisualLog(config, phase) if config.get("runner.use_visual") and is_main else None
+        if self.writer:
+            self.writer.close()
 
 
 class NonFiniteError(UserError):
