@@ -6,6 +6,7 @@ which keeps the file to a dozen short trainings (about 1-2 s each).
 """
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -368,14 +369,20 @@ def test_benchmark_columns_are_named_by_the_plugin(tmp_path):
     def header(config):
         process = run_tool("benchmark.py", "-m", config, "--iterations", "1", "--warmup", "0")
         assert_ok(process)
-        return next(line for line in process.stdout.splitlines() if line.startswith("variant "))
+        lines = process.stdout.splitlines()
+        index = next(i for i, line in enumerate(lines) if line.startswith("variant "))
+        # the seconds of the first row end where the header's "s/iter" does, however long the variant's label
+        row = re.match(r"(.*?\s)([0-9.]+)\s", lines[index + 1])
+        assert row.end(2) == lines[index].index("s/iter") + len("s/iter"), lines[index:index + 2]
+        return lines[index]
 
     assert header(TOY_CONFIG).split() == ["variant", "s/iter", "samples/s", "vs", "first", "peak", "MB", "kernel", "s",
                                           "kernel", "%"]
     plugin = tmp_path / "toy"
     shutil.copytree(TOY_DIR, plugin, ignore=shutil.ignore_patterns("output_*", "__pycache__"))
     with open(plugin / "dygraph_model.py", "a", encoding="utf-8") as handle:
-        handle.write('\nBENCHMARK_LABELS = {"samples": "points", "kernels": "linear"}\n')
+        handle.write('\nBENCHMARK_LABELS = {"samples": "points", "kernels": "linear"}\n'
+                     'BENCHMARK_VARIANTS = [{"runner.print_interval": 7, "runner.seed": 12345, "runner.epochs": 1}]\n')
     assert header(plugin / "config.yaml").split()[2:] == ["points/s", "vs", "first", "peak", "MB", "linear", "s",
                                                            "linear", "%"]
 

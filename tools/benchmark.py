@@ -111,16 +111,17 @@ def compare(args):
     base, first = rows[0][1]["seconds"], rows[0][1]
     print(f"\nmedian of {args.iterations} iterations after {args.warmup} warm-up, device {first['device']}, "
           f"{first['threads']} CPU threads")
-    print(f"{'variant':38s} {'s/iter':>8s} {labels['samples'] + '/s':>8s} {'vs first':>8s} {'peak MB':>8s} "
+    width = max([len("variant")] + [len(label) for label, _ in rows])  # the variant column fits its labels
+    print(f"{'variant':{width}s} {'s/iter':>8s} {labels['samples'] + '/s':>8s} {'vs first':>8s} {'peak MB':>8s} "
           f"{labels['kernels'] + ' s':>7s} {labels['kernels'] + ' %':>7s}"
           + (f" {peer['label'] + ' s':>8s} {'vs peer':>8s}" if peer else ""))
     for label, r in rows:
         kernel = r.get("kernel_seconds")
         kernel_text = "      -      -" if kernel is None else f"{kernel:7.3f} {100 * kernel / r['seconds']:6.1f}%"
         peer_text = (f" {r['peer_seconds']:8.3f} {r['seconds'] / r['peer_seconds']:7.2f}x" if peer else "")
-        print(f"{label:38s} {r['seconds']:8.3f} {r['samples'] / r['seconds']:8.2f} {r['seconds'] / base:7.2f}x "
+        print(f"{label:{width}s} {r['seconds']:8.3f} {r['samples'] / r['seconds']:8.2f} {r['seconds'] / base:7.2f}x "
               f"{r['peak_rss_mb']:8.0f} {kernel_text}{peer_text}")
-        print(f"{'':38s} all: {', '.join(f'{t:.3f}' for t in r['all_seconds'])}")
+        print(f"{'':{width}s} all: {', '.join(f'{t:.3f}' for t in r['all_seconds'])}")
 
 
 def main():
