@@ -11,6 +11,7 @@ from collections import namedtuple
 from paddle import _C_ops
 
 import onednn_conv
+from onednn_conv import output_shape as conv2d_output_shape  # noqa: F401  (cpu_schedule's)
 
 # One convolution's settings: square stride and padding, and `groups` (the tasks stacked on the channel
 # axis, see net.py). No dilation, no bias.
@@ -48,13 +49,6 @@ def conv2d_grad(x, weight, out_grad, conv, dx=None, dw=None):
 def writes_in_place(x, weight, conv):
     """Whether conv2d / conv2d_grad of x with weight can write into tensors the caller gives."""
     return onednn_conv.preferred(x, weight, conv)
-
-
-def conv2d_output_shape(x_shape, weight_shape, conv):
-    n, _, h, w = x_shape
-    out_channels, _, kh, kw = weight_shape
-    return [n, out_channels, (h + 2 * conv.padding - kh) // conv.stride + 1,
-            (w + 2 * conv.padding - kw) // conv.stride + 1]
 
 
 # Momentum of the running statistics. The training kernel updates the running buffers it is given in place;

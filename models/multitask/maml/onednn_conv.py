@@ -283,14 +283,13 @@ def _convolution_primitives(x_shape, w_shape, conv, x_channels=None, y_channels=
 
 
 def _create_convolution_primitives(x_shape, w_shape, conv, x_channels, y_channels, dx_channels):
-    """(forward, backward-data, backward-weights primitives, output shape); OneDNNError if refused."""
+    """(forward, backward-data, backward-weights primitives); OneDNNError if refused."""
     dnnl = _libs[0]
     engine = _setup()
     n, c, h, w = x_shape
     out_c, in_per_group, kh, kw = w_shape
     g = conv.groups
-    oh = (h + 2 * conv.padding - kh) // conv.stride + 1
-    ow = (w + 2 * conv.padding - kw) // conv.stride + 1
+    _, _, oh, ow = output_shape(x_shape, w_shape, conv)
     src = _activation_descriptor([n, c, h, w], x_channels)
     dst = _activation_descriptor([n, out_c, oh, ow], y_channels)
     diff_src = _activation_descriptor([n, c, h, w], dx_channels)
@@ -316,7 +315,14 @@ def _create_convolution_primitives(x_shape, w_shape, conv, x_channels, y_channel
             pd, engine, _CONVOLUTION_DIRECT, src_any, weights_any, None, dst_any, strides, dilations,
             pad, pad, forward.pd, _attr),
         {_ARG_SRC: src, _ARG_DIFF_WEIGHTS: weights, _ARG_DIFF_DST: dst})
-    return forward, backward_data, backward_weights, [n, out_c, oh, ow]
+    return forward, backward_data, backward_weights
+
+
+def output_shape(x_shape, w_shape, conv):
+    """The NCHW shape of conv(x, weight) for ConvSettings `conv`."""
+    n, _, h, w = x_shape
+    out_c, _, kh, kw = w_shape
+    return [n, out_c, (h + 2 * conv.padding - kh) // conv.stride + 1, (w + 2 * conv.padding - kw) // conv.stride + 1]
 
 
 def supports(x, weight):
@@ -363,8 +369,7 @@ def conv2d(x, weight, conv, omp_threads=1, out=None):
     """conv(x, weight), NCHW, no bias, with ConvSettings `conv`. x may be a channel slice of a larger tensor;
     `out`, if given, is written (it may be one too) and returned."""
     (x, x_channels), weight = _sliced(x), weight.contiguous()
-    y_shape = _convolution_primitives(x.shape, weight.shape, conv)[3]
-    out, y_channels = _output(out, y_shape, x)
+    out, y_channels = _output(out, output_shape(x.shape, weight.shape, conv), x)
     forward = _convolution_primitives(x.shape, weight.shape, conv, x_channels, y_channels)[0]
     forward.run({_ARG_SRC: x, _ARG_WEIGHTS: weight, _ARG_DST: out}, omp_threads)
     return out
@@ -379,7 +384,7 @@ def conv2d_grad(x, weight, out_grad, conv, omp_threads=1, dx=None, dw=None):
         dw = paddle.empty(weight.shape, dtype=weight.dtype)
     elif list(dw.shape) != list(weight.shape) or not dw.is_contiguous():
         raise ValueError(f"dw must be a contiguous tensor of shape {list(weight.shape)}")
-    _, backward_data, backward_weights, _ = _convolution_primitives(x.shape, weight.shape, conv, x_channels,
+    _, backward_data, backward_weights = _convolution_primitives(x.shape, weight.shape, conv, x_channels,
                                                                     y_channels, dx_channels)
     backward_data.run({_ARG_DIFF_SRC: dx, _ARG_WEIGHTS: weight, _ARG_DIFF_DST: out_grad}, omp_threads)
     backward_weights.run({_ARG_SRC: x, _ARG_DIFF_WEIGHTS: dw, _ARG_DIFF_DST: out_grad}, omp_threads)
@@ -388,4 +393,4 @@ def conv2d_grad(x, weight, out_grad, conv, omp_threads=1, dx=None, dw=None):
 
 def implementations(x_shape, w_shape, conv):
     """oneDNN's names of the code it chose for this convolution (forward, backward data, backward weights)."""
-    return tuple(p.implementation() for p in _convolution_primitives(x_shape, w_shape, conv)[:3])
+    return tuple(p.implementation() for p in _convolution_primitives(x_shape, w_shape, conv))
