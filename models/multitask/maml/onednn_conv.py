@@ -107,7 +107,7 @@ _lock = threading.Lock()
 _engine = None
 _attr = None
 _thread_state = threading.local()
-# (input shape, weight shape, ConvSettings, channels of the tensors x and y are channel slices of) ->
+# (input shape, weight shape, ConvSettings, channels of the tensors x, y and dx are channel slices of) ->
 # _create_convolution_primitives(...), or None
 _primitives = {}
 
