@@ -95,15 +95,6 @@ def test_two_threads_running_the_same_primitive_at_once_get_their_own_results():
             _close(ours, theirs)
 
 
-def test_scratch_memory_is_cache_line_aligned_and_of_the_size_asked():
-    buffers = [onednn_conv._scratch(n) for n in (1, 63, 4096, 3 * 1024 * 1024 + 5)]
-    for n, b in zip((1, 63, 4096, 3 * 1024 * 1024 + 5), buffers):
-        assert b.nbytes == n and b.ctypes.data % 64 == 0
-    # every call its own memory (the two halves of a split call run at once)
-    starts = sorted((b.ctypes.data, b.ctypes.data + b.nbytes) for b in buffers)
-    assert all(end <= next_start for (_, end), (next_start, _) in zip(starts, starts[1:]))
-
-
 @needs_onednn
 @pytest.mark.parametrize("plan, n", [("batch", 9), ("groups", 5)])
 def test_split_halves_written_into_one_output_equal_the_whole_call(plan, n):

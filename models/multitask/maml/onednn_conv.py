@@ -25,7 +25,6 @@ import os
 import threading
 import warnings
 
-import numpy
 import paddle
 
 # oneDNN C API constants (dnnl_types.h, oneDNN 3.x).
@@ -208,34 +207,33 @@ class _Primitive:
         previous = omp.omp_get_max_threads()
         omp.omp_set_num_threads(omp_threads)
         try:
-            args, after, buffers = {}, [], []
+            args, after = {}, []
             for arg, tensor in tensors.items():
                 if arg not in self.chosen:
-                    args[arg] = (self.plain[arg], tensor.data_ptr())
+                    args[arg] = (self.plain[arg], tensor)
                     continue
                 md, size, reorder = self.chosen[arg]
-                buffer = _scratch(size)
-                buffers.append(buffer)
-                args[arg] = (md, buffer.ctypes.data)
+                buffer = paddle.empty([size], dtype="uint8")
+                args[arg] = (md, buffer)
                 if arg in _OUTPUTS:
-                    after.append((reorder, buffer.ctypes.data, tensor.data_ptr()))
+                    after.append((reorder, buffer, tensor))
                 else:
-                    reorder.execute({_ARG_FROM: (reorder.source, tensor.data_ptr()),
-                                     _ARG_TO: (reorder.target, buffer.ctypes.data)})
+                    reorder.execute({_ARG_FROM: (reorder.source, tensor), _ARG_TO: (reorder.target, buffer)})
             self.execute(args)
-            for reorder, source, target in after:
-                reorder.execute({_ARG_FROM: (reorder.source, source), _ARG_TO: (reorder.target, target)})
+            for reorder, buffer, tensor in after:
+                reorder.execute({_ARG_FROM: (reorder.source, buffer), _ARG_TO: (reorder.target, tensor)})
         finally:
             omp.omp_set_num_threads(previous)
 
     def execute(self, args):
-        """Run on {argument: (memory descriptor, address)}, with this call's own scratch memory."""
+        """Run on {argument: (memory descriptor, tensor)}, with this call's own scratch memory."""
         dnnl = _libs[0]
         engine = _setup()
-        pairs = [(arg, md, address) for arg, (md, address) in args.items()]
-        scratch = _scratch(self.scratch_bytes) if self.scratch_bytes else None
-        if scratch is not None:
-            pairs.append((_ARG_SCRATCHPAD, self.scratch_md, scratch.ctypes.data))
+        scratch = None
+        pairs = [(arg, md, t.data_ptr()) for arg, (md, t) in args.items()]
+        if self.scratch_bytes:
+            scratch = paddle.empty([self.scratch_bytes], dtype="uint8")
+            pairs.append((_ARG_SCRATCHPAD, self.scratch_md, scratch.data_ptr()))
         memories = []
         try:
             for arg, md, address in pairs:
@@ -250,18 +248,6 @@ class _Primitive:
             for _, memory in memories:
                 dnnl.dnnl_memory_destroy(memory)
         del scratch  # kept alive until oneDNN is done with it
-
-
-def _scratch(nbytes):
-    """Uninitialised host memory for one call (a layout copy or oneDNN's scratchpad). numpy's allocation is a
-    plain malloc: paddle.empty cost ~0.15 ms of Python per call, ~0.7 s of a second-order meta-iteration
-    of config_paddlerec (4608 calls on the calling thread alone)."""
-    buffer = numpy.empty(nbytes + _ALIGN, dtype=numpy.uint8)
-    start = -buffer.ctypes.data % _ALIGN  # a cache line, as Paddle's allocator gives its tensors
-    return buffer[start:start + nbytes]
-
-
-_ALIGN = 64
 
 
 def _reorder(source, target):
