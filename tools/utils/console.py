@@ -4,7 +4,9 @@ Lines go through `logging` in PaddleRec's format with tqdm.write, so a progress 
 redrawn below them, not torn. Data-parallel: lines start with `[rank R/N] `; only rank 0 logs and draws bars.
 """
 import contextlib
+import ctypes
 import logging
+import os
 import signal
 import sys
 
@@ -44,7 +46,32 @@ signals_received, _holding = [], False  # while _holding, SIGTERM and Ctrl-C are
 def _interrupt(signum):
     global _holding
     _holding = True  # the tool is ending now: Paddle's launcher sends SIGTERM up to 3 times, 0.2 s apart
+    _native_errors_only()
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+# glog's minimum level variable (C++ symbol fLI::FLAGS_minloglevel) in the Paddle libraries that log through
+# their own copy of glog; 2 = ERROR.
+_GLOG_MINLOGLEVEL, _GLOG_ERROR = "_ZN3fLI17FLAGS_minloglevelE", 2
+_PADDLE_GLOG_LIBRARIES = (("base", "libpaddle.so"), ("libs", "libphi_core.so"))
+
+
+def _native_errors_only():
+    """From now on Paddle's C++ logs errors only. An interrupt raised while Paddle's autograd engine runs a
+    Python backward (a SIGTERM mid-meta-iteration) unwinds through that engine, which logs a warning line
+    ("While running Node (...) raises an EnforceNotMet exception") above the tool's own one-line error: noise
+    from an exit the tool chose. Only libraries already loaded are touched; builds without the symbol keep
+    their logging."""
+    paddle = sys.modules.get("paddle")
+    if paddle is None or not getattr(paddle, "__file__", None):
+        return
+    root = os.path.dirname(paddle.__file__)
+    for parts in _PADDLE_GLOG_LIBRARIES:
+        try:
+            library = ctypes.CDLL(os.path.join(root, *parts), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            ctypes.c_int.in_dll(library, _GLOG_MINLOGLEVEL).value = _GLOG_ERROR
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 def on_signal(signum, frame):
