@@ -237,10 +237,10 @@ def test_a_hostile_best_json_is_one_line(run_copy, content, fragment):
         assert_user_error(infer(run_copy, "runner.infer_best=True"), str(best), fragment)
         return
     from tools.utils.console import UserError
-    from tools.utils.evaluation import best_epoch_of
+    from tools.utils.evaluation import best_epochs_of
 
     with pytest.raises(UserError, match=f"^{re.escape(str(best))}: .*{re.escape(fragment)}"):
-        best_epoch_of(str(best))
+        best_epochs_of(str(best))
 
 
 # ----- defect 3: an exception in the loader's thread ends the run -------------------------------------

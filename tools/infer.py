@@ -4,7 +4,8 @@
     python -m paddle.distributed.launch --nproc_per_node N tools/infer.py -m <config> -o runner.use_fleet=True
 
 Evaluates <runner.infer_load_path>/<epoch> for each epoch in [runner.infer_start_epoch, runner.infer_end_epoch)
-(runner.infer_best=True: the one best.json names) with the validation's loop, appending to infer_metrics.jsonl.
+(runner.infer_best=True: the one best.json names; with runner.infer_ensemble=N the N best of its validated epochs,
+as one ensemble) with the validation's loop, appending to infer_metrics.jsonl.
 """
 import contextlib
 import os
@@ -20,7 +21,7 @@ from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa
 from tools.utils.console import UserError, format_number, format_results, log  # noqa: E402
 from tools.utils.distributed import setup_data_parallel  # noqa: E402
 from tools.utils.environment import seed_everything, select_device  # noqa: E402
-from tools.utils.evaluation import BEST_FILE, best_epoch_of, evaluate, evaluation_loader  # noqa: E402
+from tools.utils.evaluation import BEST_FILE, best_epochs_of, evaluate, evaluation_loader  # noqa: E402
 from tools.utils.metrics import MetricsLog, VisualLog  # noqa: E402
 from tools.utils.plugin import load_model_plugin, plugin_declaration  # noqa: E402
 
@@ -32,15 +33,23 @@ def checkpoint_folders(config):
     else None) for the requested epochs, all checked before any work."""
     load_dir = (config.resolve_path("runner.infer_load_path", required=False)
                 or config.resolve_path("runner.model_save_path"))
+    ensemble = config.require("runner.infer_ensemble", int, minimum=1)
     if config.require("runner.infer_best", bool):
         best_path = os.path.join(load_dir, BEST_FILE)
-        epoch, best = best_epoch_of(best_path)
-        params = os.path.join(load_dir, str(epoch), PARAMS_FILE)
-        if not os.path.isfile(params):
-            raise UserError(f"{best_path}: names epoch {epoch}, but there is no checkpoint {params}")
-        return load_dir, {epoch: os.path.dirname(params)}, (
-            f"runner.infer_best: evaluating epoch {epoch}, the best by validation {best.get('metric')} "
-            f"({best.get('mode')}, {format_number(best.get('value'))}) in {best_path}")
+        epochs, best = best_epochs_of(best_path, ensemble)
+        folders = {}
+        for epoch in epochs:
+            params = os.path.join(load_dir, str(epoch), PARAMS_FILE)
+            if not os.path.isfile(params):
+                raise UserError(f"{best_path}: names epoch {epoch}, but there is no checkpoint {params}")
+            folders[epoch] = os.path.dirname(params)
+        which = (f"epoch {epochs[0]}, the best" if ensemble == 1 else
+                 f"the ensemble of epochs {', '.join(map(str, epochs))}, the {ensemble} best")
+        return load_dir, folders, (f"runner.infer_best: evaluating {which} by validation {best.get('metric')} "
+                                   f"({best.get('mode')}, {format_number(best.get('value'))}) in {best_path}")
+    if ensemble > 1:
+        raise config.error("runner.infer_ensemble", f"{ensemble} needs runner.infer_best: True (an ensemble is made "
+                           "of the best validated epochs)")
     start = config.require("runner.infer_start_epoch", int)
     end = config.require("runner.epochs" if config.get("runner.infer_end_epoch") is None else "runner.infer_end_epoch",
                          int)
@@ -64,6 +73,10 @@ def infer(args):
     parallel = setup_data_parallel(config, device)
     seed_everything(seed)
     model_obj = load_model_plugin(config)
+    ensemble = config["runner.infer_ensemble"] > 1
+    if ensemble and not callable(getattr(model_obj, "ensemble", None)):
+        raise UserError(f"{config.config_dir}: runner.infer_ensemble: the model plugin's DygraphModel has no "
+                        "ensemble() method (how models combine is up to the model)")
     model = model_obj.create_model(config)
     best = chosen is not None
     if best:
@@ -76,17 +89,24 @@ def infer(args):
     steps_before = 0  # VisualDL steps count batches over all checkpoints, as in PaddleRec
     results_log = MetricsLog(results_path if parallel.is_main else None, append=True)
     with contextlib.closing(results_log), contextlib.closing(visual):
-        for index, (epoch, folder) in enumerate(folders.items()):
-            load_checkpoint(folder, model)
+        # What is evaluated: each epoch alone, or (runner.infer_ensemble) all of them as one ensemble.
+        runs = [(list(folders), list(folders.values()))] if ensemble else [([e], [f]) for e, f in folders.items()]
+        for index, (epochs, paths) in enumerate(runs):
+            members = [model] + [model_obj.create_model(config) for _ in paths[1:]]
+            for member, path in zip(members, paths):
+                load_checkpoint(path, member)
             if index > 0:  # every checkpoint is evaluated on the same data with the same seed
                 loader = evaluation_loader(config, "infer", parallel, seed)
+            label = epochs[0] if len(epochs) == 1 else "+".join(map(str, epochs))
             start = time.perf_counter()
             values, batches, samples = evaluate(
-                model_obj, model, config, epoch, loader, parallel,
+                model_obj, model_obj.ensemble(members, config) if ensemble else model, config, label, loader, parallel,
                 on_interval=lambda batch_id, shown: visual.add(shown, steps_before + batch_id))
             steps_before += batches
-            log(f"epoch {epoch}: {format_results(values)}")
-            results_log.write("infer", {"epoch": epoch, "checkpoint": folder, **({"best": True} if best else {})}, {
+            log(f"epoch {label}: {format_results(values)}")
+            which = ({"epochs": epochs, "checkpoints": paths, "ensemble": len(epochs)} if ensemble else
+                     {"epoch": epochs[0], "checkpoint": paths[0]})
+            results_log.write("infer", {**which, **({"best": True} if best else {})}, {
                 **values, "batches": batches, "samples": samples, "seconds": round(time.perf_counter() - start, 3)})
     log(f"infer done: {len(folders)} checkpoint(s) from {load_dir}; results appended to {results_path}")
     if note:

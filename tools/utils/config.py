@@ -32,6 +32,7 @@ RUNNER_DEFAULTS = {
     "runner.infer_start_epoch": RunnerKey(0, int, "First checkpoint epoch evaluated by infer.", "same"),
     "runner.infer_end_epoch": RunnerKey(None, int, "Checkpoint epoch where infer stops (exclusive). Unset: runner.epochs.", "extended: unset means runner.epochs (PaddleRec: 10)"),
     "runner.infer_best": RunnerKey(False, bool, "infer evaluates only the epoch named in best.json of the infer load folder (written by training with validation), instead of runner.infer_start_epoch/runner.infer_end_epoch."),
+    "runner.infer_ensemble": RunnerKey(1, int, "with runner.infer_best: evaluate the N best validated epochs of best.json as one ensemble (the model plugin's ensemble() combines them; MAML averages class probabilities) instead of the best epoch alone."),
     "runner.train_data_dir": RunnerKey(None, str, "Folder whose entries (sorted, absolute paths) are handed to the training reader.", "same"),
     "runner.test_data_dir": RunnerKey(None, str, "Folder whose entries (sorted, absolute paths) are handed to the evaluation reader.", "same"),
     "runner.train_reader_path": RunnerKey(None, str, "Reader module for training, relative to the config folder (importlib name, .py optional).", "same"),

@@ -96,13 +96,20 @@ def read_best_file(path) -> dict:
     return data
 
 
-def best_epoch_of(path):
-    """(epoch, best.json contents) for runner.infer_best; UserError when the file names no epoch."""
+def best_epochs_of(path, count=1):
+    """(the `count` best validated epochs, best first; best.json contents) for runner.infer_best and
+    runner.infer_ensemble; UserError when the file names no epoch or has fewer validated epochs."""
     data = read_best_file(path)
+    metric = data.get("metric", "metric")
     if data.get("epoch") is None:
-        raise UserError(f"{path}: names no best epoch (no validated epoch had a finite "
-                        f"{data.get('metric', 'metric')} value)")
-    return data["epoch"], data
+        raise UserError(f"{path}: names no best epoch (no validated epoch had a finite {metric} value)")
+    if count == 1:
+        return [data["epoch"]], data
+    ranked = ModelSelection(path, metric, data.get("mode", "max"), history=data.get("history", [])).ranked
+    if len(ranked) < count:
+        raise UserError(f"{path}: {len(ranked)} validated epoch(s) with a finite {metric} value, fewer than "
+                        f"runner.infer_ensemble = {count}")
+    return [entry["epoch"] for entry in ranked[:count]], data
 
 
 class ModelSelection:
@@ -117,10 +124,15 @@ class ModelSelection:
         self.history = sorted(history, key=lambda entry: entry["epoch"])  # [{"epoch", "checkpoint", "values"}]
 
     @property
-    def best(self):
+    def ranked(self):
+        """The validated epochs with a finite metric, best first (sorting is stable: the earlier of equals first)."""
         scored = [entry for entry in self.history if _finite(entry["values"].get(self.metric))]
-        pick = max if self.mode == "max" else min  # both return the first, i.e. earliest, of equals
-        return pick(scored, key=lambda entry: entry["values"][self.metric]) if scored else None
+        return sorted(scored, key=lambda entry: entry["values"][self.metric], reverse=self.mode == "max")
+
+    @property
+    def best(self):
+        ranked = self.ranked
+        return ranked[0] if ranked else None
 
     @property
     def best_value(self):

@@ -247,13 +247,20 @@ class DygraphModel:
 
     def infer_forward(self, dy_model, metrics_list, batch_data, config):
         """Query accuracy of every task in the batch after `update_step_test` adaptation steps,
-        with batch statistics in batch norm (transductive, as in MAML)."""
+        with batch statistics in batch norm (transductive, as in MAML); of an ensemble (see ensemble()), by its
+        members' mean class probabilities."""
         steps, lr, _ = inner_settings(config, training=False)
-        meta_batch = maml.MetaBatch(*batch_data[:4], dtype=dy_model.parameters()[0].dtype)
+        first = dy_model.members[0] if isinstance(dy_model, maml.Ensemble) else dy_model
+        meta_batch = maml.MetaBatch(*batch_data[:4], dtype=first.parameters()[0].dtype)
         task_acc = maml.evaluate(dy_model, meta_batch, steps, lr).numpy()
         metrics_list[0].update(task_acc)
         # A tensor, as PaddleRec's infer prints every value's .numpy().
         return metrics_list, {"acc": paddle.to_tensor(float(task_acc.mean()))}
+
+    def ensemble(self, models, config):
+        """tools/infer.py's hook for runner.infer_ensemble: the models as one for infer_forward, which averages
+        their class probabilities (MAML++ reports such an ensemble of its 3 best validated checkpoints)."""
+        return maml.Ensemble(models)
 
     def predict(self, dy_model, config, support, queries):
         """tools/predict.py's hook: adapt on support [(class name, [image paths])], classify the query image

@@ -9,6 +9,7 @@ graph (create_graph), so the meta-gradient differentiates through every inner st
 True they are constants, and the same final `paddle.grad` yields the first-order (FOMAML) meta-gradient.
 """
 import paddle
+import paddle.nn.functional as F
 
 import net
 
@@ -142,8 +143,20 @@ def query_logits(model, meta_batch, steps, lr):
     return _joined(logits)
 
 
+class Ensemble:
+    """Models evaluated as one (tools/infer.py's runner.infer_ensemble): each adapts to a task on its own, and
+    their class probabilities are averaged."""
+
+    def __init__(self, models):
+        self.members = list(models)
+
+
 def evaluate(model, meta_batch, steps, lr):
-    """Per-task query accuracy [T] after `steps` adaptation steps (no meta-gradient needed)."""
+    """Per-task query accuracy [T] after `steps` adaptation steps (no meta-gradient needed); of an Ensemble, by
+    the mean of its members' class probabilities."""
+    if isinstance(model, Ensemble):
+        probabilities = [F.softmax(query_logits(member, meta_batch, steps, lr), axis=-1) for member in model.members]
+        return accuracy(paddle.add_n(probabilities) / len(probabilities), meta_batch.y_qry)
     return accuracy(query_logits(model, meta_batch, steps, lr), meta_batch.y_qry)
 
 
