@@ -100,7 +100,7 @@ def best_epochs_of(path, count=1):
     """(the `count` best validated epochs, best first; best.json contents) for runner.infer_best and
     runner.infer_ensemble; UserError when the file names no epoch or has fewer validated epochs."""
     data = read_best_file(path)
-    metric = data.get("metric", "metric")
+    metric = data.get("metric", "acc")  # what ModelSelection.resume takes a file without one to be ranked by
     if data.get("epoch") is None:
         raise UserError(f"{path}: names no best epoch (no validated epoch had a finite {metric} value)")
     if count == 1:
