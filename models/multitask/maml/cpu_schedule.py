@@ -79,7 +79,8 @@ def split_plan(x, weight, conv, gradient):
     which balances 5 images better than 3 + 2. With one input channel per group (the first layer) a
     convolution does 18 flops per output element, so copying the halves' output together costs more than the
     second core saves (measured: 3.6 -> 5.4 ms forward); its weight gradient still gains when the batch is
-    large (13 -> 8 ms at 75 images).
+    large (13 -> 8 ms at 75 images). A blocked tensor (onednn_conv) is cut on the task groups only where
+    each half is whole channel blocks.
     """
     if _threads_for(x) < 2:
         return None
@@ -88,27 +89,47 @@ def split_plan(x, weight, conv, gradient):
         return None
     if n >= _BATCH_SPLIT_MIN:
         return "batch"
-    if conv.groups % 2 == 0:
+    if conv.groups % 2 == 0 and _halves_whole_blocks(x, weight, conv):
         return "groups"
     return "batch" if n >= 2 else None
 
 
+def _halves_whole_blocks(x, weight, conv):
+    x_block, y_block = len(x.shape) == 5 and x.shape[4], conv.block
+    in_half, out_half = x.shape[1] * (x_block or 1) // 2, weight.shape[0] // 2
+    return (not x_block or in_half % x_block == 0) and (not y_block or out_half % y_block == 0)
+
+
+def _channels(t, start, stop):
+    """Channels start:stop of a plain or blocked tensor (whole blocks)."""
+    if len(t.shape) == 5:
+        block = t.shape[4]
+        return t[:, start // block:stop // block]
+    return t[:, start:stop]
+
+
 def _halves(x, weight, conv, plan, out_grad=None):
     """The two halves of a call as argument tuples (x, weight, [out_grad,] conv); the axis on which the halves
-    of the output and of the input gradient lie; and the size of the first half there (output, input)."""
+    of the output and of the input gradient lie; and the size of the first half there (output, input), in
+    channels on axis 1."""
     if plan == "batch":
         h = (x.shape[0] + 1) // 2
         parts = [(x[:h], weight), (x[h:], weight)]
         grads = [(out_grad[:h],), (out_grad[h:],)] if out_grad is not None else [(), ()]
         return [p + g + (conv,) for p, g in zip(parts, grads)], 0, h, h
-    ci, co, half = x.shape[1] // 2, weight.shape[0] // 2, conv._replace(groups=conv.groups // 2)
-    parts = [(x[:, :ci], weight[:co]), (x[:, ci:], weight[co:])]
-    grads = [(out_grad[:, :co],), (out_grad[:, co:],)] if out_grad is not None else [(), ()]
+    c_in = x.shape[1] * (x.shape[4] if len(x.shape) == 5 else 1)
+    ci, co, half = c_in // 2, weight.shape[0] // 2, conv._replace(groups=conv.groups // 2)
+    parts = [(_channels(x, 0, ci), weight[:co]), (_channels(x, ci, c_in), weight[co:])]
+    grads = ([(_channels(out_grad, 0, co),), (_channels(out_grad, co, 2 * co),)] if out_grad is not None
+             else [(), ()])
     return [p + g + (half,) for p, g in zip(parts, grads)], 1, co, ci
 
 
 def _cut(t, axis, at):
-    return (t[:at], t[at:]) if axis == 0 else (t[:, :at], t[:, at:])
+    if axis == 0:
+        return t[:at], t[at:]
+    channels = t.shape[1] * (t.shape[4] if len(t.shape) == 5 else 1)
+    return _channels(t, 0, at), _channels(t, at, channels)
 
 
 def _in_place(halves):
@@ -123,7 +144,7 @@ def conv2d(x, weight, conv, plan):
         return kernels.conv2d(x, weight, conv)
     halves, axis, at, _ = _halves(x, weight, conv, plan)
     if _in_place(halves):
-        out = paddle.empty(kernels.conv2d_output_shape(x.shape, weight.shape, conv), dtype=x.dtype)
+        out = paddle.empty(kernels.conv2d_output_tensor_shape(x, weight, conv), dtype=x.dtype)
         first, second = _cut(out, axis, at)
         other = _submit(kernels.conv2d, *halves[1], out=second)
         _single_threaded(kernels.conv2d, *halves[0], out=first)

@@ -15,6 +15,8 @@ Beside this module: native_kernels.py wraps the native calls (one named function
 cpu_schedule.py runs a convolution or a large max-pool on a CPU as two halves on two threads;
 kernel_replay.py records the convolution calls for tools/benchmark.py.
 """
+import os
+
 import paddle
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
@@ -22,13 +24,15 @@ from paddle.autograd import PyLayer
 import cpu_schedule
 import kernel_replay
 import native_kernels as kernels
+import onednn_conv
+import onednn_layers
 
 # Names kept for tests/test_meta_gradient.py (which stands unchanged): it skips its split-path check when
 # CONV_THREADS < 2, and wraps _split_plan to see which plans ran.
 from cpu_schedule import CONV_THREADS  # noqa: F401
 from cpu_schedule import split_plan as _split_plan
 
-__all__ = ["conv2d", "batch_norm", "max_pool2d", "cross_entropy"]
+__all__ = ["conv2d", "batch_norm", "max_pool2d", "cross_entropy", "activation_block", "to_plain"]
 
 
 def _needed(inputs, grads):
@@ -54,8 +58,8 @@ def _conv_grad(x, w, dy, conv):
 
 class _Conv2D(PyLayer):
     @staticmethod
-    def forward(ctx, x, w, stride, padding, groups):
-        ctx.conv = kernels.ConvSettings(stride, padding, groups)
+    def forward(ctx, x, w, stride, padding, groups, block):
+        ctx.conv = kernels.ConvSettings(stride, padding, groups, block)
         ctx.save_for_backward(x, w)
         return _conv(x, w, ctx.conv)
 
@@ -70,8 +74,8 @@ class _Conv2DGrad(PyLayer):
     """(dx, dw) = conv-backward(x, w, dy) as a differentiable function of x, w and dy."""
 
     @staticmethod
-    def forward(ctx, x, w, dy, stride, padding, groups):
-        ctx.conv = kernels.ConvSettings(stride, padding, groups)
+    def forward(ctx, x, w, dy, stride, padding, groups, block):
+        ctx.conv = kernels.ConvSettings(stride, padding, groups, block)
         ctx.save_for_backward(x, w, dy)
         return _conv_grad(x, w, dy, ctx.conv)
 
@@ -99,18 +103,74 @@ class _Conv2DGrad(PyLayer):
         return _needed((x, w, dy), (d_x, d_w, d_dy))
 
 
-def conv2d(x, weight, stride=1, padding=1, groups=1):
-    """`F.conv2d` (no bias) with an exact second derivative in x and weight."""
-    return _Conv2D.apply(x, weight, stride, padding, groups)
+def conv2d(x, weight, stride=1, padding=1, groups=1, block=0):
+    """`F.conv2d` (no bias) with an exact second derivative in x and weight. x is plain NCHW or channel-blocked
+    (onednn_conv's blocked tensors); the result is blocked by `block` (0: plain; see activation_block)."""
+    if block and len(x.shape) == 4:
+        # A plain input (the images): oneDNN has only its slow reference code for a blocked output there
+        # (one input channel per group), so the convolution stays plain and one copy changes the layout.
+        return _ToBlocked.apply(_Conv2D.apply(x, weight, stride, padding, groups, 0), block)
+    return _Conv2D.apply(x, weight, stride, padding, groups, block)
+
+
+class _ToBlocked(PyLayer):
+    """The layout change, a permutation of the elements: its derivative is the inverse permutation, and so on
+    to any order."""
+
+    @staticmethod
+    def forward(ctx, x, block):
+        return onednn_layers.blocked(x.detach(), block)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _ToPlain.apply(dy)
+
+
+class _ToPlain(PyLayer):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.block = x.shape[4]
+        return onednn_layers.plain(x.detach())
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _ToBlocked.apply(dy, ctx.block)
+
+
+def activation_block(x, conv_weights, stride=1, padding=1, groups=1):
+    """The channel block (16, 8) in which the network's activations are best kept between its layers, for
+    images x (plain NCHW) and the blocks' conv weights; 0 keeps them plain NCHW. Blocked only where every
+    layer then runs in oneDNN: float32 CPU tensors, oneDNN's convolution wanting that layout, every layer's
+    channels whole blocks. MAML_ONEDNN_BLOCKED=0 turns it off."""
+    if os.environ.get("MAML_ONEDNN_BLOCKED", "1") == "0" or not onednn_conv.supports(x, conv_weights[0]):
+        return 0
+    n, _, h, w = x.shape
+    conv = kernels.ConvSettings(stride, padding, groups)
+    shape = onednn_conv.output_shape(x.shape, conv_weights[0].shape, conv)
+    probe = conv_weights[1] if len(conv_weights) > 1 else conv_weights[0]
+    x_shape = onednn_layers.pooled_shape(shape) if len(conv_weights) > 1 else list(x.shape)
+    if probe.shape[1] * groups != x_shape[1]:
+        return 0
+    block = onednn_conv.activation_block(x_shape, probe.shape, conv)
+    if not block or any(weight.shape[0] % block for weight in conv_weights):
+        return 0
+    return block
+
+
+def to_plain(h):
+    """A blocked activation as plain NCHW (a plain one as it is); differentiable to any order."""
+    return _ToPlain.apply(h) if len(h.shape) == 5 else h
 
 
 # ----------------------------------------------------------------------------------------- batch norm
 class _BNStats:
     """Per-channel batch statistics of one batch-norm call, carried outside the autograd inputs: their
-    dependence on x is accounted for analytically in the formulas below."""
+    dependence on x is accounted for analytically in the formulas below. `variance` may be None (then
+    computed from inv_std when needed)."""
 
-    def __init__(self, mean, inv_std, beta, eps, count):
+    def __init__(self, mean, inv_std, beta, eps, count, variance=None):
         self.mean, self.inv_std, self.beta, self.eps, self.count = mean, inv_std, beta, eps, count
+        self.variance = variance
 
 
 _constants = {}
@@ -129,32 +189,45 @@ def _constant(kind, channels, dtype):
 
 
 def _bn_forward(x, scale, bias, eps):
-    """(scale * x_hat + bias, mean, 1/std) with x_hat normalised by the batch statistics of x."""
+    """(scale * x_hat + bias, mean, 1/std, variance or None) with x_hat normalised by the batch statistics of x.
+    Blocked tensors go to oneDNN's kernels (onednn_layers), plain ones to Paddle's."""
+    if len(x.shape) == 5:
+        out, mean, variance = onednn_layers.batch_norm_training(x, scale, bias, epsilon=eps)
+        return out, mean, paddle.rsqrt(variance + eps), variance
     channels = x.shape[1]
     running_mean = _constant("running_mean", channels, x.dtype)
     running_var = _constant("running_var", channels, x.dtype)
-    return kernels.batch_norm_training(x, scale, bias, running_mean, running_var, epsilon=eps)
+    return kernels.batch_norm_training(x, scale, bias, running_mean, running_var, epsilon=eps) + (None,)
 
 
 def _bn_affine(x, scale, bias, stats):
     """scale * x_hat + bias with the statistics already known: batch_norm in global-statistics mode skips
     the statistics pass (measured 2x faster than recomputing them: 0.09 vs 0.18 ms on 5 x 256 x 28 x 28)."""
-    if getattr(stats, "variance", None) is None:
+    variance = _variance(stats)
+    if len(x.shape) == 5:
+        return onednn_layers.batch_norm_given_statistics(x, scale, bias, stats.mean, variance, epsilon=stats.eps)
+    return kernels.batch_norm_given_statistics(x, scale, bias, stats.mean, variance, epsilon=stats.eps)
+
+
+def _variance(stats):
+    if stats.variance is None:
         stats.variance = 1.0 / (stats.inv_std * stats.inv_std) - stats.eps  # so that 1/sqrt(var + eps) = r
-    return kernels.batch_norm_given_statistics(x, scale, bias, stats.mean, stats.variance, epsilon=stats.eps)
+    return stats.variance
 
 
 def _bn_backward(x, scale, dy, stats):
     """Native batch-norm backward: (scale*r*(dy - <dy> - x_hat<dy x_hat>), sum(dy x_hat), sum(dy))."""
+    if len(x.shape) == 5:
+        return onednn_layers.batch_norm_grad(x, scale, stats.mean, _variance(stats), dy, epsilon=stats.eps)
     return kernels.batch_norm_grad(x, scale, stats.beta, stats.mean, stats.inv_std, dy, epsilon=stats.eps)
 
 
 class _BatchNorm(PyLayer):
     @staticmethod
     def forward(ctx, x, gamma, beta, eps):
-        out, mean, inv_std = _bn_forward(x, gamma, beta, eps)
+        out, mean, inv_std, variance = _bn_forward(x, gamma, beta, eps)
         count = x.shape[0] * x.shape[2] * x.shape[3]
-        ctx.stats = _BNStats(mean, inv_std, beta.detach(), eps, count)
+        ctx.stats = _BNStats(mean, inv_std, beta.detach(), eps, count, variance)
         ctx.save_for_backward(x, gamma, beta)
         return out
 
@@ -168,8 +241,11 @@ def _channel_dot(a, b, stats):
     """Per-channel sum(a * b) over N, H, W. A reduction op (`(a * b).sum(axis=[0, 2, 3])`) is ~4x slower on
     CPU than batch_norm_grad, whose scale gradient is sum(dy * (x - mean) * inv_std): with x = b, mean 0
     and inv_std 1 that is exactly sum(a * b)."""
-    zeros = _constant("zeros", b.shape[1], b.dtype)
-    ones = _constant("ones", b.shape[1], b.dtype)
+    channels = onednn_conv.logical_shape(b)[1]
+    zeros = _constant("zeros", channels, b.dtype)
+    ones = _constant("ones", channels, b.dtype)
+    if len(b.shape) == 5:  # variance 1 with epsilon 0: r = 1 exactly
+        return onednn_layers.batch_norm_grad(b, ones, zeros, ones, a, epsilon=0.0)[1]
     return kernels.batch_norm_grad(b, ones, zeros, zeros, ones, a, epsilon=stats.eps)[1]
 
 
@@ -284,8 +360,40 @@ class _MaxPool2x2Grad(PyLayer):
         return _needed((dout,), (gathered.reshape([n, c, h, w]),)) + (None, None)
 
 
+class _BlockedMaxPool2x2(PyLayer):
+    """The same layer on blocked tensors, with oneDNN's kernels: its workspace records each window's maximum
+    (an index within the window, so a window of NaNs still points inside it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out, workspace = onednn_layers.max_pool2x2(x.detach())
+        ctx.save_for_backward(x, workspace)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, workspace = ctx.saved_tensor()
+        return _BlockedMaxPool2x2Grad.apply(dout, x.detach(), workspace)
+
+
+class _BlockedMaxPool2x2Grad(PyLayer):
+    """Routing dout back to the window maxima: linear in dout, so its derivative is the adjoint, a gather."""
+
+    @staticmethod
+    def forward(ctx, dout, x, workspace):
+        ctx.save_for_backward(workspace)
+        return onednn_layers.max_pool2x2_grad(x.shape, workspace, dout.detach())
+
+    @staticmethod
+    def backward(ctx, ddx):
+        (workspace,) = ctx.saved_tensor()
+        return onednn_layers.max_pool2x2_gather(ddx.detach(), workspace), None, None
+
+
 def max_pool2d(x):
-    """2x2 max-pool, stride 2, floor mode, exact to second order."""
+    """2x2 max-pool, stride 2, floor mode, exact to second order; x plain NCHW or blocked."""
+    if len(x.shape) == 5:
+        return _BlockedMaxPool2x2.apply(x)
     return _MaxPool2x2.apply(x)
 
 

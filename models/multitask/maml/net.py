@@ -173,14 +173,17 @@ def task_logits(params, x, blocks=4, stride=1, padding=1):
     params = by_name(params, blocks)
     tasks, n = x.shape[0], x.shape[1]
     h = x.transpose([1, 0, 2, 3, 4]).reshape([n, tasks * x.shape[2], x.shape[3], x.shape[4]])
+    # Between the layers the activations stay in the channel-blocked layout of oneDNN's CPU code where it
+    # has one (double_grad_ops.activation_block; 0: plain NCHW), and become NCHW again for the classifier.
+    layout = ops.activation_block(h, [params[block_names(b).conv] for b in range(blocks)], stride, padding, tasks)
     for b in range(blocks):
         weight, gamma, beta = (params[name] for name in block_names(b))
-        h = ops.conv2d(h, weight, stride=stride, padding=padding, groups=tasks)
+        h = ops.conv2d(h, weight, stride=stride, padding=padding, groups=tasks, block=layout)
         h = ops.batch_norm(h, gamma, beta)
         # ReLU after the pool instead of before: max commutes with a monotone function, so values and
         # gradients are the same, on a quarter of the elements.
         h = paddle.nn.functional.relu(ops.max_pool2d(h))
-    features = h.reshape([n, tasks, -1]).transpose([1, 0, 2])
+    features = ops.to_plain(h).reshape([n, tasks, -1]).transpose([1, 0, 2])
     return paddle.matmul(features, params["fc_weight"]) + params["fc_bias"]
 
 

@@ -1,0 +1,213 @@
+"""oneDNN's batch norm and 2x2 max-pool on channel-blocked activations (see onednn_conv's blocked tensors).
+
+Why: on this model's activations Paddle's NCHW kernels for these layers take as long as the convolutions
+around them (and one core: they are not split). oneDNN's code for the blocked layout reads each channel
+block with vector loads. Measured on an Intel Xeon (AVX-512, 2026-12-02), one thread, 75 x 256 x 28 x 28
+(the first layer of 4 tasks' query set), Paddle's kernel against oneDNN on nChw16c: batch-norm forward
+12.5 -> 8.8 ms, backward 18.2 -> 11.9 ms, max-pool forward 18.0 -> 3.4 ms. (oneDNN on plain NCHW is
+slower than Paddle: 26.5 and 48.9 ms for the batch norm.)
+
+Every function takes and returns blocked tensors ([N, C / b, H, W, b], float32, CPU) and per-channel
+float32 vectors; nothing here is differentiable (double_grad_ops.py composes these kernels into exactly
+differentiated layers, as it does Paddle's).
+"""
+import ctypes
+
+import paddle
+
+import onednn_conv as dnn
+
+_BACKWARD = 128
+_FORWARD_INFERENCE = 96
+_USE_GLOBAL_STATS, _USE_SCALE, _USE_SHIFT = 0x1, 0x2, 0x4
+_POOLING_MAX, _POOLING_AVG = 0x1FF, 0x2FF  # avg: include padding (there is none here)
+_ARG_MEAN, _ARG_VARIANCE, _ARG_SCALE, _ARG_SHIFT = 49, 50, 51, 52
+_ARG_WORKSPACE = 64
+_ARG_DIFF_SCALE, _ARG_DIFF_SHIFT = 255, 256
+
+_primitives = {}
+
+
+def _cached(key, create):
+    found = _primitives.get(key)
+    if found is None:
+        with dnn._lock:
+            found = _primitives.get(key)
+            if found is None:
+                found = _primitives[key] = create()
+    return found
+
+
+def _activation(shape, block):
+    return dnn._descriptor(shape, dnn._TAG_BLOCKED[block])
+
+
+def _vector(channels):
+    return dnn._descriptor([channels], dnn._TAG_A)
+
+
+def _layout(tensor_shape):
+    """(logical NCHW shape, block) of a blocked tensor's shape."""
+    if len(tensor_shape) != 5:
+        raise ValueError(f"expected a blocked [N, C/b, H, W, b] tensor, got shape {list(tensor_shape)}")
+    n, cb, h, w, b = tensor_shape
+    return (n, cb * b, h, w), b
+
+
+def _batch_norm(shape, block, epsilon, flags):
+    """(forward, backward) batch-norm primitives; `flags` adds _USE_GLOBAL_STATS for the forward with given
+    statistics (which then has no backward here)."""
+    def create():
+        dnnl, engine = dnn._libs[0], dnn._setup()
+        data, stats = _activation(list(shape), block), _vector(shape[1])
+        kind = _FORWARD_INFERENCE if flags & _USE_GLOBAL_STATS else dnn._FORWARD_TRAINING
+        plain = {dnn._ARG_SRC: data, dnn._ARG_DST: data, _ARG_MEAN: stats, _ARG_VARIANCE: stats,
+                 _ARG_SCALE: stats, _ARG_SHIFT: stats}
+        forward = dnn._Primitive(lambda pd: dnnl.dnnl_batch_normalization_forward_primitive_desc_create(
+            pd, engine, kind, data, data, epsilon, flags, dnn._attr), plain)
+        if flags & _USE_GLOBAL_STATS:
+            return forward, None
+        plain = {dnn._ARG_SRC: data, dnn._ARG_DIFF_DST: data, _ARG_MEAN: stats, _ARG_VARIANCE: stats,
+                 _ARG_SCALE: stats, dnn._ARG_DIFF_SRC: data, _ARG_DIFF_SCALE: stats, _ARG_DIFF_SHIFT: stats}
+        backward = dnn._Primitive(lambda pd: dnnl.dnnl_batch_normalization_backward_primitive_desc_create(
+            pd, engine, _BACKWARD, data, data, data, epsilon, _USE_SCALE | _USE_SHIFT, forward.pd, dnn._attr),
+            plain)
+        return forward, backward
+    return _cached(("bn", shape, block, float(epsilon), flags), create)
+
+
+def _c(t):
+    return t.contiguous()
+
+
+def batch_norm_training(x, scale, shift, *, epsilon):
+    """(scale * x_hat + shift, batch mean, batch variance) per channel, x_hat normalised by x's batch statistics."""
+    shape, block = _layout(x.shape)
+    forward, _ = _batch_norm(shape, block, epsilon, _USE_SCALE | _USE_SHIFT)
+    out = paddle.empty(x.shape, dtype=x.dtype)
+    mean = paddle.empty([shape[1]], dtype=x.dtype)
+    variance = paddle.empty([shape[1]], dtype=x.dtype)
+    forward.run({dnn._ARG_SRC: _c(x), dnn._ARG_DST: out, _ARG_MEAN: mean, _ARG_VARIANCE: variance,
+                 _ARG_SCALE: _c(scale), _ARG_SHIFT: _c(shift)}, 1)
+    return out, mean, variance
+
+
+def batch_norm_given_statistics(x, scale, shift, mean, variance, *, epsilon):
+    """scale * (x - mean) / sqrt(variance + epsilon) + shift per channel, with the statistics given."""
+    shape, block = _layout(x.shape)
+    forward, _ = _batch_norm(shape, block, epsilon, _USE_GLOBAL_STATS | _USE_SCALE | _USE_SHIFT)
+    out = paddle.empty(x.shape, dtype=x.dtype)
+    forward.run({dnn._ARG_SRC: _c(x), dnn._ARG_DST: out, _ARG_MEAN: _c(mean), _ARG_VARIANCE: _c(variance),
+                 _ARG_SCALE: _c(scale), _ARG_SHIFT: _c(shift)}, 1)
+    return out
+
+
+def batch_norm_grad(x, scale, mean, variance, out_grad, *, epsilon):
+    """Training-mode batch-norm backward with the batch statistics (mean, variance): (dx, dscale, dshift) =
+    (scale r (g - <g> - x_hat <g x_hat>), sum(g x_hat), sum(g)) per channel, r = 1 / sqrt(variance + epsilon),
+    g = out_grad."""
+    shape, block = _layout(x.shape)
+    _, backward = _batch_norm(shape, block, epsilon, _USE_SCALE | _USE_SHIFT)
+    dx = paddle.empty(x.shape, dtype=x.dtype)
+    dscale = paddle.empty([shape[1]], dtype=x.dtype)
+    dshift = paddle.empty([shape[1]], dtype=x.dtype)
+    backward.run({dnn._ARG_SRC: _c(x), dnn._ARG_DIFF_DST: _c(out_grad), _ARG_MEAN: _c(mean),
+                  _ARG_VARIANCE: _c(variance), _ARG_SCALE: _c(scale), dnn._ARG_DIFF_SRC: dx,
+                  _ARG_DIFF_SCALE: dscale, _ARG_DIFF_SHIFT: dshift}, 1)
+    return dx, dscale, dshift
+
+
+def pooled_shape(shape):
+    """2x2 windows, stride 2, floor mode (a trailing odd row or column is dropped, as in F.max_pool2d)."""
+    n, c, h, w = shape
+    return [n, c, h // 2, w // 2]
+
+
+def _pooling(shape, block, algorithm):
+    """(forward, backward) pooling primitives, and the workspace's size in bytes (max only)."""
+    def create():
+        dnnl, engine = dnn._libs[0], dnn._setup()
+        out_shape = pooled_shape(list(shape))
+        src, dst = _activation(list(shape), block), _activation(out_shape, block)
+        # No padding: oneDNN's output size (H - 2) // 2 + 1 is then floor mode's, and an odd last row or column
+        # is in no window (its gradient is zero).
+        window, none = dnn._dims([2, 2]), dnn._dims([0, 0])
+        pad_r = none
+        kind = dnn._FORWARD_TRAINING if algorithm == _POOLING_MAX else _FORWARD_INFERENCE
+        forward = dnn._Primitive(lambda pd: dnnl.dnnl_pooling_forward_primitive_desc_create(
+            pd, engine, kind, algorithm, src, dst, window, window, none, none, pad_r, dnn._attr),
+            {dnn._ARG_SRC: src, dnn._ARG_DST: dst})
+        if algorithm != _POOLING_MAX:
+            return forward, None, None, 0
+        workspace = ctypes.c_void_p(dnnl.dnnl_primitive_desc_query_md(forward.pd, dnn._QUERY_EXEC_ARG_MD,
+                                                                       _ARG_WORKSPACE))
+        backward = dnn._Primitive(lambda pd: dnnl.dnnl_pooling_backward_primitive_desc_create(
+            pd, engine, algorithm, src, dst, window, window, none, none, pad_r, forward.pd, dnn._attr),
+            {dnn._ARG_DIFF_SRC: src, dnn._ARG_DIFF_DST: dst})
+        return forward, backward, workspace, dnnl.dnnl_memory_desc_get_size(workspace)
+    return _cached(("pool", shape, block, algorithm), create)
+
+
+def max_pool2x2(x):
+    """(2x2 max-pool of x, oneDNN's workspace: which element of each window is the maximum)."""
+    shape, block = _layout(x.shape)
+    forward, _, workspace_md, size = _pooling(shape, block, _POOLING_MAX)
+    out = paddle.empty(dnn.tensor_shape(pooled_shape(list(shape)), block), dtype=x.dtype)
+    workspace = paddle.empty([size], dtype="uint8")
+    forward.execute({dnn._ARG_SRC: (forward.plain[dnn._ARG_SRC], _c(x)),
+                     dnn._ARG_DST: (forward.plain[dnn._ARG_DST], out),
+                     _ARG_WORKSPACE: (workspace_md, workspace)})
+    return out, workspace
+
+
+def max_pool2x2_grad(x_shape, workspace, out_grad):
+    """out_grad routed back to the window maxima the workspace records, zeros elsewhere: a tensor of
+    x_shape (the blocked input's shape)."""
+    shape, block = _layout(x_shape)
+    _, backward, workspace_md, _ = _pooling(shape, block, _POOLING_MAX)
+    # An odd last row or column is in no window; oneDNN's documentation does not say that its backward writes
+    # such elements (it did here), so they start at zero (only odd sizes, which are small here).
+    odd = shape[2] % 2 or shape[3] % 2
+    dx = (paddle.zeros if odd else paddle.empty)(x_shape, dtype=out_grad.dtype)
+    backward.execute({dnn._ARG_DIFF_DST: (backward.plain[dnn._ARG_DIFF_DST], _c(out_grad)),
+                      dnn._ARG_DIFF_SRC: (backward.plain[dnn._ARG_DIFF_SRC], dx),
+                      _ARG_WORKSPACE: (workspace_md, workspace)})
+    return dx
+
+
+def max_pool2x2_gather(x_grad, workspace):
+    """The adjoint of max_pool2x2_grad: each window's value of x_grad at its maximum (pooled shape). The
+    0/1 mask of the maxima (the routing of ones) times x_grad leaves one non-zero per window, so the window's
+    mean times 4 is that value, exactly (a power of two)."""
+    shape, block = _layout(x_grad.shape)
+    pooled = dnn.tensor_shape(pooled_shape(list(shape)), block)
+    mask = max_pool2x2_grad(x_grad.shape, workspace, paddle.ones(pooled, dtype=x_grad.dtype))
+    forward, _, _, _ = _pooling(shape, block, _POOLING_AVG)
+    out = paddle.empty(pooled, dtype=x_grad.dtype)
+    forward.run({dnn._ARG_SRC: _c(x_grad * mask), dnn._ARG_DST: out}, 1)
+    return out * 4.0
+
+
+def _reordering(shape, block, to_blocked):
+    def create():
+        plain, blocked = dnn._descriptor(list(shape), dnn._TAG_ABCD), _activation(list(shape), block)
+        return dnn._reorder(plain, blocked) if to_blocked else dnn._reorder(blocked, plain)
+    return _cached(("reorder", shape, block, to_blocked), create)
+
+
+def blocked(x, block):
+    """A plain NCHW tensor in the channel-blocked layout (the tensor [N, C / block, H, W, block])."""
+    shape = tuple(x.shape)
+    reorder = _reordering(shape, block, True)
+    out = paddle.empty(dnn.tensor_shape(list(shape), block), dtype=x.dtype)
+    reorder.execute({dnn._ARG_FROM: (reorder.source, _c(x)), dnn._ARG_TO: (reorder.target, out)})
+    return out
+
+
+def plain(x):
+    """A blocked tensor as plain NCHW."""
+    shape, block = _layout(x.shape)
+    reorder = _reordering(shape, block, False)
+    out = paddle.empty(list(shape), dtype=x.dtype)
+    reorder.execute({dnn._ARG_FROM: (reorder.source, _c(x)), dnn._ARG_TO: (reorder.target, out)})
+    return out
