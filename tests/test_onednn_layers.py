@@ -53,10 +53,12 @@ def test_the_layout_change_is_the_documented_permutation_both_ways(block):
 
 @needs_onednn
 @pytest.mark.parametrize("block", BLOCKS)
-@pytest.mark.parametrize("n, size", [(15, 7), (5, 14), (4, 3), (9, 28)])
-def test_batch_norm_and_max_pool_equal_paddles_kernels(block, n, size):
+@pytest.mark.parametrize("n, size, channels", [(15, 7, 32), (5, 14, 32), (4, 3, 16), (9, 28, 16),
+                                               (24, 28, 64)])  # from 2**20 elements: two OpenMP threads
+def test_batch_norm_and_max_pool_equal_paddles_kernels(block, n, size, channels):
     rng = np.random.default_rng(n + size)
-    channels = 2 * block
+    threads = onednn_layers._threads([n, channels, size, size])
+    assert threads == (2 if n * channels * size * size >= 2 ** 20 and onednn_layers.cpu_schedule_threads() > 1 else 1)
     x, dy = _random(rng, n, channels, size, size), _random(rng, n, channels, size, size)
     gamma = paddle.to_tensor(rng.uniform(0.5, 1.5, channels).astype("float32"))
     beta = _random(rng, channels)
@@ -66,6 +68,7 @@ def test_batch_norm_and_max_pool_equal_paddles_kernels(block, n, size):
                                                      paddle.ones([channels]), epsilon=1e-5)
     _fill_free_memory_with_garbage()
     out_b, mean_b, variance_b = onednn_layers.batch_norm_training(xb, gamma, beta, epsilon=1e-5)
+    assert onednn_layers._batch_norm((n, channels, size, size), block, 1e-5, 6)[0].threads == threads
     _close(onednn_layers.plain(out_b), out)
     _close(mean_b, mean)
     _close(paddle.rsqrt(variance_b + 1e-5), inv_std)
