@@ -144,7 +144,6 @@ def activation_block(x, conv_weights, stride=1, padding=1, groups=1):
     channels whole blocks. MAML_ONEDNN_BLOCKED=0 turns it off."""
     if os.environ.get("MAML_ONEDNN_BLOCKED", "1") == "0" or not onednn_conv.supports(x, conv_weights[0]):
         return 0
-    n, _, h, w = x.shape
     conv = kernels.ConvSettings(stride, padding, groups)
     shape = onednn_conv.output_shape(x.shape, conv_weights[0].shape, conv)
     probe = conv_weights[1] if len(conv_weights) > 1 else conv_weights[0]

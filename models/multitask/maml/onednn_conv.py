@@ -32,7 +32,7 @@ _CPU_ENGINE = 1
 _F32 = 3
 _TAG_ANY, _TAG_A, _TAG_ABCD, _TAG_ABCDE = 1, 2, 5, 6
 # Channel-blocked activation layouts, by block size: nChw16c (AVX-512 code) and nChw8c (AVX2). A tensor in
-# one is held by Paddle as [N, C / block, H, W, block]; see `blocked` below.
+# one is held by Paddle as [N, C / block, H, W, block] (see "channel-blocked tensors" below).
 _TAG_BLOCKED = {16: 78, 8: 102}
 _FORWARD_TRAINING = 64
 _CONVOLUTION_DIRECT = 1
