@@ -28,13 +28,14 @@ _ARG_DIFF_SCALE, _ARG_DIFF_SHIFT = 255, 256
 
 _primitives = {}
 
-# From this many elements a call runs on two OpenMP threads (the query set's first two layers): measured on
-# the Intel Xeon, 75 x 256 x 28 x 28, created for one thread against two: layout change 9.4 -> 3.7 ms,
-# batch-norm forward 8.9 -> 4.4, backward 12.5 -> 6.0, max-pool 3.3 -> 1.6. Smaller calls (the support set)
-# stay on one: they are not worth waking a second thread. oneDNN fixes a primitive's thread count when it is
-# created, so the count is part of the cache key. These calls never overlap a split convolution's halves
-# (cpu_schedule), which are the other users of the second core.
-_TWO_THREADS_FROM = 1 << 20
+# From this many elements a call runs on two OpenMP threads: measured on the Intel Xeon, 75 x 256 x 28 x 28,
+# created for one thread against two: layout change 9.4 -> 3.7 ms, batch-norm forward 8.9 -> 4.4, backward
+# 12.5 -> 6.0, max-pool 3.3 -> 1.6. On config_paddlerec, 2^18 elements (which adds the support set's first layer,
+# 5 x 256 x 28 x 28) against 2^20: first order 1.83 / 1.88 against 1.97 / 1.94 s per meta-iteration, second order
+# 3.55 / 3.56 against 3.70 / 3.69 s; 2^16 could not be told from 2^18. Smaller calls stay on one thread. oneDNN
+# fixes a primitive's thread count when it is created, so the count is part of the cache key. These calls never
+# overlap a split convolution's halves (cpu_schedule), which are the other users of the second core.
+_TWO_THREADS_FROM = 1 << 18
 
 
 def _threads(shape):
