@@ -153,9 +153,9 @@ def batch_norm_training(x, scale, shift, *, epsilon):
     """(scale * x_hat + shift, batch mean, batch variance) per channel, x_hat normalised by x's batch statistics."""
     shape, block = _layout(x.shape)
     forward, _ = _batch_norm(shape, block, epsilon, _USE_SCALE | _USE_SHIFT)
-    out = paddle.empty(x.shape, dtype=x.dtype)
-    mean = paddle.empty([shape[1]], dtype=x.dtype)
-    variance = paddle.empty([shape[1]], dtype=x.dtype)
+    out = dnn.empty(x.shape, x.dtype)
+    mean = dnn.empty([shape[1]], x.dtype)
+    variance = dnn.empty([shape[1]], x.dtype)
     _run(forward, {dnn._ARG_SRC: _c(x), dnn._ARG_DST: out, _ARG_MEAN: mean, _ARG_VARIANCE: variance,
                  _ARG_SCALE: _c(scale), _ARG_SHIFT: _c(shift)})
     return out, mean, variance
@@ -165,7 +165,7 @@ def batch_norm_given_statistics(x, scale, shift, mean, variance, *, epsilon):
     """scale * (x - mean) / sqrt(variance + epsilon) + shift per channel, with the statistics given."""
     shape, block = _layout(x.shape)
     forward, _ = _batch_norm(shape, block, epsilon, _USE_GLOBAL_STATS | _USE_SCALE | _USE_SHIFT)
-    out = paddle.empty(x.shape, dtype=x.dtype)
+    out = dnn.empty(x.shape, x.dtype)
     _run(forward, {dnn._ARG_SRC: _c(x), dnn._ARG_DST: out, _ARG_MEAN: _c(mean), _ARG_VARIANCE: _c(variance),
                  _ARG_SCALE: _c(scale), _ARG_SHIFT: _c(shift)})
     return out
@@ -177,9 +177,9 @@ def batch_norm_grad(x, scale, mean, variance, out_grad, *, epsilon):
     g = out_grad."""
     shape, block = _layout(x.shape)
     _, backward = _batch_norm(shape, block, epsilon, _USE_SCALE | _USE_SHIFT)
-    dx = paddle.empty(x.shape, dtype=x.dtype)
-    dscale = paddle.empty([shape[1]], dtype=x.dtype)
-    dshift = paddle.empty([shape[1]], dtype=x.dtype)
+    dx = dnn.empty(x.shape, x.dtype)
+    dscale = dnn.empty([shape[1]], x.dtype)
+    dshift = dnn.empty([shape[1]], x.dtype)
     _run(backward, {dnn._ARG_SRC: _c(x), dnn._ARG_DIFF_DST: _c(out_grad), _ARG_MEAN: _c(mean),
                   _ARG_VARIANCE: _c(variance), _ARG_SCALE: _c(scale), dnn._ARG_DIFF_SRC: dx,
                   _ARG_DIFF_SCALE: dscale, _ARG_DIFF_SHIFT: dshift})
@@ -221,8 +221,8 @@ def max_pool2x2(x):
     """(2x2 max-pool of x, oneDNN's workspace: which element of each window is the maximum)."""
     shape, block = _layout(x.shape)
     forward, _, workspace_md, size = _pooling(shape, block, _POOLING_MAX)
-    out = paddle.empty(dnn.tensor_shape(pooled_shape(list(shape)), block), dtype=x.dtype)
-    workspace = paddle.empty([size], dtype="uint8")
+    out = dnn.empty(dnn.tensor_shape(pooled_shape(list(shape)), block), x.dtype)
+    workspace = dnn.empty([size], paddle.uint8)
     _execute(forward, {dnn._ARG_SRC: (forward.plain[dnn._ARG_SRC], _c(x)),
                      dnn._ARG_DST: (forward.plain[dnn._ARG_DST], out),
                      _ARG_WORKSPACE: (workspace_md, workspace)})
@@ -237,7 +237,7 @@ def max_pool2x2_grad(x_shape, workspace, out_grad):
     # An odd last row or column is in no window; oneDNN's documentation does not say that its backward writes
     # such elements (it did here), so they start at zero (only odd sizes, which are small here).
     odd = shape[2] % 2 or shape[3] % 2
-    dx = (paddle.zeros if odd else paddle.empty)(x_shape, dtype=out_grad.dtype)
+    dx = paddle.zeros(x_shape, dtype=out_grad.dtype) if odd else dnn.empty(x_shape, out_grad.dtype)
     _execute(backward, {dnn._ARG_DIFF_DST: (backward.plain[dnn._ARG_DIFF_DST], _c(out_grad)),
                       dnn._ARG_DIFF_SRC: (backward.plain[dnn._ARG_DIFF_SRC], dx),
                       _ARG_WORKSPACE: (workspace_md, workspace)})
@@ -252,7 +252,7 @@ def max_pool2x2_gather(x_grad, workspace):
     pooled = dnn.tensor_shape(pooled_shape(list(shape)), block)
     mask = max_pool2x2_grad(x_grad.shape, workspace, paddle.ones(pooled, dtype=x_grad.dtype))
     forward, _, _, _ = _pooling(shape, block, _POOLING_AVG)
-    out = paddle.empty(pooled, dtype=x_grad.dtype)
+    out = dnn.empty(pooled, x_grad.dtype)
     _run(forward, {dnn._ARG_SRC: _c(x_grad * mask), dnn._ARG_DST: out})
     return out * 4.0
 
@@ -268,7 +268,7 @@ def blocked(x, block):
     """A plain NCHW tensor in the channel-blocked layout (the tensor [N, C / block, H, W, block])."""
     shape = tuple(x.shape)
     reorder = _reordering(shape, block, True)
-    out = paddle.empty(dnn.tensor_shape(list(shape), block), dtype=x.dtype)
+    out = dnn.empty(dnn.tensor_shape(list(shape), block), x.dtype)
     _execute(reorder, {dnn._ARG_FROM: (reorder.source, _c(x)), dnn._ARG_TO: (reorder.target, out)})
     return out
 
@@ -277,6 +277,6 @@ def plain(x):
     """A blocked tensor as plain NCHW."""
     shape, block = _layout(x.shape)
     reorder = _reordering(shape, block, False)
-    out = paddle.empty(list(shape), dtype=x.dtype)
+    out = dnn.empty(list(shape), x.dtype)
     _execute(reorder, {dnn._ARG_FROM: (reorder.source, _c(x)), dnn._ARG_TO: (reorder.target, out)})
     return out
