@@ -318,81 +318,76 @@ def batch_norm(x, gamma, beta, eps=1e-5):
 
 
 # ------------------------------------------------------------------------------------------- max-pool
+def _plain_pool(x):
+    out, mask = cpu_schedule.max_pool2x2_with_index(x)
+    # The kernel starts each window at (-FLT_MAX, index -1) and only replaces it with a larger value,
+    # so a window of NaNs or -infs keeps index -1 (and outputs -FLT_MAX); the backward's scatter and
+    # gather would then write and read one element before the plane, corrupting the heap. Clipping
+    # once (an elementwise op on the quarter-size index) routes such a window to its plane's first
+    # element: in bounds, and the values there are not finite anyway, which the trainer reports.
+    # In place: the index is this call's own new tensor, and a clip into a new one cost 4x as much
+    # (34 vs 9 ms on a first-layer index; +0.6 s per second-order meta-iteration of config_paddlerec).
+    mask.clip_(min=0, max=x.shape[-2] * x.shape[-1] - 1)
+    return out, mask
+
+
+def _plain_gather(ddx, mask):
+    n, c, h, w = mask.shape
+    # index_sample (a row-wise gather on [n*c, positions], int32 indices as they are) measured ~25%
+    # faster than take_along_axis on the support-set shapes.
+    return paddle.index_sample(ddx.reshape([n * c, -1]), mask.reshape([n * c, h * w])).reshape([n, c, h, w])
+
+
+# The 2x2 max-pool's three kernels per layout: (pool(x) -> (out, where the maxima are), route(x, where, dout)
+# -> dout scattered back to the maxima, gather(ddx, where) -> ddx read at the maxima). Plain NCHW: Paddle's
+# kernels, the maxima as flat indices into each plane. Blocked: oneDNN's (onednn_layers), whose workspace holds
+# an index within each window, so a window of NaNs still points inside it.
+_POOL_KERNELS = {
+    "plain": (_plain_pool, kernels.max_pool2x2_with_index_grad, _plain_gather),
+    "blocked": (onednn_layers.max_pool2x2,
+                lambda x, workspace, dout: onednn_layers.max_pool2x2_grad(x.shape, workspace, dout),
+                onednn_layers.max_pool2x2_gather),
+}
+
+
+def _layout(x):
+    return "blocked" if len(x.shape) == 5 else "plain"
+
+
 class _MaxPool2x2(PyLayer):
     @staticmethod
     def forward(ctx, x):
-        out, mask = cpu_schedule.max_pool2x2_with_index(x.detach())
-        # The kernel starts each window at (-FLT_MAX, index -1) and only replaces it with a larger value,
-        # so a window of NaNs or -infs keeps index -1 (and outputs -FLT_MAX); the backward's scatter and
-        # gather would then write and read one element before the plane, corrupting the heap. Clipping
-        # once (an elementwise op on the quarter-size index) routes such a window to its plane's first
-        # element: in bounds, and the values there are not finite anyway, which the trainer reports.
-        # In place: the index is this call's own new tensor, and a clip into a new one cost 4x as much
-        # (34 vs 9 ms on a first-layer index; +0.6 s per second-order meta-iteration of config_paddlerec).
-        mask.clip_(min=0, max=x.shape[-2] * x.shape[-1] - 1)
-        ctx.save_for_backward(x, mask)
+        out, where = _POOL_KERNELS[_layout(x)][0](x.detach())
+        ctx.save_for_backward(x, where)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, mask = ctx.saved_tensor()
-        return _MaxPool2x2Grad.apply(dout, x.detach(), mask)
+        x, where = ctx.saved_tensor()
+        return _MaxPool2x2Grad.apply(dout, x.detach(), where)
 
 
 class _MaxPool2x2Grad(PyLayer):
-    """Routing dout back to the argmax positions: linear in dout, piecewise constant in x. Its
-    derivative in dout is therefore the gather of the upstream gradient at the same positions."""
+    """Routing dout back to the window maxima: linear in dout, piecewise constant in x. Its derivative in
+    dout is therefore the adjoint: the upstream gradient gathered at the same positions."""
 
     @staticmethod
-    def forward(ctx, dout, x, mask):
-        ctx.save_for_backward(mask, dout)
-        return kernels.max_pool2x2_with_index_grad(x, mask, dout)
-
-    @staticmethod
-    def backward(ctx, ddx):
-        mask, dout = ctx.saved_tensor()
-        n, c, h, w = mask.shape
-        # index_sample (a row-wise gather on [n*c, positions], int32 indices as they are) measured ~25%
-        # faster than take_along_axis on the support-set shapes.
-        gathered = paddle.index_sample(ddx.reshape([n * c, -1]), mask.reshape([n * c, h * w]))
-        # x is passed detached and the mask is an index: neither takes a gradient.
-        return _needed((dout,), (gathered.reshape([n, c, h, w]),)) + (None, None)
-
-
-class _BlockedMaxPool2x2(PyLayer):
-    """The same layer on blocked tensors, with oneDNN's kernels: its workspace records each window's maximum
-    (an index within the window, so a window of NaNs still points inside it)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out, workspace = onednn_layers.max_pool2x2(x.detach())
-        ctx.save_for_backward(x, workspace)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, workspace = ctx.saved_tensor()
-        return _BlockedMaxPool2x2Grad.apply(dout, x.detach(), workspace)
-
-
-class _BlockedMaxPool2x2Grad(PyLayer):
-    """Routing dout back to the window maxima: linear in dout, so its derivative is the adjoint, a gather."""
-
-    @staticmethod
-    def forward(ctx, dout, x, workspace):
-        ctx.save_for_backward(workspace)
-        return onednn_layers.max_pool2x2_grad(x.shape, workspace, dout.detach())
+    def forward(ctx, dout, x, where):
+        ctx.layout, ctx.dout_takes_gradient = _layout(x), not dout.stop_gradient
+        ctx.save_for_backward(where)
+        return _POOL_KERNELS[ctx.layout][1](x, where, dout.detach())
 
     @staticmethod
     def backward(ctx, ddx):
-        (workspace,) = ctx.saved_tensor()
-        return onednn_layers.max_pool2x2_gather(ddx.detach(), workspace), None, None
+        (where,) = ctx.saved_tensor()
+        # x is passed detached and `where` is an index: neither takes a gradient.
+        if not ctx.dout_takes_gradient:
+            return None, None, None
+        return _POOL_KERNELS[ctx.layout][2](ddx.detach(), where), None, None
 
 
 def max_pool2d(x):
     """2x2 max-pool, stride 2, floor mode, exact to second order; x plain NCHW or blocked."""
-    if len(x.shape) == 5:
-        return _BlockedMaxPool2x2.apply(x)
     return _MaxPool2x2.apply(x)
 
 
