@@ -12,10 +12,12 @@ float32 vectors; nothing here is differentiable (double_grad_ops.py composes the
 differentiated layers, as it does Paddle's).
 """
 import ctypes
+import math
 import threading
 
 import paddle
 
+import cpu_schedule
 import onednn_conv as dnn
 
 _BACKWARD = 128
@@ -39,15 +41,9 @@ _TWO_THREADS_FROM = 1 << 18
 
 
 def _threads(shape):
-    elements = 1
-    for d in shape:
-        elements *= d
-    return 2 if cpu_schedule_threads() >= 2 and elements >= _TWO_THREADS_FROM else 1
-
-
-def cpu_schedule_threads():
-    import cpu_schedule  # imported here: cpu_schedule imports the kernels that import this module
-    return cpu_schedule.CONV_THREADS
+    """OpenMP threads for a call on `shape`: two from _TWO_THREADS_FROM elements, unless the convolutions are
+    kept to one core too (MAML_CONV_THREADS=1, e.g. two data-parallel ranks on two cores)."""
+    return 2 if cpu_schedule.CONV_THREADS >= 2 and math.prod(shape) >= _TWO_THREADS_FROM else 1
 
 
 def _cached(key, shape, create):
