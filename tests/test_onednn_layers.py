@@ -58,7 +58,8 @@ def test_the_layout_change_is_the_documented_permutation_both_ways(block):
 def test_batch_norm_and_max_pool_equal_paddles_kernels(block, n, size, channels):
     rng = np.random.default_rng(n + size)
     threads = onednn_layers._threads([n, channels, size, size])
-    assert threads == (2 if n * channels * size * size >= 2 ** 18 and onednn_layers.cpu_schedule.CONV_THREADS > 1 else 1)
+    two = n * channels * size * size >= 2 ** 18 and onednn_layers.cpu_schedule.CONV_THREADS > 1
+    assert threads == (2 if two else 1)
     x, dy = _random(rng, n, channels, size, size), _random(rng, n, channels, size, size)
     gamma = paddle.to_tensor(rng.uniform(0.5, 1.5, channels).astype("float32"))
     beta = _random(rng, channels)
