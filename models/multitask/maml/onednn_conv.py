@@ -20,6 +20,7 @@ Thread safety: each primitive gets its scratch memory from the caller (oneDNN's 
 and each OS thread has its own oneDNN stream, so the two halves of a split convolution (cpu_schedule.py)
 can run the same primitive at once. oneDNN uses OpenMP threads: `omp_threads` sets how many for a call.
 """
+import contextlib
 import ctypes
 import os
 import threading
@@ -234,6 +235,18 @@ def channel_slice_of(t):
 _CPU = paddle.CPUPlace()
 
 
+@contextlib.contextmanager
+def openmp_threads(count):
+    """OpenMP's thread count for the calling thread set to `count` inside the block, restored after it."""
+    omp = _libs[1]
+    previous = omp.omp_get_max_threads()
+    omp.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        omp.omp_set_num_threads(previous)
+
+
 def empty(shape, dtype=paddle.float32):
     """An uninitialised CPU tensor: Paddle's kernel without paddle.empty's Python argument handling, which cost
     2.5-3.8 us of the 1.2-1.3 us a call takes (a second-order meta-iteration makes ~11,000 of them here)."""
@@ -269,10 +282,7 @@ class _Primitive:
 
     def run(self, tensors, omp_threads):
         """Execute on {argument: contiguous float32 CPU tensor}; inputs reordered in, outputs out."""
-        omp = _libs[1]
-        previous = omp.omp_get_max_threads()
-        omp.omp_set_num_threads(omp_threads)
-        try:
+        with openmp_threads(omp_threads):
             args, after = {}, []
             for arg, tensor in tensors.items():
                 if arg not in self.chosen:
@@ -288,8 +298,6 @@ class _Primitive:
             self.execute(args)
             for reorder, buffer, tensor in after:
                 reorder.execute({_ARG_FROM: (reorder.source, buffer), _ARG_TO: (reorder.target, tensor)})
-        finally:
-            omp.omp_set_num_threads(previous)
 
     def execute(self, args):
         """Run on {argument: (memory descriptor, tensor)}, with this call's own scratch memory."""

@@ -56,13 +56,8 @@ def _cached(key, shape, create):
         with dnn._lock:
             found = _primitives.get(key)
             if found is None:
-                omp = dnn._libs[1]
-                previous = omp.omp_get_max_threads()
-                omp.omp_set_num_threads(threads)
-                try:
+                with dnn.openmp_threads(threads):
                     found = create()
-                finally:
-                    omp.omp_set_num_threads(previous)
                 for primitive in found if isinstance(found, tuple) else (found,):
                     if isinstance(primitive, dnn._Primitive):
                         primitive.threads = threads
@@ -88,13 +83,8 @@ def _prepare_thread(primitive):
 def _execute(primitive, args):
     """primitive.execute(args) on the primitive's thread count."""
     _prepare_thread(primitive)
-    omp = dnn._libs[1]
-    previous = omp.omp_get_max_threads()
-    omp.omp_set_num_threads(primitive.threads)
-    try:
+    with dnn.openmp_threads(primitive.threads):
         primitive.execute(args)
-    finally:
-        omp.omp_set_num_threads(previous)
 
 
 def _run(primitive, tensors):
