@@ -94,6 +94,24 @@ def test_batch_norm_and_max_pool_equal_paddles_kernels(block, n, size, channels)
     assert (onednn_layers.plain(gathered).numpy() == expected.reshape(pooled.shape).numpy()).all()
 
 
+@needs_onednn
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("n, groups, in_per_group, stride, size", [(5, 4, 1, 1, 13), (9, 2, 3, 2, 10)])
+def test_the_weight_gradient_from_a_blocked_output_gradient_equals_paddles(block, n, groups, in_per_group, stride,
+                                                                           size):
+    """The first layer's weight gradient (native_kernels.conv2d_weight_grad_of_blocked: unfolded images times
+    the blocked output gradient) against Paddle's conv2d_grad on the plain one; odd sizes and a stride of 2."""
+    rng = np.random.default_rng(n)
+    x = _random(rng, n, groups * in_per_group, size, size)
+    weight = _random(rng, groups * 2 * block, in_per_group, 3, 3)
+    conv = kernels.ConvSettings(stride, 1, groups)
+    dy = _random(rng, *kernels.conv2d(x, weight, conv).shape)
+    expected = kernels.conv2d_grad(x, weight, dy, conv)[1]
+    _fill_free_memory_with_garbage()
+    got = kernels.conv2d_weight_grad_of_blocked(x, onednn_layers.blocked(dy, block), conv, weight.shape)
+    _close(got.numpy(), expected.numpy())
+
+
 def _layer_derivatives(block, n, rng):
     """Logits and both orders' meta-gradients of a task_logits network (4 tasks, 2 blocks, 16 channels),
     with the activations blocked by `block` or plain (0)."""

@@ -178,6 +178,18 @@ def conv2d_grad(x, weight, out_grad, conv, plan):
     return paddle.concat([dx0, dx1], axis=1), paddle.concat([dw0, dw1], axis=0)
 
 
+def conv2d_weight_grad_of_blocked(x, weight, out_grad, conv, plan):
+    """native_kernels.conv2d_weight_grad_of_blocked (of weight's shape), as two batch halves on two threads when
+    `plan` is "batch" (split_plan's), their gradients added."""
+    x, out_grad = x.detach(), out_grad.detach()
+    if plan is None:
+        return kernels.conv2d_weight_grad_of_blocked(x, out_grad, conv, weight.shape)
+    h = (x.shape[0] + 1) // 2
+    other = _submit(kernels.conv2d_weight_grad_of_blocked, x[h:], out_grad[h:], conv, weight.shape)
+    return _single_threaded(kernels.conv2d_weight_grad_of_blocked, x[:h], out_grad[:h], conv, weight.shape) + \
+        other.result()
+
+
 def max_pool2x2_with_index(x):
     """native_kernels.max_pool2x2_with_index. Large CPU batches (the query set) run as two batch halves on
     both cores, like the convolutions: the outputs are a quarter of the input, so joining them is cheap

@@ -109,8 +109,55 @@ def conv2d(x, weight, stride=1, padding=1, groups=1, block=0):
     if block and len(x.shape) == 4:
         # A plain input (the images): oneDNN has only its slow reference code for a blocked output there
         # (one input channel per group), so the convolution stays plain and one copy changes the layout.
+        if x.stop_gradient and (weight.shape[0] // groups) % block == 0:
+            return _ImageConv2D.apply(x, weight, stride, padding, groups, block)
         return _ToBlocked.apply(_Conv2D.apply(x, weight, stride, padding, groups, 0), block)
     return _Conv2D.apply(x, weight, stride, padding, groups, block)
+
+
+def _image_conv(x, w, conv):
+    """conv(x, w) for a plain x, blocked by conv.block: Paddle's kernel, then the layout copy."""
+    return onednn_layers.blocked(_conv(x, w, conv._replace(block=0)), conv.block)
+
+
+def _image_weight_grad(x, w, dy, conv):
+    plan = _split_plan(x, w, conv, gradient=True)
+    kernel_replay.record("conv2d_weight_grad_of_blocked", (x, w, dy), conv, plan)
+    return cpu_schedule.conv2d_weight_grad_of_blocked(x, w, dy, conv, plan)
+
+
+class _ImageConv2D(PyLayer):
+    """The first layer: conv(x, w) of an input that takes no gradient (the images), blocked by `block`. Its only
+    derivative is the weight's, taken from the blocked output gradient as it is (native_kernels'
+    conv2d_weight_grad_of_blocked): no layout copy back to NCHW, no input gradient. Measured on an Intel Xeon,
+    one thread, 75 x 4 x 28 x 28 images to 256 channels: 22.8 -> 9.6 ms; 5 images: 1.42 -> 0.42 ms."""
+
+    @staticmethod
+    def forward(ctx, x, w, stride, padding, groups, block):
+        ctx.conv = kernels.ConvSettings(stride, padding, groups, block)
+        ctx.save_for_backward(x, w)
+        return _image_conv(x, w, ctx.conv)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensor()
+        return _needed((x, w), (None, _ImageConvWeightGrad.apply(x, w.detach(), dy, *ctx.conv)))
+
+
+class _ImageConvWeightGrad(PyLayer):
+    """d/dw of sum(dy * conv(x, w)) as a differentiable function of dy (x and w take no gradient here): linear
+    in dy, so for an upstream gradient ddw its derivative is conv(x, ddw), blocked as dy is."""
+
+    @staticmethod
+    def forward(ctx, x, w, dy, stride, padding, groups, block):
+        ctx.conv = kernels.ConvSettings(stride, padding, groups, block)
+        ctx.save_for_backward(x)
+        return _image_weight_grad(x, w, dy.detach(), ctx.conv)
+
+    @staticmethod
+    def backward(ctx, ddw):
+        (x,) = ctx.saved_tensor()
+        return None, None, _image_conv(x, ddw.detach(), ctx.conv)
 
 
 class _ToBlocked(PyLayer):

@@ -13,7 +13,8 @@ import cpu_schedule
 
 _calls = None  # the list being recorded into, while a recording_convolutions() is active
 
-_KERNELS = {"conv2d": cpu_schedule.conv2d, "conv2d_grad": cpu_schedule.conv2d_grad}
+_KERNELS = {"conv2d": cpu_schedule.conv2d, "conv2d_grad": cpu_schedule.conv2d_grad,
+            "conv2d_weight_grad_of_blocked": cpu_schedule.conv2d_weight_grad_of_blocked}
 
 
 def record(kind, tensors, conv, plan):

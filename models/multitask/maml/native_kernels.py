@@ -47,6 +47,25 @@ def conv2d_grad(x, weight, out_grad, conv, dx=None, dw=None):
     return _C_ops.conv2d_grad(x, weight, out_grad, *_conv_attributes(conv))
 
 
+def conv2d_weight_grad_of_blocked(x, out_grad, conv, weight_shape):
+    """d/dweight of sum(out_grad * conv(x, weight)) for a plain NCHW x and a channel-blocked out_grad (each
+    group's output channels whole blocks): per task group, the unfolded input (im2col) times the output
+    gradient, read in its blocked layout as it is. Paddle's conv2d_grad would need out_grad in NCHW first (a
+    layout copy) and computes d/dx too, which an input taking no gradient (the images) does not need."""
+    n, _, h, w = x.shape
+    out_channels, per_group, kh, kw = weight_shape
+    groups, block = conv.groups, out_grad.shape[4]
+    positions = out_grad.shape[2] * out_grad.shape[3]
+    patches = _C_ops.unfold(x.reshape([n * groups, per_group, h, w]), [kh, kw],  # kernel_sizes
+                            [conv.stride] * 2,                                   # strides
+                            [conv.padding] * 4,                                  # paddings: top, left, bottom, right
+                            [1, 1])                                              # dilations
+    patches = patches.reshape([n, groups, 1, per_group * kh * kw, positions])
+    blocks = out_grad.reshape([n, groups, out_channels // groups // block, positions, block])
+    grad = _C_ops.matmul(patches, blocks, False, False).sum(axis=0)  # [groups, blocks per group, J, block]
+    return grad.transpose([0, 1, 3, 2]).reshape(list(weight_shape))
+
+
 def writes_in_place(x, weight, conv):
     """Whether conv2d / conv2d_grad of x with weight can write into tensors the caller gives."""
     return onednn_conv.preferred(x, weight, conv)
