@@ -112,6 +112,21 @@ def test_the_weight_gradient_from_a_blocked_output_gradient_equals_paddles(block
     _close(got.numpy(), expected.numpy())
 
 
+@needs_onednn
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("shape", [(3, 32, 5, 7), (5, 256, 28, 28)])  # odd sizes; a two-thread primitive
+def test_add_scaled_accumulates_a_per_channel_multiple(block, shape):
+    rng = np.random.default_rng(1)
+    t, out = _random(rng, *shape), _random(rng, *shape)
+    scale = _random(rng, shape[1])
+    expected = out.numpy() + t.numpy() * scale.numpy().reshape(1, -1, 1, 1)
+    _fill_free_memory_with_garbage()
+    accumulated = onednn_layers.blocked(out, block)
+    returned = onednn_layers.add_scaled_(accumulated, onednn_layers.blocked(t, block), scale)
+    assert returned is accumulated
+    _close(onednn_layers.plain(accumulated).numpy(), expected)
+
+
 def _layer_derivatives(block, n, rng):
     """Logits and both orders' meta-gradients of a task_logits network (4 tasks, 2 blocks, 16 channels),
     with the activations blocked by `block` or plain (0)."""

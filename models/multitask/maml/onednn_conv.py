@@ -105,6 +105,12 @@ def _load():
         "dnnl_memory_destroy": [_ptr],
         "dnnl_primitive_execute": [_ptr, _ptr, ctypes.c_int, ctypes.POINTER(_ExecArg)],
         "dnnl_stream_wait": [_ptr],
+        "dnnl_primitive_attr_destroy": [_ptr],
+        "dnnl_post_ops_create": [ctypes.POINTER(_ptr)],
+        "dnnl_post_ops_append_sum": [_ptr, ctypes.c_float, ctypes.c_int32, ctypes.c_int],
+        "dnnl_post_ops_destroy": [_ptr],
+        "dnnl_primitive_attr_set_post_ops": [_ptr, _ptr],
+        "dnnl_binary_primitive_desc_create": [ctypes.POINTER(_ptr), _ptr, ctypes.c_int, _ptr, _ptr, _ptr, _ptr],
     }
     try:
         for name, argtypes in signatures.items():

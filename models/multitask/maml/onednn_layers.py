@@ -27,6 +27,8 @@ _POOLING_MAX, _POOLING_AVG = 0x1FF, 0x2FF  # avg: include padding (there is none
 _ARG_MEAN, _ARG_VARIANCE, _ARG_SCALE, _ARG_SHIFT = 49, 50, 51, 52
 _ARG_WORKSPACE = 64
 _ARG_DIFF_SCALE, _ARG_DIFF_SHIFT = 255, 256
+_ARG_SRC_1 = 2
+_BINARY_MUL = 0x1FFF1
 
 _primitives = {}
 
@@ -170,6 +172,37 @@ def batch_norm_grad(x, scale, mean, variance, out_grad, *, epsilon):
                   _ARG_VARIANCE: _c(variance), _ARG_SCALE: _c(scale), dnn._ARG_DIFF_SRC: dx,
                   _ARG_DIFF_SCALE: dscale, _ARG_DIFF_SHIFT: dshift})
     return dx, dscale, dshift
+
+
+def _accumulation(shape, block):
+    """A binary primitive computing dst += src * scale, the scale per channel (a multiply, then a sum post-op)."""
+    def create():
+        dnnl, engine = dnn._libs[0], dnn._setup()
+        data = _activation(list(shape), block)
+        vector = _activation([1, shape[1], 1, 1], block)  # C floats in a row, as the [C] scale tensor holds them
+        attr, post_ops = ctypes.c_void_p(), ctypes.c_void_p()
+        dnn._check(dnnl.dnnl_primitive_attr_create(ctypes.byref(attr)), "attributes")
+        try:
+            dnn._check(dnnl.dnnl_primitive_attr_set_scratchpad_mode(attr, dnn._SCRATCHPAD_USER), "scratchpad mode")
+            dnn._check(dnnl.dnnl_post_ops_create(ctypes.byref(post_ops)), "post-ops")
+            dnn._check(dnnl.dnnl_post_ops_append_sum(post_ops, 1.0, 0, 0), "sum post-op")  # 0: dst's data type
+            dnn._check(dnnl.dnnl_primitive_attr_set_post_ops(attr, post_ops), "post-ops")
+            return dnn._Primitive(lambda pd: dnnl.dnnl_binary_primitive_desc_create(
+                pd, engine, _BINARY_MUL, data, vector, data, attr), {}), data, vector
+        finally:  # the primitive descriptor keeps its own copy
+            if post_ops:
+                dnnl.dnnl_post_ops_destroy(post_ops)
+            dnnl.dnnl_primitive_attr_destroy(attr)
+    return _cached(("accumulate", shape, block), shape, create)
+
+
+def add_scaled_(out, t, scale):
+    """out += t * scale, the scale per channel ([C]); out (made by this module: contiguous) is updated in place
+    and returned. One pass, where Paddle needs a broadcast multiply and an add."""
+    shape, block = _layout(out.shape)
+    primitive, data, vector = _accumulation(shape, block)
+    _execute(primitive, {dnn._ARG_SRC: (data, _c(t)), _ARG_SRC_1: (vector, _c(scale)), dnn._ARG_DST: (data, out)})
+    return out
 
 
 def pooled_shape(shape):
