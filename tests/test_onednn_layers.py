@@ -127,6 +127,22 @@ def test_add_scaled_accumulates_a_per_channel_multiple(block, shape):
     _close(onednn_layers.plain(accumulated).numpy(), expected)
 
 
+@needs_onednn
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("shape", [(3, 32, 5, 7), (5, 256, 28, 28)])  # odd sizes; a two-thread primitive
+def test_max_pool_with_relu_in_one_pass_and_the_relu_gradient(block, shape):
+    rng = np.random.default_rng(2)
+    x = onednn_layers.blocked(_random(rng, *shape), block)
+    pooled, workspace = onednn_layers.max_pool2x2(x)
+    _fill_free_memory_with_garbage()
+    fused, fused_workspace = onednn_layers.max_pool2x2(x, relu=True)
+    assert (fused.numpy() == np.maximum(pooled.numpy(), 0)).all()
+    assert (fused_workspace.numpy() == workspace.numpy()).all()  # the backward reads either
+    dout = _random(rng, *fused.shape)
+    _fill_free_memory_with_garbage()
+    assert (onednn_layers.relu_grad(dout, fused).numpy() == dout.numpy() * (fused.numpy() > 0)).all()
+
+
 def _layer_derivatives(block, n, rng):
     """Logits and both orders' meta-gradients of a task_logits network (4 tasks, 2 blocks, 16 channels),
     with the activations blocked by `block` or plain (0)."""

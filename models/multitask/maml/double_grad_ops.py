@@ -32,7 +32,8 @@ import onednn_layers
 from cpu_schedule import CONV_THREADS  # noqa: F401
 from cpu_schedule import split_plan as _split_plan
 
-__all__ = ["conv2d", "batch_norm", "max_pool2d", "cross_entropy", "activation_block", "to_plain"]
+__all__ = ["conv2d", "batch_norm", "max_pool2d", "max_pool2d_relu", "cross_entropy", "activation_block",
+           "to_plain"]
 
 
 def _needed(inputs, grads):
@@ -453,6 +454,50 @@ class _MaxPool2x2Grad(PyLayer):
 def max_pool2d(x):
     """2x2 max-pool, stride 2, floor mode, exact to second order; x plain NCHW or blocked."""
     return _MaxPool2x2.apply(x)
+
+
+class _MaxPool2x2ReLU(PyLayer):
+    """relu(max-pool(x)) of blocked activations in one oneDNN pass (a ReLU post-op): no ReLU of its own, forward
+    or backward, and no autograd node for it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out, where = onednn_layers.max_pool2x2(x.detach(), relu=True)
+        ctx.source = list(x.shape)
+        # Detached: this layer's own output saved as it is would make a reference cycle (output -> grad node ->
+        # ctx -> output) that leaks the graph (see _BatchNormGrad); the values are what the backward needs.
+        ctx.save_for_backward(out.detach(), where)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        out, where = ctx.saved_tensor()
+        return _MaxPool2x2ReLUGrad.apply(dout, out, where, ctx.source)
+
+
+class _MaxPool2x2ReLUGrad(PyLayer):
+    """dout where the output is positive, routed to the window maxima: linear in dout, so its derivative is the
+    adjoint, the upstream gradient gathered at the maxima where the output is positive."""
+
+    @staticmethod
+    def forward(ctx, dout, out, where, source):
+        ctx.dout_takes_gradient = not dout.stop_gradient
+        ctx.save_for_backward(out, where)
+        return onednn_layers.max_pool2x2_grad(source, where, onednn_layers.relu_grad(dout.detach(), out))
+
+    @staticmethod
+    def backward(ctx, ddx):
+        out, where = ctx.saved_tensor()
+        if not ctx.dout_takes_gradient:
+            return None, None, None
+        return onednn_layers.relu_grad(onednn_layers.max_pool2x2_gather(ddx.detach(), where), out), None, None
+
+
+def max_pool2d_relu(x):
+    """relu(max_pool2d(x)), exact to second order; x plain NCHW or blocked (then one fused oneDNN op)."""
+    if _layout(x) == "blocked":
+        return _MaxPool2x2ReLU.apply(x)
+    return F.relu(_MaxPool2x2.apply(x))
 
 
 # -------------------------------------------------------------------------------------- cross-entropy

@@ -111,6 +111,11 @@ def _load():
         "dnnl_post_ops_destroy": [_ptr],
         "dnnl_primitive_attr_set_post_ops": [_ptr, _ptr],
         "dnnl_binary_primitive_desc_create": [ctypes.POINTER(_ptr), _ptr, ctypes.c_int, _ptr, _ptr, _ptr, _ptr],
+        "dnnl_post_ops_append_eltwise": [_ptr, ctypes.c_int, ctypes.c_float, ctypes.c_float],
+        "dnnl_eltwise_forward_primitive_desc_create": [
+            ctypes.POINTER(_ptr), _ptr, ctypes.c_int, ctypes.c_int, _ptr, _ptr, ctypes.c_float, ctypes.c_float, _ptr],
+        "dnnl_eltwise_backward_primitive_desc_create": [
+            ctypes.POINTER(_ptr), _ptr, ctypes.c_int, _ptr, _ptr, _ptr, ctypes.c_float, ctypes.c_float, _ptr, _ptr],
     }
     try:
         for name, argtypes in signatures.items():

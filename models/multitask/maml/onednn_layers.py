@@ -29,6 +29,7 @@ _ARG_WORKSPACE = 64
 _ARG_DIFF_SCALE, _ARG_DIFF_SHIFT = 255, 256
 _ARG_SRC_1 = 2
 _BINARY_MUL = 0x1FFF1
+_ELTWISE_RELU, _ELTWISE_RELU_USE_DST = 0x20, 0x100
 
 _primitives = {}
 
@@ -174,24 +175,39 @@ def batch_norm_grad(x, scale, mean, variance, out_grad, *, epsilon):
     return dx, dscale, dshift
 
 
+def _attributes_with(append):
+    """Primitive attributes (user scratchpad, as dnn._attr) with the post-ops `append(post_ops)` adds; the caller
+    destroys them (dnnl_primitive_attr_destroy) once its primitive descriptor, which keeps a copy, is made."""
+    dnnl = dnn._libs[0]
+    attr, post_ops = ctypes.c_void_p(), ctypes.c_void_p()
+    dnn._check(dnnl.dnnl_primitive_attr_create(ctypes.byref(attr)), "attributes")
+    try:
+        dnn._check(dnnl.dnnl_primitive_attr_set_scratchpad_mode(attr, dnn._SCRATCHPAD_USER), "scratchpad mode")
+        dnn._check(dnnl.dnnl_post_ops_create(ctypes.byref(post_ops)), "post-ops")
+        append(post_ops)
+        dnn._check(dnnl.dnnl_primitive_attr_set_post_ops(attr, post_ops), "post-ops")
+    except dnn.OneDNNError:
+        dnnl.dnnl_primitive_attr_destroy(attr)
+        raise
+    finally:
+        if post_ops:
+            dnnl.dnnl_post_ops_destroy(post_ops)
+    return attr
+
+
 def _accumulation(shape, block):
     """A binary primitive computing dst += src * scale, the scale per channel (a multiply, then a sum post-op)."""
     def create():
         dnnl, engine = dnn._libs[0], dnn._setup()
         data = _activation(list(shape), block)
         vector = _activation([1, shape[1], 1, 1], block)  # C floats in a row, as the [C] scale tensor holds them
-        attr, post_ops = ctypes.c_void_p(), ctypes.c_void_p()
-        dnn._check(dnnl.dnnl_primitive_attr_create(ctypes.byref(attr)), "attributes")
+        # 1.0: dst's previous values unscaled; 0: no zero point; 0: dst's own data type
+        attr = _attributes_with(lambda post_ops: dnn._check(dnnl.dnnl_post_ops_append_sum(post_ops, 1.0, 0, 0),
+                                                              "sum post-op"))
         try:
-            dnn._check(dnnl.dnnl_primitive_attr_set_scratchpad_mode(attr, dnn._SCRATCHPAD_USER), "scratchpad mode")
-            dnn._check(dnnl.dnnl_post_ops_create(ctypes.byref(post_ops)), "post-ops")
-            dnn._check(dnnl.dnnl_post_ops_append_sum(post_ops, 1.0, 0, 0), "sum post-op")  # 0: dst's data type
-            dnn._check(dnnl.dnnl_primitive_attr_set_post_ops(attr, post_ops), "post-ops")
             return dnn._Primitive(lambda pd: dnnl.dnnl_binary_primitive_desc_create(
                 pd, engine, _BINARY_MUL, data, vector, data, attr), {}), data, vector
-        finally:  # the primitive descriptor keeps its own copy
-            if post_ops:
-                dnnl.dnnl_post_ops_destroy(post_ops)
+        finally:
             dnnl.dnnl_primitive_attr_destroy(attr)
     return _cached(("accumulate", shape, block), shape, create)
 
@@ -236,10 +252,37 @@ def _pooling(shape, block, algorithm):
     return _cached(("pool", shape, block, algorithm), shape, create)
 
 
-def max_pool2x2(x):
-    """(2x2 max-pool of x, oneDNN's workspace: which element of each window is the maximum)."""
+def _pooling_relu(shape, block):
+    """The max-pool forward primitive with a ReLU post-op: relu(max-pool(x)) in one pass, with the workspace of
+    _pooling's (checked), which its backward reads."""
+    def create():
+        dnnl, engine = dnn._libs[0], dnn._setup()
+        src, dst = _activation(list(shape), block), _activation(pooled_shape(list(shape)), block)
+        window, none = dnn._dims([2, 2]), dnn._dims([0, 0])
+        # alpha 0 (no leak), beta unused
+        attr = _attributes_with(lambda post_ops: dnn._check(
+            dnnl.dnnl_post_ops_append_eltwise(post_ops, _ELTWISE_RELU, 0.0, 0.0), "eltwise post-op"))
+        try:
+            forward = dnn._Primitive(lambda pd: dnnl.dnnl_pooling_forward_primitive_desc_create(
+                pd, engine, dnn._FORWARD_TRAINING, _POOLING_MAX, src, dst, window, window, none, none, none, attr),
+                {dnn._ARG_SRC: src, dnn._ARG_DST: dst})
+        finally:
+            dnnl.dnnl_primitive_attr_destroy(attr)
+        workspace = ctypes.c_void_p(dnnl.dnnl_primitive_desc_query_md(forward.pd, dnn._QUERY_EXEC_ARG_MD,
+                                                                       _ARG_WORKSPACE))
+        if not dnnl.dnnl_memory_desc_equal(workspace, _pooling(shape, block, _POOLING_MAX)[2]):
+            raise dnn.OneDNNError("max-pool with a ReLU post-op has a workspace of another layout")
+        return forward
+    return _cached(("pool_relu", shape, block), shape, create)
+
+
+def max_pool2x2(x, relu=False):
+    """(2x2 max-pool of x, oneDNN's workspace: which element of each window is the maximum); with `relu`,
+    relu(max-pool(x)) in the same pass (the workspace is the same)."""
     shape, block = _layout(x.shape)
     forward, _, workspace_md, size = _pooling(shape, block, _POOLING_MAX)
+    if relu:
+        forward = _pooling_relu(shape, block)
     out = dnn.empty(dnn.tensor_shape(pooled_shape(list(shape)), block), x.dtype)
     workspace = dnn.empty([size], paddle.uint8)
     _execute(forward, {dnn._ARG_SRC: (forward.plain[dnn._ARG_SRC], _c(x)),
@@ -274,6 +317,32 @@ def max_pool2x2_gather(x_grad, workspace):
     out = dnn.empty(pooled, x_grad.dtype)
     _run(forward, {dnn._ARG_SRC: _c(x_grad * mask), dnn._ARG_DST: out})
     return out * 4.0
+
+
+def _relu_backward(shape, block):
+    def create():
+        dnnl, engine = dnn._libs[0], dnn._setup()
+        data = _activation(list(shape), block)
+        hint = ctypes.c_void_p()  # the backward's required forward hint; alpha 0 (no leak), beta unused
+        dnn._check(dnnl.dnnl_eltwise_forward_primitive_desc_create(
+            ctypes.byref(hint), engine, dnn._FORWARD_TRAINING, _ELTWISE_RELU_USE_DST, data, data, 0.0, 0.0,
+            dnn._attr), "eltwise forward")
+        try:
+            return dnn._Primitive(lambda pd: dnnl.dnnl_eltwise_backward_primitive_desc_create(
+                pd, engine, _ELTWISE_RELU_USE_DST, data, data, data, 0.0, 0.0, hint, dnn._attr), {}), data
+        finally:
+            dnnl.dnnl_primitive_desc_destroy(hint)
+    return _cached(("relu_backward", shape, block), shape, create)
+
+
+def relu_grad(out_grad, out):
+    """out_grad where out (a ReLU's output) is positive, 0 elsewhere."""
+    shape, block = _layout(out.shape)
+    backward, data = _relu_backward(shape, block)
+    dx = dnn.empty(out.shape, out.dtype)
+    _execute(backward, {dnn._ARG_DST: (data, _c(out)), dnn._ARG_DIFF_DST: (data, _c(out_grad)),
+                        dnn._ARG_DIFF_SRC: (data, dx)})
+    return dx
 
 
 def _reordering(shape, block, to_blocked):
