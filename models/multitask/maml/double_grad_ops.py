@@ -418,7 +418,8 @@ class _MaxPool2x2(PyLayer):
         out, where = _POOL_KERNELS[ctx.layout][0](x.detach())
         if ctx.layout == "blocked":
             # Only the shape: the input (a batch norm's full-size output) is then freed after the forward, instead
-            # of living as long as the graph (measured: the support-set graph of a second-order chunk 22% smaller).
+            # of living as long as the graph (measured on config_paddlerec: Paddle's allocated peak per meta-iteration
+            # 350 -> 274 MB first order, 459 -> 358 MB second order).
             ctx.source = list(x.shape)
             ctx.save_for_backward(where)
         else:
