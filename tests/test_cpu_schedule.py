@@ -132,6 +132,21 @@ def test_importing_the_plugin_sets_the_mkl_switch_on_amd_and_keeps_a_users_value
     assert value == expected
 
 
+@pytest.mark.skipif(cpu_schedule.CONV_THREADS < 2, reason="MAML_CONV_THREADS=1: nothing is split anywhere")
+def test_blocked_activations_are_cut_on_task_groups_only_where_the_copies_pay():
+    """Task-group halves of blocked tensors are copied; they pay only against an uneven batch split of wide layers."""
+    def plan(n, per_group, tasks=4, block=16):
+        conv = kernels.ConvSettings(stride=1, padding=1, groups=tasks, block=block)
+        x = _Tensor([n, tasks * per_group // block, 14, 14, block], cpu=True)
+        return cpu_schedule.split_plan(x, _Tensor([tasks * per_group, per_group, 3, 3], cpu=True), conv, True)
+    assert plan(5, 64) == "batch"     # 1/10 of imbalance against copies of 9/64
+    assert plan(5, 128) == "groups"   # against 9/128
+    assert plan(4, 128) == "batch"    # an even batch splits evenly
+    assert plan(1, 64) == "groups"    # one image cannot be cut
+    assert plan(5, 128, tasks=3) == "batch"  # an odd number of task groups
+    assert plan(1, 24, tasks=2) is None  # halves of 48 channels are not whole blocks of 16, and 1 image stays whole
+
+
 def _noting(replayed, kind, kernel):
     def run(*args):
         replayed.append((kind, args[-1]))  # the split plan is the last argument

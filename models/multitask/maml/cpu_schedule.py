@@ -79,21 +79,34 @@ def split_plan(x, weight, conv, gradient):
     which balances 5 images better than 3 + 2. With one input channel per group (the first layer) a
     convolution does 18 flops per output element, so copying the halves' output together costs more than the
     second core saves (measured: 3.6 -> 5.4 ms forward); its weight gradient still gains when the batch is
-    large (13 -> 8 ms at 75 images). Channel-blocked activations (onednn_conv) are cut on the batch axis
-    whatever their size: a task-group half of one is a strided channel slice, which oneDNN's fast code does not
-    read in place, so each half is copied in and out (measured on an Intel Xeon, the support-set adaptation
-    of config_paddlerec's 4-task chunk, first order: 106 ms with task-group halves, 96 ms with 3 + 2 images).
+    large (13 -> 8 ms at 75 images). A task-group half of channel-blocked activations (onednn_conv) is a
+    strided channel slice, which oneDNN's fast code does not read in place, so each half is copied in and out;
+    against that, an odd number n of images splits unevenly (3 + 2 take 3/5 of the one-thread time, not 1/2).
+    Blocked tensors are therefore cut on the task groups only where the copies cost less than that imbalance,
+    1 / (2n) of the one-thread time, their own share falling with the input channels per group c: taken as
+    9 / c (from two measurements on an
+    Intel Xeon, 5 images: c = 64, config_paddlerec's support-set adaptation, 4-task chunk, first order, 106 ms
+    with task-group halves against 96 ms with 3 + 2 images; c = 128, config_bigdata with bn_channel 128, first
+    order, 0.69-0.73 s against 0.71-0.77 s per meta-iteration), and where each half is whole channel blocks.
     """
     if _threads_for(x) < 2:
         return None
     n, channels_per_group = x.shape[0], weight.shape[1]
     if channels_per_group < 8 and not (gradient and n >= _BATCH_SPLIT_MIN):
         return None
-    if n >= _BATCH_SPLIT_MIN or len(x.shape) == 5 or conv.block:
-        return "batch" if n >= 2 else None
-    if conv.groups % 2 == 0:
+    if n >= _BATCH_SPLIT_MIN:
+        return "batch"
+    blocked = len(x.shape) == 5 or conv.block
+    groups_pay = not blocked or n == 1 or (n % 2 == 1 and channels_per_group > 18 * n)  # 1 / (2n) > 9 / c
+    if conv.groups % 2 == 0 and groups_pay and _halves_whole_blocks(x, weight, conv):
         return "groups"
     return "batch" if n >= 2 else None
+
+
+def _halves_whole_blocks(x, weight, conv):
+    x_block, y_block = len(x.shape) == 5 and x.shape[4], conv.block
+    in_half, out_half = x.shape[1] * (x_block or 1) // 2, weight.shape[0] // 2
+    return (not x_block or in_half % x_block == 0) and (not y_block or out_half % y_block == 0)
 
 
 def _channels(t, start, stop):
