@@ -241,3 +241,12 @@ def test_a_plugin_without_a_predict_hook_is_a_one_line_error(tmp_path):
     support, query = _task_folders(tmp_path, CLASSES[:2], [1, 1], 1)
     process = run_tool("predict.py", "-m", TOY_CONFIG, "--support", support, "--query", query)
     assert_user_error(process, "toy_model", "no predict() method")
+
+
+def test_under_a_multi_process_launcher_it_is_a_one_line_error(tmp_path):
+    """predict runs in one process: N launched ranks would each write the same --json file."""
+    support, query = _task_folders(tmp_path, CLASSES[:2], [1, 1], 1)
+    process = run_tool("predict.py", "-m", CONFIG, "--support", support, "--query", query, "--json",
+                       tmp_path / "out.json", env={"PADDLE_TRAINER_ID": "0", "PADDLE_TRAINERS_NUM": "2"})
+    assert_user_error(process, "tools/predict.py", "runs in one process", "started 2")
+    assert not os.path.exists(tmp_path / "out.json")

@@ -387,6 +387,13 @@ def test_benchmark_columns_are_named_by_the_plugin(tmp_path):
                                                            "linear", "%"]
 
 
+def test_benchmark_under_a_multi_process_launcher_is_a_one_line_error():
+    """The benchmark times one process: launched N times, the ranks would share the cores they time."""
+    process = run_tool("benchmark.py", "-m", TOY_CONFIG, "--iterations", "1",
+                       env={"PADDLE_TRAINER_ID": "1", "PADDLE_TRAINERS_NUM": "2"})
+    assert_user_error(process, "tools/benchmark.py", "runs in one process", "started 2")
+
+
 def test_benchmark_peer_column_times_the_plugins_peer_command_in_the_peer_folder(tmp_path):
     """--peer runs the plugin's BENCHMARK_PEER command in the given folder and prints its time and our ratio."""
     plugin = tmp_path / "toy"

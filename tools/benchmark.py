@@ -23,12 +23,14 @@ if not __package__:  # run as a script, not imported as tools.<name>
 
 from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa: E402
 from tools.utils.console import UserError  # noqa: E402
+from tools.utils.distributed import single_process  # noqa: E402
 from tools.utils.plugin import plugin_declaration  # noqa: E402
 
 
 def measure(args):
     """Child process: time one variant and print one JSON line."""
     config, _ = load_run_config(args.config, args.overrides)
+    single_process("benchmark.py", config)
     from tools.utils.data import create_data_loader
     from tools.utils.environment import cpu_thread_count, seed_everything, select_device
     from tools.utils.plugin import load_model_plugin
@@ -92,7 +94,8 @@ def run_peer(args, peer, variant_index):
 
 def compare(args):
     """Parent process: run every variant in a child and print the table."""
-    _, plugin_module = load_run_config(args.config, args.overrides)  # checks the config and overrides first
+    config, plugin_module = load_run_config(args.config, args.overrides)  # checks the config and overrides first
+    single_process("benchmark.py", config)
     labels = {"samples": "samples", "kernels": "kernel", **plugin_declaration(plugin_module, "BENCHMARK_LABELS")}
     variants = plugin_declaration(plugin_module, "BENCHMARK_VARIANTS")
     peer = plugin_declaration(plugin_module, "BENCHMARK_PEER") if args.peer else None

@@ -17,6 +17,7 @@ from tools.infer import RANGE_KEYS, checkpoint_folders  # noqa: E402
 from tools.utils.checkpoint import load_checkpoint, write_json_atomically  # noqa: E402
 from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa: E402
 from tools.utils.console import UserError, format_values, log, warn  # noqa: E402
+from tools.utils.distributed import single_process  # noqa: E402
 from tools.utils.environment import select_device  # noqa: E402
 from tools.utils.plugin import load_model_plugin  # noqa: E402
 
@@ -87,6 +88,7 @@ def predict(args):
     support = support_classes(args.support)  # folder mistakes fail before paddle is imported
     queries = query_images(args.query)
     config, _ = load_run_config(args.config, args.overrides)
+    single_process("predict.py", config)
     model_obj = load_model_plugin(config)
     if not callable(getattr(model_obj, "predict", None)):
         raise UserError(f"{config.config_dir}: the model plugin's DygraphModel has no predict() method "

@@ -182,6 +182,18 @@ def launched_rank(config):
     return int(rank), int(size)
 
 
+def single_process(tool, config):
+    """For the tools that run in one process (predict, benchmark): an error under a multi-process launcher, whose
+    ranks would each run the whole job and write the same files. runner.use_fleet, which only the trainer and infer
+    act on, is then ignored, with a note."""
+    size = os.environ.get("PADDLE_TRAINERS_NUM", "1")
+    if size.isdigit() and int(size) > 1:
+        raise UserError(f"tools/{tool} runs in one process, but paddle.distributed.launch started {size}; "
+                        "run it without the launcher")
+    if config.get("runner.use_fleet"):
+        warn(f"runner.use_fleet is True; tools/{tool} runs in one process and ignores it")
+
+
 def setup_data_parallel(config, device) -> Ranks:
     """The ranks of this run (launched_rank()) joined in fleet's collective group (call after select_device())."""
     rank, world_size = launched_rank(config)
