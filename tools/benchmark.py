@@ -27,29 +27,42 @@ from tools.utils.distributed import single_process  # noqa: E402
 from tools.utils.plugin import plugin_declaration  # noqa: E402
 
 
-def measure(args):
-    """Child process: time one variant and print one JSON line."""
-    config, _ = load_run_config(args.config, args.overrides)
-    single_process("benchmark.py", config)
+def training_step_on_one_batch(config):
+    """(plugin, model, batch, step) for a loaded config, its device selected and seeded: the plugin, its model,
+    the first training batch, and step() running the trainer's step (forward, backward, optimizer) on that batch.
+    The measurement scripts of doc/measure/ use it too."""
     from tools.utils.data import create_data_loader
-    from tools.utils.environment import cpu_thread_count, seed_everything, select_device
     from tools.utils.plugin import load_model_plugin
 
-    device = select_device(config)
-    seed_everything(config.require("runner.seed", int))
     plugin = load_model_plugin(config)
     model = plugin.create_model(config)
     optimizer = plugin.create_optimizer(model, config)
     metrics, _ = plugin.create_metrics()
     batch = next(iter(create_data_loader(config, "train")))
-    times = []
-    for iteration in range(args.warmup + args.iterations):
-        start = time.perf_counter()
+
+    def step():
         loss, _, _ = plugin.train_forward(model, metrics, batch, config)
         loss.backward()
         optimizer.step()
         optimizer.clear_grad()
         float(loss)  # wait for the result
+
+    return plugin, model, batch, step
+
+
+def measure(args):
+    """Child process: time one variant and print one JSON line."""
+    config, _ = load_run_config(args.config, args.overrides)
+    single_process("benchmark.py", config)
+    from tools.utils.environment import cpu_thread_count, seed_everything, select_device
+
+    device = select_device(config)
+    seed_everything(config.require("runner.seed", int))
+    plugin, model, batch, step = training_step_on_one_batch(config)
+    times = []
+    for iteration in range(args.warmup + args.iterations):
+        start = time.perf_counter()
+        step()
         if iteration >= args.warmup:
             times.append(time.perf_counter() - start)
     result = {"seconds": statistics.median(times), "all_seconds": times, "device": device,

@@ -18,10 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "models" / "multitask" / "maml"))
 
+from tools.benchmark import training_step_on_one_batch  # noqa: E402
 from tools.utils.cli import load_run_config  # noqa: E402
-from tools.utils.data import create_data_loader  # noqa: E402
 from tools.utils.environment import seed_everything, select_device  # noqa: E402
-from tools.utils.plugin import load_model_plugin  # noqa: E402
 
 
 def primitive_names(onednn_conv, onednn_layers):
@@ -48,20 +47,9 @@ def main():
     config, _ = load_run_config(args.config, args.overrides)
     select_device(config)
     seed_everything(config.require("runner.seed", int))
-    plugin = load_model_plugin(config)
-    model = plugin.create_model(config)
-    optimizer = plugin.create_optimizer(model, config)
-    metrics, _ = plugin.create_metrics()
-    batch = next(iter(create_data_loader(config, "train")))
+    _, _, _, step = training_step_on_one_batch(config)
     import onednn_conv
     import onednn_layers
-
-    def step():
-        loss, _, _ = plugin.train_forward(model, metrics, batch, config)
-        loss.backward()
-        optimizer.step()
-        optimizer.clear_grad()
-        float(loss)
 
     step()
     names = primitive_names(onednn_conv, onednn_layers)
