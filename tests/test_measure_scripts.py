@@ -2,7 +2,7 @@
 import os
 import re
 
-from tool_helpers import REPO_ROOT, assert_ok, run_tool
+from tool_helpers import REPO_ROOT, assert_ok, assert_user_error, run_tool
 
 MEASURE = os.path.join(REPO_ROOT, "doc", "measure")
 SAMPLE_CONFIG = os.path.join(REPO_ROOT, "models", "multitask", "maml", "config.yaml")
@@ -27,3 +27,9 @@ def test_conv_efficiency_counts_the_second_order_floor():
     # 28x28x1x64x9 + 14x14x64x64x9 + 7x7x64x64x9 + 3x3x64x64x9 multiply-adds per image forward.
     assert "forward 9.82 M, input gradients 9.36 M, weight gradients 9.82 M" in process.stdout, process.stdout
     assert "first order 92.8 G, second order 138.4 G, ratio 1.492" in process.stdout, process.stdout
+
+
+def test_onednn_calls_names_a_bad_override_in_one_line():
+    process = run_tool("onednn_calls.py", "-m", SAMPLE_CONFIG, "-o", "hyper_parameters.n_way=x",
+                       script_path=os.path.join(MEASURE, "onednn_calls.py"))
+    assert_user_error(process, "config.yaml", "hyper_parameters.n_way")

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "models" / "multitask" / "maml"))
 
 from tools.benchmark import training_step_on_one_batch  # noqa: E402
-from tools.utils.cli import load_run_config  # noqa: E402
+from tools.utils.cli import load_run_config, run_tool  # noqa: E402
 from tools.utils.environment import seed_everything, select_device  # noqa: E402
 
 
@@ -31,7 +31,8 @@ def primitive_names(onednn_conv, onednn_layers):
         found = found if isinstance(found, tuple) else (found,)
         for part, primitive in zip(("forward", "backward") if key[0] in ("bn", "pool") else ("",), found):
             if primitive is not None:
-                names[id(primitive)] = {"reorder": "activation layout change"}.get(key[0], key[0]) + " " + part
+                kind = {"reorder": "activation layout change"}.get(key[0], key[0])
+                names[id(primitive)] = f"{kind} {part}" if part else kind
     for found in onednn_conv._primitives.values():
         if isinstance(found, tuple):
             for kind, primitive in zip(("conv forward", "conv backward data", "conv backward weights"), found):
@@ -39,11 +40,7 @@ def primitive_names(onednn_conv, onednn_layers):
     return names
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-m", "--config", required=True)
-    parser.add_argument("-o", "--opt", nargs="+", action="extend", default=[], dest="overrides")
-    args = parser.parse_args()
+def measure(args):
     config, _ = load_run_config(args.config, args.overrides)
     select_device(config)
     seed_everything(config.require("runner.seed", int))
@@ -74,4 +71,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-m", "--config", required=True)
+    parser.add_argument("-o", "--opt", nargs="+", action="extend", default=[], dest="overrides")
+    sys.exit(run_tool(measure, parser.parse_args()))  # a bad config or key: one error line, exit 2
