@@ -40,6 +40,7 @@ CONFIG_DEFAULTS = {
     "hyper_parameters.per_step_bn": False,  # batch-norm gamma/beta per inner stage, learned by the outer loop
     "hyper_parameters.meta_optimizer.cosine_annealing": False,  # meta rate follows a cosine to 1% by the end
     "hyper_parameters.first_order_epochs": 0,  # the first N epochs first-order, second-order after
+    "hyper_parameters.tasks_per_chunk": maml.TASKS_PER_CHUNK,  # tasks per pass: memory against speed, same result
 }
 
 # Printed once by infer and validation summaries: how these accuracies were measured.
@@ -163,6 +164,7 @@ class DygraphModel:
             raise checks.error(config, "hyper_parameters.conv_kernal",
                                f"expected a square kernel like [3, 3], got {kernel!r}")
         steps = _nonnegative_int(config, "hyper_parameters.update_step")
+        _positive_int(config, "hyper_parameters.tasks_per_chunk")  # read by every meta-step; a bad value stops here
         learn_inner_lr = _bool(config, "hyper_parameters.learn_inner_lr")
         if learn_inner_lr and steps == 0:
             raise checks.error(config, "hyper_parameters.learn_inner_lr", "needs hyper_parameters.update_step >= 1")
@@ -224,7 +226,8 @@ class DygraphModel:
     def _meta_step(model, batch, config, epoch=0):
         steps, lr, first_order = inner_settings(config, training=True, epoch=epoch)
         meta_batch = maml.MetaBatch(*batch[:4], dtype=model.parameters()[0].dtype)
-        return maml.meta_gradients(model, meta_batch, steps, lr, first_order, multi_step_weights(config, epoch))
+        return maml.meta_gradients(model, meta_batch, steps, lr, first_order, multi_step_weights(config, epoch),
+                                   _positive_int(config, "hyper_parameters.tasks_per_chunk"))
 
     @staticmethod
     def kernel_seconds(model, batch, config):

@@ -58,7 +58,9 @@ def adapt(model, fast, x, y, steps, lr, first_order):
 
 # Tasks of a meta-batch are independent (each owns its parameter copy), so the meta-gradient is a sum over
 # tasks and can be computed a few tasks at a time: memory then scales with the chunk, not the meta-batch
-# (a 32-task query activation is 480 MB per tensor), and the same total kernel work is done.
+# (a 32-task query activation is 480 MB per tensor), and the same total kernel work is done. The default suits
+# PaddleRec's 80 images a task; with few images a task every call is small and the calls' fixed cost dominates,
+# so configs with 10 images a task set hyper_parameters.tasks_per_chunk higher (doc/maml.md has the figures).
 TASKS_PER_CHUNK = 4
 
 
