@@ -20,16 +20,22 @@ def _batch():
             rng.standard_normal((TASKS, 2 * WAYS, 1, 16, 16)), np.tile(np.arange(WAYS).repeat(2), (TASKS, 1))]
 
 
-@pytest.mark.parametrize("first_order", [False, True])
-def test_every_chunk_size_gives_the_same_meta_gradient(monkeypatch, first_order):
-    sizes_used = []
+@pytest.fixture
+def sizes_used(monkeypatch):
+    """The tasks_per_chunk of every meta-gradient computed in the test, as maml receives it."""
+    sizes = []
     chunks = maml.adapted_chunks
 
     def spy(model, meta_batch, tasks_per_chunk, *rest):
-        sizes_used.append(tasks_per_chunk)
+        sizes.append(tasks_per_chunk)
         return chunks(model, meta_batch, tasks_per_chunk, *rest)
 
     monkeypatch.setattr(maml, "adapted_chunks", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_every_chunk_size_gives_the_same_meta_gradient(sizes_used, first_order):
     results = {}
     with float64():
         for size in (1, 2, TASKS):
@@ -48,11 +54,7 @@ def test_every_chunk_size_gives_the_same_meta_gradient(monkeypatch, first_order)
             np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
 
 
-def test_the_default_is_maml_own_chunk_size(monkeypatch):
-    sizes_used = []
-    chunks = maml.adapted_chunks
-    monkeypatch.setattr(maml, "adapted_chunks",
-                        lambda model, batch, size, *rest: sizes_used.append(size) or chunks(model, batch, size, *rest))
+def test_the_default_is_maml_own_chunk_size(sizes_used):
     paddle.seed(0)
     model = dygraph_model.DygraphModel().create_model(CONFIG)
     dygraph_model.DygraphModel.meta_gradients(model, _batch(), CONFIG)

@@ -18,14 +18,10 @@ import paddle  # noqa: E402
 
 import native_kernels  # noqa: E402
 import onednn_conv  # noqa: E402
+import onednn_layers  # noqa: E402
 
 TASKS, CHANNELS, IMAGE, BLOCKS = 4, 64, 28, 4
 SUPPORT, QUERY, TASKS_PER_BATCH, STEPS = 5, 75, 32, 5  # images per task (5-way 1-shot, 15 queries), meta-batch
-
-
-def blocked(t, block):
-    n, c, h, w = t.shape
-    return t.reshape([n, c // block, block, h, w]).transpose([0, 1, 3, 4, 2]).contiguous()
 
 
 def best_seconds(fn, repeats):
@@ -50,7 +46,7 @@ def call_speeds():
     for images in (SUPPORT, QUERY):
         macs_total = seconds_total = 0.0
         for size in (14, 7, 3):  # blocks 2-4 after 28x28 -> 14 -> 7 -> 3 pooling
-            x = blocked(paddle.randn([images, TASKS * CHANNELS, size, size]), block)
+            x = onednn_layers.blocked(paddle.randn([images, TASKS * CHANNELS, size, size]), block)
             w = paddle.randn([TASKS * CHANNELS, CHANNELS, 3, 3])
             y = onednn_conv.conv2d(x, w, conv)
             dy = paddle.randn(y.shape)
