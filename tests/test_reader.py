@@ -259,6 +259,58 @@ def test_rotated_copies_stay_in_their_split(sample):
     assert not used["train"] & used["test"]
 
 
+# ----- train_shift -----
+def test_shifted_moves_each_image_and_fills_with_paper():
+    images = np.full((3, 5, 5), 255, dtype=np.uint8)
+    images[:, 2, 2] = 0  # one ink dot in the middle
+    images[2, 0, 4] = 7  # and, in the third image, one in the top-right corner
+    out = omniglot_reader.shifted(images, np.array([[0, 0], [1, -2], [-2, 2]]))
+    np.testing.assert_array_equal(out[0], images[0])
+    assert list(zip(*np.nonzero(out[1] != 255))) == [(3, 0)]  # down 1, left 2
+    assert list(zip(*np.nonzero(out[2] != 255))) == [(0, 4)]  # up 2, right 2; the corner dot left the frame
+    assert out.dtype == np.uint8 and out.shape == images.shape
+
+
+def best_offset(image, original, shift):
+    """The (down, right) within +-shift that turns original into image, or None."""
+    for down in range(-shift, shift + 1):
+        for right in range(-shift, shift + 1):
+            if np.array_equal(image, omniglot_reader.shifted(original[None], np.array([[down, right]]))[0]):
+                return down, right
+    return None
+
+
+def test_train_shift_moves_training_images_only_and_keeps_the_tasks(sample):
+    plain = RecDataset(entries(sample / "train"), config(hyper_parameters__rotations=True))
+    shifted = RecDataset(entries(sample / "train"), config(hyper_parameters__rotations=True,
+                                                           hyper_parameters__train_shift=2))
+    offsets = set()
+    for index in range(6):
+        ep, ep_shifted = plain.episode(1, index), shifted.episode(1, index)
+        for a, b in zip(ep, ep_shifted):  # the same classes, drawings, labels and order
+            np.testing.assert_array_equal(a, b)
+        task, task_shifted = plain.task(1, index), shifted.task(1, index)
+        np.testing.assert_array_equal(task[1], task_shifted[1])
+        np.testing.assert_array_equal(task[3], task_shifted[3])
+        for x, x_shifted in ((task[0], task_shifted[0]), (task[2], task_shifted[2])):
+            as_uint8 = np.rint((x[:, 0] + 1.0) / 2.0 * 255.0).astype(np.uint8)
+            as_uint8_shifted = np.rint((x_shifted[:, 0] + 1.0) / 2.0 * 255.0).astype(np.uint8)
+            for image, original in zip(as_uint8_shifted, as_uint8):
+                offset = best_offset(image, original, 2)
+                assert offset is not None
+                offsets.add(offset)
+        # the same task twice: the same offsets
+        for a, b in zip(task_shifted, shifted.task(1, index)):
+            np.testing.assert_array_equal(a, b)
+    assert len(offsets) > 10 and {abs(d) for offset in offsets for d in offset} == {0, 1, 2}
+    for mode in ("valid", "infer"):  # evaluation reads the images as drawn
+        cfg = config(hyper_parameters__train_shift=2)
+        for a, b in zip(RecDataset(entries(sample / "test"), cfg, mode).task(0, 3),
+                        RecDataset(entries(sample / "test"), config(), mode).task(0, 3)):
+            np.testing.assert_array_equal(a, b)
+    assert plain.train_shift == 0 and shifted.train_shift == 2
+
+
 # ----- decode cache -----
 def test_cache_built_once_reused_and_rebuilt_on_change(tmp_path):
     root = make_tree(tmp_path / "split", {"g": {"c1": 20, "c2": 20}, "h": {"c1": 20}})
@@ -349,6 +401,9 @@ class FakeConfig(dict):
     ("hyper_parameters.n_way", None, r"hyper_parameters\.n_way: missing"),
     ("runner.seed", -3, r"runner\.seed: must be a non-negative integer"),
     ("hyper_parameters.rotations", "yes", r"hyper_parameters\.rotations: must be true or false"),
+    ("hyper_parameters.train_shift", -1, r"hyper_parameters\.train_shift: must be a non-negative integer"),
+    ("hyper_parameters.train_shift", 14, r"hyper_parameters\.train_shift: 14 pixels would move a 28-pixel image off "
+                                         r"itself; use less than 14"),
     ("hyper_parameters.k_query", 20, r"hyper_parameters\.k_query: hyper_parameters\.k_spt \+ "
                                      r"hyper_parameters\.k_query = 21 exceeds the 20"),
 ])

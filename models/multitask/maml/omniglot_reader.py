@@ -8,6 +8,8 @@ The trainer passes file_list = sorted absolute paths of data_dir's entries.
 hyper_parameters.task_sampling picks a task's n_way classes from the whole split
 ("any", the default) or all from one alphabet ("within_alphabet": Lake et al.'s
 one-shot task); task_sampling_test, when set, decides it for validation and test.
+hyper_parameters.train_shift (training only) moves every training image by a random
+whole number of pixels, at most train_shift along each axis.
 
 Each yielded item is one task [x_spt, y_spt, x_qry, y_qry]; the DataLoader
 batches tasks into [T, ...]. Task i of epoch e is drawn from its own RNG
@@ -38,6 +40,10 @@ CACHE_VERSION = 1  # bump when the decoded format changes
 # "test": PaddleRec's name of the infer data. "valid": validation during training (the tools pass it
 # because MODES lists it); its own task stream, so validation tasks are not the test tasks even on one folder.
 _MODES = {"train": 0, "infer": 1, "test": 1, "valid": 2}
+# The shift offsets come from a second generator, seeded like the task's plus this tag: the task's own draws (classes,
+# drawings, order) are then the same with and without train_shift.
+_SHIFT_STREAM = 1
+PAPER = 255  # uint8 grey level of the paper, what a shifted image's uncovered edge shows
 
 # Which images (global indices into image_paths) and classes one task uses,
 # in the order of the yielded arrays.
@@ -136,6 +142,15 @@ class RecDataset(paddle.io.IterableDataset):
         self.task_sampling = checks.choice(config, self._sampling_key, TASK_SAMPLINGS, "any")
         self._skip_key = _mode_key(config, mode, "hyper_parameters.skip_small_alphabets")
         self.skip_small_alphabets = checks.boolean(config, self._skip_key, False)
+        # Small translations against over-fitting to the few training characters (Koch et al. 2015 distort Omniglot
+        # images affinely). Training only: validation and test images stay as drawn.
+        self.train_shift = checks.nonnegative_int(config, "hyper_parameters.train_shift", 0)
+        if 2 * self.train_shift >= self.imgsize:
+            raise checks.error(config, "hyper_parameters.train_shift",
+                               f"{self.train_shift} pixels would move a {self.imgsize}-pixel image off itself; "
+                               f"use less than {(self.imgsize + 1) // 2}")
+        if mode != "train":
+            self.train_shift = 0
         if mode == "train":
             self._tasks_key, self._batch_key = "runner.tasks_per_epoch", "runner.train_batch_size"
             # 3200 tasks per epoch: what PaddleRec's reader hard-codes
@@ -279,17 +294,34 @@ class RecDataset(paddle.io.IterableDataset):
     def task(self, epoch, index):
         """[x_spt, y_spt, x_qry, y_qry] of task `index` of `epoch` as numpy arrays."""
         ep = self.episode(epoch, index)
-        return [self._pixels(ep.spt_images, ep.spt_classes), ep.y_spt,
-                self._pixels(ep.qry_images, ep.qry_classes), ep.y_qry]
+        shifts = None
+        if self.train_shift:
+            shifts = np.random.default_rng([self.seed, self._mode_id, int(epoch), int(index), _SHIFT_STREAM])
+        return [self._pixels(ep.spt_images, ep.spt_classes, shifts), ep.y_spt,
+                self._pixels(ep.qry_images, ep.qry_classes, shifts), ep.y_qry]
 
-    def _pixels(self, images, classes):
+    def _pixels(self, images, classes, shifts=None):
         x = self._images[images]  # uint8 [n, H, W], a copy
         if self.rotations:
             turns = classes % ROTATIONS
             for k in range(1, ROTATIONS):
                 if (turns == k).any():
                     x[turns == k] = np.rot90(x[turns == k], k, axes=(1, 2))
+        if shifts is not None:
+            x = shifted(x, shifts.integers(-self.train_shift, self.train_shift + 1, size=(len(x), 2)))
         return to_network_input(x)
+
+
+def shifted(images, offsets):
+    """uint8 images [n, H, W], image i moved offsets[i] = (down, right) pixels (negative: up, left); the uncovered
+    edge is paper and what leaves the frame is lost."""
+    n, height, width = images.shape
+    pad = int(np.abs(offsets).max(initial=0))
+    framed = np.pad(images, ((0, 0), (pad, pad), (pad, pad)), constant_values=PAPER)
+    out = np.empty_like(images)
+    for i, (down, right) in enumerate(offsets):
+        out[i] = framed[i, pad - down:pad - down + height, pad - right:pad - right + width]
+    return out
 
 
 def to_network_input(images):
