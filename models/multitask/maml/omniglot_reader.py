@@ -315,7 +315,7 @@ class RecDataset(paddle.io.IterableDataset):
 def shifted(images, offsets):
     """uint8 images [n, H, W], image i moved offsets[i] = (down, right) pixels (negative: up, left); the uncovered
     edge is paper and what leaves the frame is lost."""
-    n, height, width = images.shape
+    _, height, width = images.shape
     pad = int(np.abs(offsets).max(initial=0))
     framed = np.pad(images, ((0, 0), (pad, pad), (pad, pad)), constant_values=PAPER)
     out = np.empty_like(images)
