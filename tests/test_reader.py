@@ -311,6 +311,145 @@ def test_train_shift_moves_training_images_only_and_keeps_the_tasks(sample):
     assert plain.train_shift == 0 and shifted.train_shift == 2
 
 
+# ----- random affine distortions (train_rotate, train_shear, train_scale with train_shift) -----
+SMALL = dict(hyper_parameters__k_query=2)  # 5-way, 1 support + 2 queries per class: 15 images a task
+# The offsets today's train_shift (whole pixels, nothing else) gives tasks 0 and 1 of epoch 1 of the sample with
+# runner.seed 2026 and SMALL: [support (down, right) per image, query (down, right) per image], frozen from the
+# implementation before the other distortions existed. config_bigdata.yaml's documented results rest on them.
+FROZEN_SHIFTS = {
+    0: ([[0, 0], [-2, 0], [-2, -2], [-2, -1], [1, 2]],
+        [[-2, -2], [0, -1], [-2, -2], [2, 1], [1, 1], [-2, -1], [-2, -1], [2, -1], [-1, 1], [-2, -1]]),
+    1: ([[-1, -1], [0, 1], [-1, -2], [1, 0], [2, 2]],
+        [[-1, -1], [1, -2], [-2, 0], [-2, 1], [1, 0], [2, -2], [0, 1], [-1, 2], [0, 0], [-2, -1]]),
+}
+
+
+def as_uint8(x):
+    """The reader's network input [n, 1, H, W] back as the uint8 images it came from."""
+    return np.rint((x[:, 0] + 1.0) / 2.0 * 255.0).astype(np.uint8)
+
+
+def moved(image, down, right):
+    """image moved by whole pixels, paper where it uncovers: written independently of the reader's shifted()."""
+    out = np.full_like(image, 255)
+    height, width = image.shape
+    out[max(down, 0):height + min(down, 0), max(right, 0):width + min(right, 0)] = \
+        image[max(-down, 0):height - max(down, 0), max(-right, 0):width - max(right, 0)]
+    return out
+
+
+@pytest.mark.parametrize("extra", [{}, {"hyper_parameters.train_rotate": 0, "hyper_parameters.train_shear": 0.0,
+                                        "hyper_parameters.train_scale": 0}])
+def test_train_shift_alone_gives_the_pixels_it_always_gave(sample, extra):
+    plain = RecDataset(entries(sample / "train"), config(**SMALL))
+    cfg = config(**SMALL, hyper_parameters__train_shift=2)
+    cfg.update(extra)
+    shifted = RecDataset(entries(sample / "train"), cfg)
+    for index, offsets in FROZEN_SHIFTS.items():
+        task, task_shifted = plain.task(1, index), shifted.task(1, index)
+        for x, x_shifted, part in ((task[0], task_shifted[0], offsets[0]), (task[2], task_shifted[2], offsets[1])):
+            expected = np.stack([moved(image, *offset) for image, offset in zip(as_uint8(x), part)])
+            np.testing.assert_array_equal(x_shifted, omniglot_reader.to_network_input(expected))
+
+
+DISTORT = {"hyper_parameters.train_rotate": 20, "hyper_parameters.train_shear": 10.0,
+           "hyper_parameters.train_scale": 0.2, "hyper_parameters.train_shift": 2}
+
+
+def recorded_draws(monkeypatch, dataset, tasks):
+    """{(epoch, index): (angle, shear, scale, offsets) arrays of the support images} as the reader draws them."""
+    calls, real = [], omniglot_reader.affine_distorted
+
+    def spy(images, angle, shear, scale, offsets):
+        calls.append((np.array(angle), np.array(shear), np.array(scale), np.array(offsets)))
+        return real(images, angle, shear, scale, offsets)
+
+    monkeypatch.setattr(omniglot_reader, "affine_distorted", spy)
+    draws = {}
+    for epoch, index in tasks:
+        del calls[:]
+        dataset.task(epoch, index)
+        draws[(epoch, index)] = calls[0]  # the support set's call (then the query set's)
+    return draws
+
+
+def test_distortions_off_by_default_and_all_zero_is_no_distortion(sample):
+    default = RecDataset(entries(sample / "train"), config(**SMALL))
+    zero = RecDataset(entries(sample / "train"), config(**SMALL, **{k.replace(".", "__"): 0 for k in DISTORT}))
+    assert default.distortion == zero.distortion == (0, 0, 0, 0)
+    for a, b in zip(default.task(0, 2), zero.task(0, 2)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_distortions_are_drawn_from_the_task_within_range(sample, monkeypatch):
+    cfg = config(**SMALL)
+    cfg.update(DISTORT)
+    plain = RecDataset(entries(sample / "train"), config(**SMALL))
+    first, second = (RecDataset(entries(sample / "train"), cfg) for _ in range(2))
+    for a, b in zip(first.task(1, 0), second.task(1, 0)):  # a fresh reader (a resumed run): the same task
+        np.testing.assert_array_equal(a, b)
+    task, task_plain = first.task(1, 0), plain.task(1, 0)
+    for a, b in zip(first.episode(1, 0), plain.episode(1, 0)):  # the same classes, drawings and labels
+        np.testing.assert_array_equal(a, b)
+    assert all((as_uint8(task[k]) != as_uint8(task_plain[k])).any(axis=(1, 2)).mean() > 0.8 for k in (0, 2))
+    draws = recorded_draws(monkeypatch, first, [(1, 0), (1, 1), (2, 0), (1, 0)])
+    for angle, shear, scale, offsets in draws.values():
+        assert np.abs(angle).max() <= 20 and np.abs(shear).max() <= 10 and np.abs(scale - 1).max() <= 0.2
+        assert np.abs(offsets).max() <= 2 and offsets.dtype.kind == "i"
+    for a, b in zip(draws[(1, 0)], draws[(1, 1)]):  # another task, or another epoch: other draws
+        assert not np.array_equal(a, b)
+    for a, b in zip(draws[(1, 0)], draws[(2, 0)]):
+        assert not np.array_equal(a, b)
+    for a, b in zip(draws[(1, 0)], draws[(1, 0)][:4]):
+        np.testing.assert_array_equal(a, b)
+    # Another seed: other draws. And the offsets are train_shift's alone: the same with the others on or off.
+    reseeded = recorded_draws(monkeypatch, RecDataset(entries(sample / "train"), dict(cfg, **{"runner.seed": 7})),
+                              [(1, 0)])
+    assert not np.array_equal(reseeded[(1, 0)][0], draws[(1, 0)][0])
+    np.testing.assert_array_equal(draws[(1, 0)][3], FROZEN_SHIFTS[0][0])
+
+
+def test_distortions_never_touch_validation_or_test(sample):
+    cfg = config(**SMALL)
+    cfg.update(DISTORT)
+    for mode in ("valid", "infer", "test"):
+        distorted = RecDataset(entries(sample / "test"), cfg, mode)
+        assert distorted.distortion == (0, 0, 0, 0)
+        for a, b in zip(distorted.task(0, 3), RecDataset(entries(sample / "test"), config(**SMALL), mode).task(0, 3)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_affine_distorted_turns_like_pil_and_moves_like_shifted(sample, train):
+    glyphs = train.task(0, 0)[0]  # 5 drawings of the sample
+    images = as_uint8(glyphs)
+    n = len(images)
+    for angle in (20.0, -180.0):  # the largest turns train_rotate allows in a config of 20, and at all
+        turned = omniglot_reader.affine_distorted(images, np.full(n, angle), np.zeros((n, 2)), np.ones((n, 2)),
+                                                  np.zeros((n, 2), dtype=int))
+        by_pil = np.stack([np.asarray(Image.fromarray(image).rotate(angle, resample=Image.BILINEAR, fillcolor=255))
+                           for image in images])
+        assert np.abs(turned.astype(int) - by_pil).max() <= 1
+        assert np.abs(turned.astype(int) - images).mean() > 5  # it really turned
+    half = omniglot_reader.affine_distorted(images, np.full(n, 180.0), np.zeros((n, 2)), np.ones((n, 2)),
+                                            np.zeros((n, 2), dtype=int))
+    assert np.abs(half.astype(int) - images[:, ::-1, ::-1]).max() <= 1  # a half turn: upside down and mirrored
+    offsets = np.array([[0, 0], [1, -2], [-2, 2], [3, 0], [0, -3]])
+    np.testing.assert_array_equal(
+        omniglot_reader.affine_distorted(images, np.zeros(n), np.zeros((n, 2)), np.ones((n, 2)), offsets),
+        omniglot_reader.shifted(images, offsets))
+    # A shear along x slants vertical strokes; a scale below 1 leaves more paper around the glyph.
+    bar = np.full((1, 28, 28), 255, dtype=np.uint8)
+    bar[0, 4:24, 13:15] = 0  # a vertical bar through the centre
+    slanted = omniglot_reader.affine_distorted(bar, np.zeros(1), np.array([[30.0, 0.0]]), np.ones((1, 2)),
+                                               np.zeros((1, 2), dtype=int))[0]
+    ink_columns = [np.nonzero(row < 128)[0].mean() for row in slanted[4:24] if (row < 128).any()]
+    assert ink_columns[-1] - ink_columns[0] > 8  # y points down: the bar's foot 20 * tan(30 deg) ~ 11.5 px right
+    small = omniglot_reader.affine_distorted(bar, np.zeros(1), np.zeros((1, 2)), np.full((1, 2), 0.5),
+                                             np.zeros((1, 2), dtype=int))[0]
+    rows = np.nonzero((small < 128).any(axis=1))[0]
+    assert 9 <= rows.max() - rows.min() + 1 <= 11  # the 20-pixel bar is 10 pixels tall
+
+
 # ----- decode cache -----
 def test_cache_built_once_reused_and_rebuilt_on_change(tmp_path):
     root = make_tree(tmp_path / "split", {"g": {"c1": 20, "c2": 20}, "h": {"c1": 20}})
@@ -404,6 +543,14 @@ class FakeConfig(dict):
     ("hyper_parameters.train_shift", -1, r"hyper_parameters\.train_shift: must be a non-negative integer"),
     ("hyper_parameters.train_shift", 14, r"hyper_parameters\.train_shift: 14 pixels would move a 28-pixel image off "
                                          r"itself; use less than 14"),
+    ("hyper_parameters.train_rotate", -1, r"hyper_parameters\.train_rotate: must be at least 0 and at most 180, "
+                                          r"got -1$"),
+    ("hyper_parameters.train_rotate", 200.5, r"hyper_parameters\.train_rotate: must be at least 0 and at most 180"),
+    ("hyper_parameters.train_rotate", "10", r"hyper_parameters\.train_rotate: must be a number, got '10'$"),
+    ("hyper_parameters.train_shear", 46, r"hyper_parameters\.train_shear: must be at least 0 and at most 45"),
+    ("hyper_parameters.train_shear", True, r"hyper_parameters\.train_shear: must be a number, got True"),
+    ("hyper_parameters.train_scale", 1.0, r"hyper_parameters\.train_scale: must be at least 0 and below 1, got 1\.0"),
+    ("hyper_parameters.train_scale", float("nan"), r"hyper_parameters\.train_scale: must be at least 0 and below 1"),
     ("hyper_parameters.k_query", 20, r"hyper_parameters\.k_query: hyper_parameters\.k_spt \+ "
                                      r"hyper_parameters\.k_query = 21 exceeds the 20"),
 ])

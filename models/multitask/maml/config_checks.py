@@ -58,6 +58,17 @@ def positive_float(config, key, default=None):
     return float(value)
 
 
+def number_in_range(config, key, low, high, default=None, high_open=False):
+    """A number with low <= value <= high (value < high when high_open), as a float."""
+    value = setting(config, key, default)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise error(config, key, f"must be a number, got {value!r}")
+    if not (low <= value and (value < high if high_open else value <= high)):
+        raise error(config, key, f"must be at least {low:g} and {'below' if high_open else 'at most'} {high:g}, "
+                                 f"got {value!r}")
+    return float(value)
+
+
 def choice(config, key, choices, default=None):
     """One of the strings in `choices` (a typo must not fall back to a default silently)."""
     value = setting(config, key, default)

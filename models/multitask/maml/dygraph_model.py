@@ -35,6 +35,9 @@ CONFIG_DEFAULTS = {
     "hyper_parameters.skip_small_alphabets": False,  # read by omniglot_reader.py: leave out alphabets < n_way classes
     "hyper_parameters.skip_small_alphabets_test": None,  # read by omniglot_reader.py: the same when evaluating
     "hyper_parameters.train_shift": 0,  # read by omniglot_reader.py: random shift of training images, in pixels
+    "hyper_parameters.train_rotate": 0.0,  # read by omniglot_reader.py: random turn of training images, in degrees
+    "hyper_parameters.train_shear": 0.0,  # read by omniglot_reader.py: random shear of training images, in degrees
+    "hyper_parameters.train_scale": 0.0,  # read by omniglot_reader.py: random scale of training images, 1 +- this
     # MAML++ (Antoniou et al., 2019), each off by default; all off is the MAML paper's algorithm.
     "hyper_parameters.multi_step_loss_epochs": 0,  # > 0: query loss after every inner step, annealed to the last
     "hyper_parameters.learn_inner_lr": False,  # a learned inner rate per adapted tensor per inner step

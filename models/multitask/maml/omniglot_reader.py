@@ -8,8 +8,11 @@ The trainer passes file_list = sorted absolute paths of data_dir's entries.
 hyper_parameters.task_sampling picks a task's n_way classes from the whole split
 ("any", the default) or all from one alphabet ("within_alphabet": Lake et al.'s
 one-shot task); task_sampling_test, when set, decides it for validation and test.
-hyper_parameters.train_shift (training only) moves every training image by a random
-whole number of pixels, at most train_shift along each axis.
+Training images can be distorted at random, each on its own (training only): turned by
+up to hyper_parameters.train_rotate degrees, sheared by up to train_shear degrees
+along each axis, scaled by a factor within 1 +- train_scale along each axis, and moved
+by a whole number of pixels, at most train_shift along each axis. With train_shift
+alone the images are only moved, pixel for pixel.
 
 Each yielded item is one task [x_spt, y_spt, x_qry, y_qry]; the DataLoader
 batches tasks into [T, ...]. Task i of epoch e is drawn from its own RNG
@@ -43,8 +46,15 @@ _MODES = {"train": 0, "infer": 1, "test": 1, "valid": 2}
 # The shift offsets come from a second generator, seeded like the task's plus this tag: the task's own draws (classes,
 # drawings, order) are then the same with and without train_shift.
 _SHIFT_STREAM = 1
+# The other distortions (turn, shear, scale) from a third one: the offsets are then the same with and without them.
+_AFFINE_STREAM = 2
 PAPER = 255  # uint8 grey level of the paper, what a shifted image's uncovered edge shows
+# hyper_parameters.train_<name>: (largest value, whether the largest is excluded). Shear stops at 45 degrees (a unit
+# shear); a scale of 1 or more would let a factor reach 0.
+DISTORTION_LIMITS = {"rotate": (180.0, False), "shear": (45.0, False), "scale": (1.0, True)}
 
+# The ranges of the random distortions of training images (omniglot_reader's train_* keys); all 0: none.
+Distortion = namedtuple("Distortion", "rotate shear scale shift")
 # Which images (global indices into image_paths) and classes one task uses,
 # in the order of the yielded arrays.
 Episode = namedtuple("Episode", "spt_images spt_classes y_spt qry_images qry_classes y_qry")
@@ -142,15 +152,17 @@ class RecDataset(paddle.io.IterableDataset):
         self.task_sampling = checks.choice(config, self._sampling_key, TASK_SAMPLINGS, "any")
         self._skip_key = _mode_key(config, mode, "hyper_parameters.skip_small_alphabets")
         self.skip_small_alphabets = checks.boolean(config, self._skip_key, False)
-        # Small translations against over-fitting to the few training characters (Koch et al. 2015 distort Omniglot
-        # images affinely). Training only: validation and test images stay as drawn.
-        self.train_shift = checks.nonnegative_int(config, "hyper_parameters.train_shift", 0)
-        if 2 * self.train_shift >= self.imgsize:
+        # Random affine distortions against over-fitting to the few training characters (Koch et al. 2015 distort
+        # Omniglot images so). Training only: validation and test images stay as drawn.
+        shift = checks.nonnegative_int(config, "hyper_parameters.train_shift", 0)
+        if 2 * shift >= self.imgsize:
             raise checks.error(config, "hyper_parameters.train_shift",
-                               f"{self.train_shift} pixels would move a {self.imgsize}-pixel image off itself; "
+                               f"{shift} pixels would move a {self.imgsize}-pixel image off itself; "
                                f"use less than {(self.imgsize + 1) // 2}")
-        if mode != "train":
-            self.train_shift = 0
+        ranges = {name: checks.number_in_range(config, f"hyper_parameters.train_{name}", 0.0, high, 0.0, high_open)
+                  for name, (high, high_open) in DISTORTION_LIMITS.items()}
+        self.distortion = Distortion(shift=shift, **ranges) if mode == "train" else Distortion(0.0, 0.0, 0.0, 0)
+        self.train_shift = self.distortion.shift
         if mode == "train":
             self._tasks_key, self._batch_key = "runner.tasks_per_epoch", "runner.train_batch_size"
             # 3200 tasks per epoch: what PaddleRec's reader hard-codes
@@ -294,22 +306,33 @@ class RecDataset(paddle.io.IterableDataset):
     def task(self, epoch, index):
         """[x_spt, y_spt, x_qry, y_qry] of task `index` of `epoch` as numpy arrays."""
         ep = self.episode(epoch, index)
-        shifts = None
-        if self.train_shift:
-            shifts = np.random.default_rng([self.seed, self._mode_id, int(epoch), int(index), _SHIFT_STREAM])
-        return [self._pixels(ep.spt_images, ep.spt_classes, shifts), ep.y_spt,
-                self._pixels(ep.qry_images, ep.qry_classes, shifts), ep.y_qry]
+        streams = None
+        if any(self.distortion):
+            key = [self.seed, self._mode_id, int(epoch), int(index)]
+            streams = (np.random.default_rng(key + [_SHIFT_STREAM]), np.random.default_rng(key + [_AFFINE_STREAM]))
+        return [self._pixels(ep.spt_images, ep.spt_classes, streams), ep.y_spt,
+                self._pixels(ep.qry_images, ep.qry_classes, streams), ep.y_qry]
 
-    def _pixels(self, images, classes, shifts=None):
+    def _pixels(self, images, classes, streams=None):
         x = self._images[images]  # uint8 [n, H, W], a copy
         if self.rotations:
             turns = classes % ROTATIONS
             for k in range(1, ROTATIONS):
                 if (turns == k).any():
                     x[turns == k] = np.rot90(x[turns == k], k, axes=(1, 2))
-        if shifts is not None:
-            x = shifted(x, shifts.integers(-self.train_shift, self.train_shift + 1, size=(len(x), 2)))
+        if streams is not None:
+            x = self._distorted(x, *streams)
         return to_network_input(x)
+
+    def _distorted(self, x, shifts, affine):
+        """x's images, each distorted at random within self.distortion, from the task's two generators."""
+        d = self.distortion
+        offsets = shifts.integers(-d.shift, d.shift + 1, size=(len(x), 2))
+        if not (d.rotate or d.shear or d.scale):
+            return shifted(x, offsets)  # whole pixels, copied as they are: no resampling
+        # Five draws per image whatever is on, so turning one distortion on leaves the others' draws as they were.
+        u = affine.uniform(-1.0, 1.0, size=(len(x), 5))
+        return affine_distorted(x, u[:, 0] * d.rotate, u[:, 1:3] * d.shear, 1.0 + u[:, 3:5] * d.scale, offsets)
 
 
 def shifted(images, offsets):
@@ -321,6 +344,30 @@ def shifted(images, offsets):
     out = np.empty_like(images)
     for i, (down, right) in enumerate(offsets):
         out[i] = framed[i, pad - down:pad - down + height, pad - right:pad - right + width]
+    return out
+
+
+def affine_distorted(images, angle, shear, scale, offsets):
+    """uint8 images [n, H, W], image i turned counter-clockwise by angle[i] degrees, sheared by shear[i] = (along x,
+    along y) degrees and scaled by the factors scale[i] = (x, y), all about the image centre, then moved
+    offsets[i] = (down, right) pixels. Bilinear; paper where no part of the image lands."""
+    n, height, width = images.shape
+    angle, shear = np.radians(angle).reshape(n), np.radians(shear).reshape(n, 2)
+    scale, offsets = np.asarray(scale, dtype=np.float64).reshape(n, 2), np.asarray(offsets).reshape(n, 2)
+    centre = np.array([width / 2.0, height / 2.0])  # PIL's coordinates: pixel (0, 0) covers [0, 1) x [0, 1)
+    out = np.empty_like(images)
+    for i in range(n):
+        cos, sin = np.cos(angle[i]), np.sin(angle[i])
+        turn = np.array([[cos, sin], [-sin, cos]])  # counter-clockwise on screen, where y points down
+        slant = np.array([[1.0, np.tan(shear[i, 0])], [np.tan(shear[i, 1]), 1.0]])
+        forward = turn @ slant @ np.diag(scale[i])  # (x, y) offsets from the centre, input -> output
+        # PIL asks, for every output pixel, where in the input to read: the inverse map.
+        inverse = np.linalg.inv(forward)
+        origin = centre - inverse @ (centre + offsets[i, ::-1])
+        coefficients = (*inverse[0], origin[0], *inverse[1], origin[1])
+        image = Image.fromarray(images[i])
+        out[i] = np.asarray(image.transform((width, height), Image.AFFINE, coefficients, resample=Image.BILINEAR,
+                                            fillcolor=PAPER))
     return out
 
 
