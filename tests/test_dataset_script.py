@@ -4,6 +4,7 @@ No test reaches the internet: the default URL is pointed at a closed local port
 (OMNIGLOT_URL), mirrors are tmp folders or a local HTTP server, and the full run
 uses the read-only mirror beside the repo (skipped when absent).
 """
+import collections
 import functools
 import hashlib
 import http.server
@@ -170,13 +171,26 @@ def fake_characters(prefix, n_alphabets, n_chars):
 
 BACKGROUND = fake_characters("Bg", 30, 964)
 EVALUATION = fake_characters("Ev", 20, 659)
+# The background archive's alphabets and their numbers of characters (names and counts only, no drawings): Lake's
+# validation split is drawn over these names, and PROTOCOLS["lake"].sizes must match the draw.
+BACKGROUND_ALPHABETS = {
+    "Alphabet_of_the_Magi": 20, "Anglo-Saxon_Futhorc": 29, "Arcadian": 26, "Armenian": 41,
+    "Asomtavruli_(Georgian)": 40, "Balinese": 24, "Bengali": 46, "Blackfoot_(Canadian_Aboriginal_Syllabics)": 14,
+    "Braille": 26, "Burmese_(Myanmar)": 34, "Cyrillic": 33, "Early_Aramaic": 22, "Futurama": 26, "Grantha": 43,
+    "Greek": 24, "Gujarati": 48, "Hebrew": 22, "Inuktitut_(Canadian_Aboriginal_Syllabics)": 16,
+    "Japanese_(hiragana)": 52, "Japanese_(katakana)": 47, "Korean": 40, "Latin": 26, "Malay_(Jawi_-_Arabic)": 40,
+    "Mkhedruli_(Georgian)": 41, "N_Ko": 33, "Ojibwe_(Canadian_Aboriginal_Syllabics)": 14, "Sanskrit": 42,
+    "Syriac_(Estrangelo)": 23, "Tagalog": 17, "Tifinagh": 55}
+LAKE_BACKGROUND = [(alphabet, f"character{c:02d}") for alphabet, n in sorted(BACKGROUND_ALPHABETS.items())
+                   for c in range(1, n + 1)]
+LAKE_VALID = ["Arcadian", "Asomtavruli_(Georgian)", "Korean", "Syriac_(Estrangelo)", "Tifinagh"]
 
 
 @pytest.mark.parametrize("name,sizes", [("paddlerec", (973, 325, 325)), ("vinyals", (1100, 100, 423)),
-                                        ("lake", (964, 659))])
+                                        ("lake", (780, 184, 659))])
 def test_protocol_sizes_and_disjointness(name, sizes):
     protocol = protocols.PROTOCOLS[name]
-    assigned = protocol.assign(list(BACKGROUND), list(EVALUATION))
+    assigned = protocol.assign(list(LAKE_BACKGROUND if name == "lake" else BACKGROUND), list(EVALUATION))
     assert tuple(len(assigned[s]) for s in protocol.sizes) == sizes
     assert tuple(protocol.sizes.values()) == sizes
     merged = [c for s in assigned.values() for c in s]
@@ -189,14 +203,79 @@ def test_shuffled_protocol_ignores_listing_order():
     assert a == b
 
 
-def test_lake_keeps_the_archives_apart():
-    assigned = protocols.lake(list(BACKGROUND), list(EVALUATION))
-    assert assigned == {"train": sorted(BACKGROUND), "test": sorted(EVALUATION)}
+def alphabets(characters):
+    return {alphabet for alphabet, _ in characters}
+
+
+@pytest.mark.parametrize("background", [LAKE_BACKGROUND, BACKGROUND], ids=["official names", "other names"])
+def test_lake_validates_on_whole_background_alphabets(background):
+    assigned = protocols.lake(list(background), list(EVALUATION))
+    assert assigned["test"] == sorted(EVALUATION)  # the evaluation alphabets test, and only they
+    assert sorted(assigned["train"] + assigned["valid"]) == sorted(background)
+    assert not alphabets(assigned["train"]) & alphabets(assigned["valid"])  # whole alphabets
+    assert len(alphabets(assigned["valid"])) == 5
+    sizes = collections.Counter(alphabet for alphabet, _ in assigned["valid"])
+    assert min(sizes.values()) >= 20  # each allows 20-way within-alphabet validation tasks
+    # the listing order does not matter
+    assert protocols.lake(list(reversed(background)), EVALUATION[::-1]) == assigned
+
+
+def test_lake_valid_alphabets_of_the_official_archive():
+    assert protocols.lake_valid_alphabets(LAKE_BACKGROUND) == LAKE_VALID
+    assigned = protocols.lake(LAKE_BACKGROUND, EVALUATION)
+    assert {split: len(chars) for split, chars in assigned.items()} == protocols.PROTOCOLS["lake"].sizes
+    # training keeps the four alphabets under 20 characters (config_omniglot_lake_20way_1shot.yaml leaves them out)
+    assert len(alphabets(assigned["train"])) == 25
 
 
 def test_folder_names():
     assert protocols.folder_name(protocols.PROTOCOLS["paddlerec"], "train") == "omniglot_train"
     assert protocols.folder_name(protocols.PROTOCOLS["vinyals"], "test") == "omniglot_vinyals_test"
+
+
+def fake_mirror(folder, background, evaluation):
+    """Both archives in the official layout with the given {alphabet: characters}, 20 tiny PNGs each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    png = png_bytes(0)
+    for name, layout in (("images_background", background), ("images_evaluation", evaluation)):
+        with zipfile.ZipFile(folder / f"{name}.zip", "w") as zf:
+            for alphabet, n in layout.items():
+                for c in range(1, n + 1):
+                    for d in range(1, 21):
+                        zf.writestr(f"{name}/{alphabet}/character{c:02d}/{c:04d}_{d:02d}.png", png)
+    return folder
+
+
+def test_lake_split_prepared_before_valid_existed_is_rebuilt(tmp_path, monkeypatch, capsys):
+    """A folder holding Lake's old train split (every background alphabet) is written again, not mixed with valid."""
+    background = {f"Bg_{letter}": 20 for letter in "ABCDEF"}
+    background["Bg_small"] = 3
+    evaluation = {"Ev_A": 2, "Ev_B": 2}
+    monkeypatch.setenv("OMNIGLOT_MIRROR", str(fake_mirror(tmp_path / "mirror", background, evaluation)))
+    monkeypatch.setattr(verify, "EXPECTED", {"images_background.zip": (7, 123), "images_evaluation.zip": (2, 4)})
+    out = tmp_path / "out"
+    # The protocol as it was: all background characters train, no valid.
+    old = protocols.Protocol("lake", "omniglot_lake", {"train": 123, "test": 4},
+                             lambda bg, ev: {"train": sorted(bg), "test": sorted(ev)})
+    monkeypatch.setitem(protocols.PROTOCOLS, "lake", old)
+    assert prepare.main(["--protocol", "lake", "--out", str(out)]) == 0
+    assert split_entries(out) == ["omniglot_lake_test", "omniglot_lake_train"]
+    test_mtime = os.stat(out / "omniglot_lake_test").st_mtime_ns
+    capsys.readouterr()
+    # Now: 5 of the 6 alphabets with 20 characters validate; the sizes are this archive's.
+    new = protocols.Protocol("lake", "omniglot_lake", {"train": 23, "valid": 100, "test": 4}, protocols.lake)
+    monkeypatch.setitem(protocols.PROTOCOLS, "lake", new)
+    assert prepare.main(["--protocol", "lake", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert f"{out / 'omniglot_lake_train'}: 123 characters, expected 23: writing it again" in stdout
+    assert "valid   100 characters   2000 images" in stdout and "train    23 characters    460 images" in stdout
+    assert split_entries(out) == ["omniglot_lake_test", "omniglot_lake_train", "omniglot_lake_valid"]
+    train, valid = (set(os.listdir(out / f"omniglot_lake_{split}")) for split in ("train", "valid"))
+    assert len(valid) == 5 and len(train) == 2 and "Bg_small" in train and not train & valid
+    assert len(characters(out / "omniglot_lake_train")) == 23
+    assert os.stat(out / "omniglot_lake_test").st_mtime_ns == test_mtime  # complete: left as it was
+    assert prepare.main(["--protocol", "lake", "--out", str(out)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
 
 
 # ----- the real mirror -----

@@ -278,8 +278,11 @@ def test_lake_20way_config_trains_and_evaluates_on_real_omniglot(omniglot_mirror
                               {"Tagalog", "Greek", "Latin"}, tmp_path / "omniglot_lake_train")
     test = extract_alphabets(os.path.join(omniglot_mirror, "images_evaluation.zip"),
                              {"Angelic", "Tengwar"}, tmp_path / "omniglot_lake_test")
+    valid = extract_alphabets(os.path.join(omniglot_mirror, "images_background.zip"),
+                              {"Arcadian"}, tmp_path / "omniglot_lake_valid")
     out = tmp_path / "out"
     tiny = [f"runner.train_data_dir={train}", f"runner.test_data_dir={test}", f"runner.model_save_path={out}",
+            f"runner.valid_data_dir={valid}", "runner.valid_tasks=2",
             f"runner.infer_load_path={out}", "runner.epochs=1", "runner.tasks_per_epoch=4",
             "runner.train_batch_size=2", "runner.infer_start_epoch=0", "runner.infer_end_epoch=1",
             "runner.infer_tasks=2", "runner.infer_batch_size=1", "hyper_parameters.bn_channel=8",
@@ -289,6 +292,7 @@ def test_lake_20way_config_trains_and_evaluates_on_real_omniglot(omniglot_mirror
     assert ("hyper_parameters.skip_small_alphabets: 1 alphabet(s) with fewer than n_way = 20 characters left out "
             "of train tasks (17 characters unused): Tagalog (17)") in trained.stderr
     assert "batches: 2, samples: 4" in trained.stdout
+    assert "valid epoch 0: acc " in trained.stdout  # 20-way tasks within Arcadian's 26 characters
     inferred = run_tool("infer.py", "-m", LAKE_20WAY, "-o", *tiny)
     assert_ok(inferred)
     assert "epoch 0: acc " in inferred.stdout and "(95% CI, 2 tasks)" in inferred.stdout

@@ -67,6 +67,11 @@ def run(argv=None):
         print(f"All {protocol.name} splits already complete in {out_dir}: nothing to do.")
         print(summary(protocol, dirs))
         return 0
+    for split in todo:
+        if os.path.isdir(dirs[split]):  # e.g. a split of an older version of the protocol: replaced, never mixed
+            chars, _, odd = splits.count(dirs[split])
+            extra = f" ({odd} without {verify.IMAGES_PER_CHARACTER} images)" if odd else ""
+            print(f"{dirs[split]}: {chars} characters{extra}, expected {protocol.sizes[split]}: writing it again")
     paths = sources.locate(os.path.join(out_dir, "raw"))
     zips, chars, sources_ = load_archives(paths)
     try:
