@@ -30,6 +30,7 @@ CONFIG_DEFAULTS = {
     "hyper_parameters.rotations": False,  # read by omniglot_reader.py: 4 rotated classes per character
     "hyper_parameters.rotations_test": None,  # read by omniglot_reader.py: rotations when evaluating
     "hyper_parameters.k_query_test": None,  # read by omniglot_reader.py: query images per class when evaluating
+    "hyper_parameters.n_way_test": None,  # classes per task when evaluating (<= n_way, the first outputs of the head)
     "hyper_parameters.task_sampling": "any",  # read by omniglot_reader.py: "within_alphabet": one alphabet per task
     "hyper_parameters.task_sampling_test": None,  # read by omniglot_reader.py: task_sampling when evaluating
     "hyper_parameters.skip_small_alphabets": False,  # read by omniglot_reader.py: leave out alphabets < n_way classes
@@ -149,6 +150,21 @@ class TaskAccuracy(paddle.metric.Metric):
         return {"acc": self.accumulate(), "acc_ci95": float(ci95), "tasks": n}
 
 
+def evaluation_classes(config):
+    """How many of the head's n_way outputs evaluation tasks use: hyper_parameters.n_way_test when set, else all
+    (None). Labels are permuted at random in every task, so each output unit is trained for every label alike and
+    the first n_way_test units serve as well as any."""
+    n_way = _positive_int(config, "hyper_parameters.n_way")
+    if config.get("hyper_parameters.n_way_test") is None:
+        return None
+    n_way_test = _positive_int(config, "hyper_parameters.n_way_test")
+    if n_way_test > n_way:
+        raise checks.error(config, "hyper_parameters.n_way_test",
+                           f"{n_way_test} classes per evaluation task, but the network has n_way = {n_way} outputs; "
+                           f"use at most {n_way}")
+    return n_way_test if n_way_test < n_way else None
+
+
 def _meta_steps(config):
     """Meta-batches in the whole run: runner.epochs x ceil(runner.tasks_per_epoch / runner.train_batch_size)."""
     batches = -(-_positive_int(config, "runner.tasks_per_epoch") // _positive_int(config, "runner.train_batch_size"))
@@ -169,6 +185,7 @@ class DygraphModel:
                                f"expected a square kernel like [3, 3], got {kernel!r}")
         steps = _nonnegative_int(config, "hyper_parameters.update_step")
         _positive_int(config, "hyper_parameters.tasks_per_chunk")  # read by every meta-step; a bad value stops here
+        evaluation_classes(config)  # likewise for every validation and test batch
         learn_inner_lr = _bool(config, "hyper_parameters.learn_inner_lr")
         if learn_inner_lr and steps == 0:
             raise checks.error(config, "hyper_parameters.learn_inner_lr", "needs hyper_parameters.update_step >= 1")
@@ -255,10 +272,11 @@ class DygraphModel:
     def infer_forward(self, dy_model, metrics_list, batch_data, config):
         """Query accuracy of every task in the batch after `update_step_test` adaptation steps,
         with batch statistics in batch norm (transductive, as in MAML); of an ensemble (see ensemble()), by its
-        members' mean class probabilities."""
+        members' mean class probabilities. With n_way_test < n_way only the first n_way_test outputs take part."""
         steps, lr, _ = inner_settings(config, training=False)
         first = dy_model.members[0] if isinstance(dy_model, maml.Ensemble) else dy_model
-        meta_batch = maml.MetaBatch(*batch_data[:4], dtype=first.parameters()[0].dtype)
+        meta_batch = maml.MetaBatch(*batch_data[:4], dtype=first.parameters()[0].dtype,
+                                    classes=evaluation_classes(config))
         task_acc = maml.evaluate(dy_model, meta_batch, steps, lr).numpy()
         metrics_list[0].update(task_acc)
         # A tensor, as PaddleRec's infer prints every value's .numpy().

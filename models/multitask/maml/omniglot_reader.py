@@ -1,5 +1,8 @@
 """Omniglot episode reader for MAML: N-way K-shot tasks from a two-level image tree.
 
+hyper_parameters.n_way classes per task; hyper_parameters.n_way_test, when set, for
+validation and test (training on more classes than the test asks for).
+
 Data layout: data_dir/<group>/<character>/<image>.png (a group is an alphabet);
 every character folder is one class (four with hyper_parameters.rotations;
 hyper_parameters.rotations_test, when set, decides it for validation and test).
@@ -116,8 +119,8 @@ class RecDataset(paddle.io.IterableDataset):
         self.num_classes = self.num_characters * (ROTATIONS if self.rotations else 1)
         if self.n_way > self.num_classes:
             extra = f" ({self.num_classes} classes with rotations)" if self.rotations else ""
-            raise checks.error(config, "hyper_parameters.n_way",
-                               f"n_way = {self.n_way} but {self.data_dir} has only "
+            raise checks.error(config, self._way_key,
+                               f"{self._way_name} = {self.n_way} but {self.data_dir} has only "
                                f"{self.num_characters} characters{extra}")
         self.alphabets = [os.path.basename(path) for path, _, _ in groups]
         self.sampled_alphabets, self.skipped_alphabets = list(self.alphabets), []
@@ -129,7 +132,11 @@ class RecDataset(paddle.io.IterableDataset):
 
     # ----- configuration -----
     def _read_options(self, config, mode):
-        self.n_way = checks.positive_int(config, "hyper_parameters.n_way")
+        # Evaluation may ask for fewer classes per task than training uses (n_way_test): training on more ways
+        # than the test has is what prototypical networks found to pay.
+        self._way_key = _mode_key(config, mode, "hyper_parameters.n_way")
+        self._way_name = self._way_key.rsplit(".", 1)[1]
+        self.n_way = checks.positive_int(config, self._way_key)
         self.k_spt = checks.positive_int(config, "hyper_parameters.k_spt")
         # Evaluation may score more query images per task than training uses (k_query_test): a tighter
         # estimate of each task's accuracy at no cost to training.
@@ -199,17 +206,17 @@ class RecDataset(paddle.io.IterableDataset):
         named = ", ".join(f"{os.path.basename(path)} ({count * per_class})" for path, _, count in small)
         if small and not kept:
             raise checks.error(config, self._sampling_key,
-                               f"within_alphabet: no alphabet of {self.data_dir} has n_way = {self.n_way} "
+                               f"within_alphabet: no alphabet of {self.data_dir} has {self._way_name} = {self.n_way} "
                                f"{unit}: {named}")
         if small and not self.skip_small_alphabets:
             raise checks.error(config, self._sampling_key,
                                f"within_alphabet: {len(small)} alphabet(s) of {self.data_dir} have fewer than "
-                               f"n_way = {self.n_way} {unit}: {named}; lower hyper_parameters.n_way, or set "
+                               f"{self._way_name} = {self.n_way} {unit}: {named}; lower {self._way_key}, or set "
                                f"{self._skip_key}: true to leave them out")
         if small:
             left_out = sum(count for _, _, count in small)
-            _warn_once(f"{self.data_dir}: {self._skip_key}: {len(small)} alphabet(s) with fewer than n_way = "
-                       f"{self.n_way} {unit} left out of {self.mode} tasks ({left_out} characters unused): {named}")
+            _warn_once(f"{self.data_dir}: {self._skip_key}: {len(small)} alphabet(s) with fewer than "
+                       f"{self._way_name} = {self.n_way} {unit} left out of {self.mode} tasks ({left_out} characters unused): {named}")
         sizes = np.array([count * per_class for _, _, count in kept], dtype=np.int64)
         starts = np.array([first * per_class for _, first, _ in kept], dtype=np.int64)
         return AlphabetPools(starts, sizes, np.cumsum(sizes))
