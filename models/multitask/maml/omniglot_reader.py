@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import stat
+import struct
 from collections import namedtuple
 
 import numpy as np
@@ -36,7 +37,10 @@ OMNIGLOT_DRAWINGS = 20  # drawings per character in Omniglot
 ROTATIONS = 4  # 0/90/180/270 degrees when hyper_parameters.rotations is true
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 TASK_SAMPLINGS = ("any", "within_alphabet")  # hyper_parameters.task_sampling
-CACHE_VERSION = 1  # bump when the decoded format changes
+CACHE_VERSION = 2  # bump when the decoded format changes (2: alpha laid on white, 16-bit grey scaled)
+# PIL modes of 16-bit grey images (a 16-bit PNG opens as "I;16"); their levels are scaled to 8 bits.
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+NOT_REGULAR = "not a regular file (a folder, FIFO, device or socket); only image files can be read"
 # "test": PaddleRec's name of the infer data. "valid": validation during training (the tools pass it
 # because MODES lists it); its own task stream, so validation tasks are not the test tasks even on one folder.
 _MODES = {"train": 0, "infer": 1, "test": 1, "valid": 2}
@@ -407,15 +411,50 @@ def _warn_once(message):
 
 # ----- decoding and the decode cache -----
 def decode_image(path, size, config):
-    """One image file as uint8 grayscale [size, size] (resized with RESAMPLE); a one-line error naming it."""
+    """One image file as uint8 grayscale [size, size] (resized with RESAMPLE), ink dark on light paper, whatever
+    mode the file stores (see _grey); a one-line error naming it when it is not a readable image file."""
     try:
-        with Image.open(path) as img:
-            img = img.convert("L")
-            if img.size != (size, size):
-                img = img.resize((size, size), RESAMPLE)
-            return np.asarray(img, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise checks.error(config, path, f"cannot decode image ({exc})") from None
+        # O_NONBLOCK: a FIFO opens at once (to be refused below) instead of waiting for a writer for ever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise checks.error(config, path, f"cannot decode image ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise checks.error(config, path, NOT_REGULAR)
+        try:
+            with Image.open(file) as img:
+                img = _grey(img)
+                if img.size != (size, size):
+                    img = img.resize((size, size), RESAMPLE)
+                return np.asarray(img, dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error,
+                Image.DecompressionBombError) as exc:
+            raise checks.error(config, path, f"cannot decode image ({exc})") from None
+
+
+def _grey(img):
+    """`img`, in any mode PIL opens, as 8-bit grey ("L"). Transparent pixels are paper: an image with an alpha
+    channel or a transparent colour is laid on white, so dark ink on a transparent background reads as ink on
+    paper (dropping the alpha would show the background's hidden colour, often black). 16-bit grey is scaled to
+    8 bits (PIL's own conversion clips it, and all but the darkest ink turns white)."""
+    if img.mode in WIDE_GREY_MODES:
+        wide = np.asarray(img).astype(np.int64)
+        if wide.size and (wide.min() < 0 or wide.max() > 65535):
+            raise ValueError(f"grey levels {wide.min()}..{wide.max()} outside the 16-bit range 0..65535")
+        key = img.info.get("transparency")
+        if checks.is_int(key):  # a grey level the file marks as transparent: paper
+            wide[wide == key] = 65535
+        # round(v * 255 / 65535): an 8-bit level x stored as 16 bits (x * 257) comes back as x exactly
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if img.mode == "F":
+        raise ValueError("32-bit float pixels have no defined paper and ink levels; save it as an 8- or 16-bit "
+                         "image")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        paper = Image.new("RGBA", img.size, (PAPER, PAPER, PAPER, 255))
+        return Image.alpha_composite(paper, img.convert("RGBA")).convert("L")
+    if img.mode in ("1", "L", "P", "RGB"):  # PIL's own conversion, as before (an Omniglot PNG is mode "1")
+        return img.convert("L")
+    return img.convert("RGB").convert("L")  # CMYK, YCbCr, ...: through RGB, which every mode converts to
 
 
 def _fingerprint(data_dir, paths, size):
