@@ -292,6 +292,31 @@ def test_a_symlink_loop_through_the_trainer_is_one_line(tmp_path):
     assert_user_error(process, f"{data}/alphabet_01/character01/x.png", "cannot read this part of the data tree")
 
 
+def test_a_fifo_in_the_data_tree_is_one_line_through_the_trainer_not_a_hang(tmp_path):
+    data = tmp_path / "train"
+    shutil.copytree(os.path.join(MAML_DIR, "data", "train"), data)
+    os.mkfifo(data / "alphabet_01" / "character01" / "0001_99.png")
+    process = run_tool("trainer.py", "-m", MAML_CONFIG, "-o", f"runner.model_save_path={tmp_path / 'out'}",
+                       f"runner.train_data_dir={data}", *MAML_SMALL)  # run_tool's timeout fails a hang
+    assert_user_error(process, f"{data}/alphabet_01/character01/0001_99.png", "not a regular file")
+
+
+def test_a_log_file_gets_no_progress_bar_before_the_error_line(tmp_path):
+    """stderr to a file: the decoding bar's carriage returns would leave `error:` mid-line for grep '^error:'."""
+    data = tmp_path / "train"
+    shutil.copytree(os.path.join(MAML_DIR, "data", "train"), data)
+    last = sorted(data.glob("*/*/*.png"))[-1]
+    last.write_bytes(b"not an image")  # decoded last: the bar has been drawn when the error comes
+    with open(tmp_path / "log", "w+", newline="") as log:  # newline="": keep any \r as it is
+        subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "trainer.py"), "-m", MAML_CONFIG, "-o",
+                        f"runner.model_save_path={tmp_path / 'out'}", f"runner.train_data_dir={data}", *MAML_SMALL],
+                       cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=log, timeout=120)
+        log.seek(0)
+        text = log.read()
+    assert "\r" not in text, repr(text[-500:])
+    assert text.splitlines()[-1].startswith("error: ") and f"{last}: cannot decode image" in text, text
+
+
 def _refuse(blocked):
     """os.scandir / os.listdir that raise PermissionError on `blocked`, as for a non-root user on a
     chmod 000 folder (the tests run as root, whom chmod does not stop)."""

@@ -235,6 +235,23 @@ def test_bad_input_is_a_one_line_error(checkpoint, tmp_path, case):
     assert not os.path.exists(tmp_path / "out.json")
 
 
+@pytest.mark.parametrize("where", ["--query file", "in a query folder", "in a support class", "a device as --query"])
+def test_a_fifo_or_device_is_refused_naming_it_not_a_hang(tmp_path, where):
+    """Refused before the checkpoint is looked at (none exists here); run_tool's timeout fails a hang."""
+    support, query = _task_folders(tmp_path, CLASSES[:2], [1, 1], 1)
+    fifo = {"--query file": tmp_path / "q.png", "in a query folder": query / CLASSES[0] / "q.png",
+            "in a support class": support / CLASSES[1] / "s.png"}.get(where)
+    if fifo is None:
+        fifo = os.devnull
+    else:
+        os.mkfifo(fifo)
+    queries = [fifo] if where in ("--query file", "a device as --query") else [query]
+    process = run_tool("predict.py", "-m", CONFIG, "--support", support, "--query", *queries,
+                       "-o", f"runner.infer_load_path={tmp_path / 'none'}")
+    label = "--query " if len(queries) == 1 and queries[0] == fifo else ""
+    assert_user_error(process, f"{label}{fifo}: not a regular file")
+
+
 def test_a_plugin_without_a_predict_hook_is_a_one_line_error(tmp_path):
     from tool_helpers import TOY_CONFIG
 

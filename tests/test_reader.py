@@ -1,7 +1,9 @@
 """models/multitask/maml/omniglot_reader.py: episodes, reproducibility, sharding,
 rotations, decode cache and user errors, on the synthetic sample and tiny trees."""
 import os
+import contextlib
 import shutil
+import signal
 import struct
 import sys
 import time
@@ -576,6 +578,49 @@ def test_images_the_decoder_cannot_read_are_named(tmp_path):
         bad.write_bytes(data)
         with pytest.raises(ValueError, match=f"^{bad}: cannot decode image"):
             omniglot_reader.decode_image(str(bad), 28, {})
+
+
+@contextlib.contextmanager
+def deadline(seconds=20):
+    """Fail instead of hanging: SIGALRM interrupts a blocking open() and raises here."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to a device"])
+def test_a_fifo_or_device_named_like_an_image_is_refused_not_skipped(kind, tmp_path):
+    root = make_tree(tmp_path / "split", {"g": {"c1": 20, "c2": 20}})
+    special = root / "g" / "c2" / "0007b.png"
+    if kind == "fifo":
+        os.mkfifo(special)
+    else:
+        os.symlink(os.devnull, special)  # a device node needs root to make; a link to one reads the same
+    message = f"^{special}: not a regular file \\(a folder, FIFO, device or socket\\)"
+    with deadline():
+        with pytest.raises(ValueError, match=message):
+            RecDataset(entries(root), config(hyper_parameters__n_way=2))
+        with pytest.raises(ValueError, match=message):  # predict hands paths to the decoder straight
+            omniglot_reader.decode_image(str(special), 28, {})
+    (root / "g" / "c2" / "folder.png").mkdir()  # a folder or a dangling link named like an image: not an image
+    os.remove(special)
+    os.symlink("nowhere.png", special)
+    assert len(RecDataset(entries(root), config(hyper_parameters__n_way=2)).image_paths) == 40
+
+
+def test_the_decoding_bar_stays_off_stderr_when_it_is_not_a_terminal(tmp_path, capsys):
+    root = make_tree(tmp_path / "split", {"g": {"c1": 20, "c2": 20}})
+    (root / "g" / "c2" / "0019.png").write_bytes(b"not an image")  # the last one: the bar has run when it fails
+    with pytest.raises(ValueError, match="0019.png: cannot decode image"):
+        RecDataset(entries(root), config(hyper_parameters__n_way=2))
+    assert capsys.readouterr().err == ""  # pytest's captured stderr is no terminal
 
 
 def test_character_with_too_few_images_is_named(tmp_path):

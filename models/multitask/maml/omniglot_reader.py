@@ -366,6 +366,14 @@ def _visible_entries(folder, config):
     return [item[1:] for item in sorted(listing)]
 
 
+def _special(path, is_dir, config):
+    """False for a folder or a dangling link named like an image (skipped like stray files); an error naming
+    a FIFO, device or socket, which reading would block on or misread, rather than skipping it unseen."""
+    if is_dir or not os.path.exists(path):
+        return False
+    raise checks.error(config, path, NOT_REGULAR)
+
+
 def _scan(file_list, config, mode):
     """Sorted class folders and their images; (class_dirs, paths, starts, counts, groups), groups = one
     (path, first character, characters) per group (alphabet) with at least one character folder."""
@@ -377,8 +385,8 @@ def _scan(file_list, config, mode):
         for char_path, is_dir, _ in _visible_entries(group, config):
             if not is_dir:
                 continue
-            images = [path for path, _, is_file in _visible_entries(char_path, config)
-                      if is_file and path.lower().endswith(IMAGE_EXTS)]
+            images = [path for path, is_sub, is_file in _visible_entries(char_path, config)
+                      if path.lower().endswith(IMAGE_EXTS) and (is_file or _special(path, is_sub, config))]
             class_dirs.append(char_path)
             starts.append(len(paths))
             counts.append(len(images))
@@ -427,6 +435,8 @@ def decode_image(path, size, config):
                 if img.size != (size, size):
                     img = img.resize((size, size), RESAMPLE)
                 return np.asarray(img, dtype=np.uint8)
+        except Image.UnidentifiedImageError:  # its own text names the file object, not the path
+            raise checks.error(config, path, "cannot decode image (no image format PIL reads)") from None
         except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error,
                 Image.DecompressionBombError) as exc:
             raise checks.error(config, path, f"cannot decode image ({exc})") from None
@@ -511,8 +521,9 @@ def _load_images(data_dir, paths, size, config):
         if images is not None:
             return images, path, "loaded"
     images = np.empty((len(paths), size, size), dtype=np.uint8)
+    # disable=None: a bar on a terminal only; in a log file its carriage returns would garble the lines after it.
     for i, path in enumerate(tqdm(paths, desc=f"decoding {os.path.basename(data_dir)}",
-                                  unit="img", leave=False)):
+                                  unit="img", leave=False, disable=None)):
         images[i] = decode_image(path, size, config)
     for path in candidates:
         if _write_cache(path, fingerprint, images):
