@@ -63,7 +63,7 @@ def download(url, dest):
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT) as resp, open(part, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest), disable=None) as bar:
                 while True:
                     chunk = resp.read(1 << 16)
                     if not chunk:
