@@ -52,8 +52,11 @@ def locate(raw_dir, environ=os.environ):
 
 def _local(folder, name, mirror):
     path = os.path.join(folder, name)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise PrepareError(f"OMNIGLOT_MIRROR={mirror}: no {name} in {os.path.abspath(folder)}")
+    if not os.path.isfile(path):  # a FIFO would block the archive's reading for ever
+        raise PrepareError(f"OMNIGLOT_MIRROR={mirror}: {os.path.abspath(path)} is not a regular file "
+                           "(a folder, FIFO, device or socket)")
     return path
 
 
