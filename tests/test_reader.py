@@ -555,6 +555,19 @@ def test_one_glyph_saved_in_every_mode_decodes_to_the_same_array(kind, tmp_path)
     assert np.abs(omniglot_reader.decode_image(str(path), 28, {}).astype(int) - reference).max() <= 1
 
 
+def test_a_photo_is_turned_upright_by_its_orientation_tag(tmp_path):
+    """A phone stores a photo as the sensor saw it and an EXIF tag saying how to turn it; viewers show it turned."""
+    image = glyph(grey=False)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the stored pixels are the upright image turned 90 degrees counter-clockwise
+    for ext, options in ((".jpg", {"quality": 95}), (".png", {})):
+        path = tmp_path / f"photo{ext}"
+        Image.fromarray(np.rot90(image)).convert("RGB").save(path, exif=exif, **options)
+        decoded = omniglot_reader.decode_image(str(path), 32, {}).astype(int)
+        assert np.abs(decoded - image).mean() < 2, ext  # JPEG's loss only
+        assert np.abs(decoded - np.rot90(image)).mean() > 20, ext
+
+
 def test_an_omniglot_png_decodes_exactly_as_before(sample):
     """1-bit PNGs (Omniglot's) keep PIL's own conversion: their arrays, and a cache built of them, do not change."""
     for path in sorted((sample / "train").glob("*/*/*.png"))[:40]:
@@ -573,6 +586,10 @@ def test_images_the_decoder_cannot_read_are_named(tmp_path):
     Image.fromarray(np.full((8, 8), 70000, np.int32)).save(wide)
     with pytest.raises(ValueError, match=f"^{wide}: cannot decode image \\(grey levels 70000..70000 outside"):
         omniglot_reader.decode_image(str(wide), 28, {})
+    white_ink = tmp_path / "white_ink.png"  # a dark-mode drawing app's export: white strokes on nothing
+    Image.fromarray(np.stack([np.full((32, 32), 255, np.uint8)] * 3 + [255 - glyph()], -1)).save(white_ink)
+    with pytest.raises(ValueError, match=f"^{white_ink}: cannot decode image \\(light ink on a transparent"):
+        omniglot_reader.decode_image(str(white_ink), 28, {})
     for data in (b"", b"\x89PNG\r\n\x1a\n", b"GIF89a\x01"):
         bad = tmp_path / "bad.png"
         bad.write_bytes(data)

@@ -25,7 +25,7 @@ from collections import namedtuple
 
 import numpy as np
 import paddle
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import config_checks as checks
@@ -37,7 +37,7 @@ OMNIGLOT_DRAWINGS = 20  # drawings per character in Omniglot
 ROTATIONS = 4  # 0/90/180/270 degrees when hyper_parameters.rotations is true
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 TASK_SAMPLINGS = ("any", "within_alphabet")  # hyper_parameters.task_sampling
-CACHE_VERSION = 2  # bump when the decoded format changes (2: alpha laid on white, 16-bit grey scaled)
+CACHE_VERSION = 2  # bump when the decoded format changes (2: alpha on white, 16-bit scaled, EXIF orientation)
 # PIL modes of 16-bit grey images (a 16-bit PNG opens as "I;16"); their levels are scaled to 8 bits.
 WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 NOT_REGULAR = "not a regular file (a folder, FIFO, device or socket); only image files can be read"
@@ -431,7 +431,7 @@ def decode_image(path, size, config):
             raise checks.error(config, path, NOT_REGULAR)
         try:
             with Image.open(file) as img:
-                img = _grey(img)
+                img = _grey(ImageOps.exif_transpose(img))  # a photo's orientation tag: upright, as viewers show it
                 if img.size != (size, size):
                     img = img.resize((size, size), RESAMPLE)
                 return np.asarray(img, dtype=np.uint8)
@@ -460,8 +460,13 @@ def _grey(img):
         raise ValueError("32-bit float pixels have no defined paper and ink levels; save it as an 8- or 16-bit "
                          "image")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        paper = Image.new("RGBA", img.size, (PAPER, PAPER, PAPER, 255))
-        return Image.alpha_composite(paper, img.convert("RGBA")).convert("L")
+        rgba = img.convert("RGBA")
+        grey = Image.alpha_composite(Image.new("RGBA", img.size, (PAPER, PAPER, PAPER, 255)), rgba).convert("L")
+        (low, high), (clear, opaque) = grey.getextrema(), rgba.getchannel("A").getextrema()
+        if low == high and clear != opaque:  # a drawing only the transparency shows, on white it is gone
+            raise ValueError("light ink on a transparent background: on white paper nothing of it shows; "
+                             "save it with dark ink")
+        return grey
     if img.mode in ("1", "L", "P", "RGB"):  # PIL's own conversion, as before (an Omniglot PNG is mode "1")
         return img.convert("L")
     return img.convert("RGB").convert("L")  # CMYK, YCbCr, ...: through RGB, which every mode converts to
