@@ -338,6 +338,15 @@ def test_cache_built_once_reused_and_rebuilt_on_change(tmp_path):
     assert not [n for n in os.listdir(tmp_path / ".cache") if ".tmp-" in n]
 
 
+def test_a_fifo_in_place_of_the_cache_is_replaced_not_waited_on(tmp_path):
+    root = make_tree(tmp_path / "split", {"g": {"c1": 20, "c2": 20}})
+    (tmp_path / ".cache").mkdir()
+    os.mkfifo(tmp_path / ".cache" / "split-28px.npz")
+    with deadline():
+        ds = RecDataset(entries(root), config(hyper_parameters__n_way=2))
+    assert ds.cache_status == "built" and os.path.isfile(tmp_path / ".cache" / "split-28px.npz")
+
+
 def test_cache_falls_back_when_data_folder_is_not_writable(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "split", {"g": {"c1": 20, "c2": 20}})
     (tmp_path / ".cache").write_text("not a folder")  # blocks the cache next to the data
@@ -597,11 +606,15 @@ def test_images_the_decoder_cannot_read_are_named(tmp_path):
             omniglot_reader.decode_image(str(bad), 28, {})
 
 
+class Blocked(BaseException):
+    """Not an Exception: a broad `except Exception` in the code under test must not swallow the deadline."""
+
+
 @contextlib.contextmanager
 def deadline(seconds=20):
     """Fail instead of hanging: SIGALRM interrupts a blocking open() and raises here."""
     def expired(signum, frame):
-        raise TimeoutError(f"still blocked after {seconds} s")
+        raise Blocked(f"still blocked after {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expired)
     signal.alarm(seconds)

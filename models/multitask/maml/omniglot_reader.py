@@ -492,6 +492,8 @@ def _cache_candidates(data_dir, size):
 
 
 def _read_cache(path, fingerprint):
+    if not os.path.isfile(path):  # missing, or a FIFO there, which loading would wait on for ever
+        return None
     try:
         with np.load(path) as cached:
             if str(cached["fingerprint"]) == fingerprint:
