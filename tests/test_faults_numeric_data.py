@@ -1,6 +1,7 @@
 """Faults in numbers and in data, through the real tools (issue 11): a NaN or infinite loss, gradient or
-parameter stops training with one line and writes no checkpoint of it; a hostile data archive writes
-nothing; a symlink loop or an unreadable folder in a data tree is one line naming the path.
+parameter stops training with one line and writes no checkpoint of it; a hostile data archive (a zip bomb
+member included) writes nothing; a symlink loop, an unreadable folder or a FIFO in a data tree is one line
+naming the path; no progress bar reaches a log file.
 
 Every subprocess has a timeout (tests/tool_helpers.run_tool, or its own): the defects these tests pin
 down used to hang."""
