@@ -144,6 +144,15 @@ def test_mirror_without_archives_names_it(tmp_path):
     assert "no images_background.zip in" in one_line(proc.stderr)
 
 
+def test_a_fifo_in_the_mirror_is_named_not_read(tmp_path):
+    mirror = tiny_mirror(tmp_path / "mirror")
+    os.remove(mirror / "images_evaluation.zip")
+    os.mkfifo(mirror / "images_evaluation.zip")
+    proc = run_prepare("--out", tmp_path / "out", mirror=mirror)  # run_prepare's timeout fails a hang
+    assert proc.returncode != 0
+    assert f"{mirror / 'images_evaluation.zip'} is not a regular file" in one_line(proc.stderr)
+
+
 def test_not_a_zip_names_the_archive(tmp_path):
     mirror = tiny_mirror(tmp_path / "mirror")
     (mirror / "images_background.zip").write_bytes(b"<html>rate limited</html>")

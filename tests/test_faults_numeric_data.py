@@ -1,6 +1,7 @@
 """Faults in numbers and in data, through the real tools (issue 11): a NaN or infinite loss, gradient or
-parameter stops training with one line and writes no checkpoint of it; a hostile data archive writes
-nothing; a symlink loop or an unreadable folder in a data tree is one line naming the path.
+parameter stops training with one line and writes no checkpoint of it; a hostile data archive (a zip bomb
+member included) writes nothing; a symlink loop, an unreadable folder or a FIFO in a data tree is one line
+naming the path; no progress bar reaches a log file.
 
 Every subprocess has a timeout (tests/tool_helpers.run_tool, or its own): the defects these tests pin
 down used to hang."""
@@ -237,6 +238,79 @@ def test_a_hostile_archive_writes_nothing_and_names_the_member(case, good_backgr
     assert not os.path.exists("/tmp/omniglot_escape")
 
 
+def _run_prepare(mirror, out, *args):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIGLOT_")}
+    env.update(PYTHON=sys.executable, OMNIGLOT_MIRROR=str(mirror))
+    return subprocess.run(["sh", os.path.join(PREP_DIR, "run.sh"), "--out", str(out), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+BOMB_MEMBER = "images_background/Background_05/character005/0005_20.png"
+
+
+def _bomb():
+    """(ZipInfo, data) of a PNG member of 3 MiB, three times the cap (zeros after the PNG signature: a few KB
+    packed)."""
+    info = zipfile.ZipInfo(BOMB_MEMBER)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    return info, b"\x89PNG\r\n\x1a\n" + bytes(3 << 20)
+
+
+def _forge_sizes(path, declared):
+    """Make the last member's local and central headers declare `declared` unpacked bytes (a lying header)."""
+    data = bytearray(path.read_bytes())
+    central = data.rfind(b"PK\x01\x02")  # the last member's central directory entry
+    local = data.rfind(b"PK\x03\x04", 0, central)  # and its local header
+    data[central + 24:central + 28] = declared.to_bytes(4, "little")
+    data[local + 22:local + 26] = declared.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("header", ["honest", "forged"])
+def test_a_zip_bomb_member_is_refused_naming_it_and_writes_nothing(header, tmp_path):
+    """The declared size is refused before anything is read; a header declaring 1000 bytes is caught unpacking."""
+    mirror, out = tmp_path / "mirror", tmp_path / "out"
+    mirror.mkdir()
+    out.mkdir()
+    _write_archive(mirror / "images_background.zip", "images_background",
+                   rename=lambda m: m.replace("0005_20.png", "0005_20.orig"), extra=[_bomb()])
+    if header == "forged":
+        _forge_sizes(mirror / "images_background.zip", 1000)
+    _write_archive(mirror / "images_evaluation.zip", "images_evaluation")
+    # lake: the background archive is the train split, written first; so nothing at all may be written
+    process = _run_prepare(mirror, out, "--protocol", "lake")
+    lines = [line for line in process.stderr.splitlines() if line.strip()]
+    assert process.returncode == 1 and len(lines) == 1, process.stderr[-2000:]
+    assert lines[0].startswith("prepare.py: error: images_background.zip: "), lines[0]
+    assert BOMB_MEMBER in lines[0], lines[0]
+    assert ("declares 3145736 bytes unpacked" if header == "honest" else "Bad CRC-32") in lines[0], lines[0]
+    assert os.listdir(out) == [], os.listdir(out)
+
+
+def test_the_unpacked_bytes_are_counted_whatever_the_header_says(tmp_path):
+    """The copy counts what it unpacks, in bounded chunks, and stops once past the cap: the guard for a member
+    that unpacks to more than its header declares (zipfile stops at the declared size; it need not)."""
+    from omniglot_prep import PrepareError, splits
+
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(*_bomb())
+    reads = []
+
+    class Recording(zipfile.ZipFile):
+        def open(self, member, *args, **kwargs):  # records the size of every read
+            stream = super().open(member, *args, **kwargs)
+            real_read = stream.read
+            stream.read = lambda n=-1: (reads.append(n), real_read(n))[1]
+            return stream
+
+    with Recording(path) as archive:
+        with pytest.raises(PrepareError, match=rf"^a.zip: refusing {BOMB_MEMBER}: it unpacks to more than "):
+            splits._read(archive, BOMB_MEMBER)
+    assert reads and all(0 < n <= splits.READ_CHUNK for n in reads)
+    assert len(reads) * splits.READ_CHUNK <= verify.MAX_MEMBER_BYTES + splits.READ_CHUNK
+
+
 @pytest.mark.parametrize("name, info_mode, reason", [
     ("images_background/A/c/x.png", 0o100644, None),
     ("images_background/A/c/", 0o040755, None),
@@ -248,10 +322,12 @@ def test_a_hostile_archive_writes_nothing_and_names_the_member(case, good_backgr
     ("images_evaluation/A/c/x.png", 0o100644, "outside the archive's folder images_background/"),
     ("images_background/A/c/fifo.png", 0o010644, "symbolic link or special file"),
     ("images_background/A/c/dev.png", 0o060644, "symbolic link or special file"),
+    ("images_background/A/c/big.png", 0o100644, "declares 1048577 bytes unpacked"),
 ])
 def test_every_member_is_checked(name, info_mode, reason):
     info = zipfile.ZipInfo(name)
     info.external_attr = info_mode << 16
+    info.file_size = 1048577 if "big" in name else 1000
     found = verify.unsafe_member_reason(info, "images_background")
     assert (found is None) if reason is None else (reason in found), found
 
@@ -290,6 +366,51 @@ def test_a_symlink_loop_through_the_trainer_is_one_line(tmp_path):
     process = run_tool("trainer.py", "-m", MAML_CONFIG, "-o", f"runner.model_save_path={tmp_path / 'out'}",
                        f"runner.train_data_dir={data}", *MAML_SMALL)
     assert_user_error(process, f"{data}/alphabet_01/character01/x.png", "cannot read this part of the data tree")
+
+
+def test_a_fifo_in_the_data_tree_is_one_line_through_the_trainer_not_a_hang(tmp_path):
+    data = tmp_path / "train"
+    shutil.copytree(os.path.join(MAML_DIR, "data", "train"), data)
+    os.mkfifo(data / "alphabet_01" / "character01" / "0001_99.png")
+    process = run_tool("trainer.py", "-m", MAML_CONFIG, "-o", f"runner.model_save_path={tmp_path / 'out'}",
+                       f"runner.train_data_dir={data}", *MAML_SMALL)  # run_tool's timeout fails a hang
+    assert_user_error(process, f"{data}/alphabet_01/character01/0001_99.png", "not a regular file")
+
+
+def test_a_log_file_gets_no_progress_bar_before_the_error_line(tmp_path):
+    """stderr to a file: the decoding bar's carriage returns would leave `error:` mid-line for grep '^error:'."""
+    data = tmp_path / "train"
+    shutil.copytree(os.path.join(MAML_DIR, "data", "train"), data)
+    last = sorted(data.glob("*/*/*.png"))[-1]
+    last.write_bytes(b"not an image")  # decoded last: the bar has been drawn when the error comes
+    with open(tmp_path / "log", "w+", newline="") as log:  # newline="": keep any \r as it is
+        subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "trainer.py"), "-m", MAML_CONFIG, "-o",
+                        f"runner.model_save_path={tmp_path / 'out'}", f"runner.train_data_dir={data}", *MAML_SMALL],
+                       cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=log, timeout=120)
+        log.seek(0)
+        text = log.read()
+    assert "\r" not in text, repr(text[-500:])
+    assert text.splitlines()[-1].startswith("error: ") and f"{last}: cannot decode image" in text, text
+
+
+def test_every_progress_bar_is_drawn_on_a_terminal_only():
+    """One rule for every tqdm bar in the project: tqdm's disable=None (no bar when the stream is not a terminal)
+    or an explicit value; tqdm's own default draws on any stream, a log file included."""
+    import ast
+
+    unset = []
+    for folder in ("tools", "models", "datasets"):
+        for root, _, files in os.walk(os.path.join(REPO_ROOT, folder)):
+            for name in (n for n in files if n.endswith(".py")):
+                path = os.path.join(root, name)
+                with open(path) as source:
+                    tree = ast.parse(source.read(), path)
+                for node in ast.walk(tree):
+                    func = getattr(node, "func", None)
+                    called = getattr(func, "id", None) or getattr(func, "attr", None)
+                    if called == "tqdm" and not any(k.arg == "disable" for k in node.keywords):
+                        unset.append(f"{os.path.relpath(path, REPO_ROOT)}:{node.lineno}")
+    assert unset == [], f"tqdm bars without disable=: {unset}"
 
 
 def _refuse(blocked):

@@ -180,6 +180,32 @@ def test_command_is_deterministic(checkpoint, tmp_path):
     assert outputs[0] == outputs[1]
 
 
+def test_queries_saved_by_a_drawing_app_get_the_answers_of_the_originals(checkpoint, tmp_path):
+    """Black ink on a transparent background (RGBA) and 16-bit grey queries are read as the 1-bit originals."""
+    from PIL import Image
+
+    support, query = _task_folders(tmp_path, CLASSES, [1] * 5, 3)
+    answers = {}
+    for kind in ("original", "RGBA", "I;16"):
+        folder = tmp_path / kind
+        for path in sorted(query.glob("*/*.png")):
+            ink = 255 - np.asarray(Image.open(path).convert("L"), dtype=np.uint16)
+            (folder / path.parent.name).mkdir(parents=True, exist_ok=True)
+            if kind == "RGBA":
+                pixels = np.stack([np.zeros_like(ink)] * 3 + [ink], -1).astype(np.uint8)
+                Image.fromarray(pixels, "RGBA").save(folder / path.parent.name / path.name)
+            elif kind == "I;16":  # the same levels in 16 bits, as a scanner's output
+                Image.fromarray(((255 - ink) * 257).astype(np.uint16)).save(folder / path.parent.name / path.name)
+            else:
+                shutil.copy(path, folder / path.parent.name / path.name)
+        assert_ok(_predict(checkpoint, support, folder, extra=["--json", tmp_path / f"{kind}.json"]))
+        rows = json.loads((tmp_path / f"{kind}.json").read_text())["queries"]
+        answers[kind] = [row["class"] for row in rows]
+    assert len(set(answers["original"])) > 1  # not one answer for all
+    assert answers["RGBA"] == answers["original"]
+    assert answers["I;16"] == answers["original"]
+
+
 def test_command_with_fewer_classes_and_unequal_shots(checkpoint, tmp_path):
     support, query = _task_folders(tmp_path, CLASSES[:3], [3, 1, 2], 2)
     first = sorted(os.listdir(query / CLASSES[0]))[0]
@@ -233,6 +259,23 @@ def test_bad_input_is_a_one_line_error(checkpoint, tmp_path, case):
     process = _predict(checkpoint, support, query, extra=["--json", tmp_path / "out.json", *extra])
     assert_user_error(process, *expected)
     assert not os.path.exists(tmp_path / "out.json")
+
+
+@pytest.mark.parametrize("where", ["--query file", "in a query folder", "in a support class", "a device as --query"])
+def test_a_fifo_or_device_is_refused_naming_it_not_a_hang(tmp_path, where):
+    """Refused before the checkpoint is looked at (none exists here); run_tool's timeout fails a hang."""
+    support, query = _task_folders(tmp_path, CLASSES[:2], [1, 1], 1)
+    fifo = {"--query file": tmp_path / "q.png", "in a query folder": query / CLASSES[0] / "q.png",
+            "in a support class": support / CLASSES[1] / "s.png"}.get(where)
+    if fifo is None:
+        fifo = os.devnull
+    else:
+        os.mkfifo(fifo)
+    queries = [fifo] if where in ("--query file", "a device as --query") else [query]
+    process = run_tool("predict.py", "-m", CONFIG, "--support", support, "--query", *queries,
+                       "-o", f"runner.infer_load_path={tmp_path / 'none'}")
+    label = "--query " if len(queries) == 1 and queries[0] == fifo else ""
+    assert_user_error(process, f"{label}{fifo}: not a regular file")
 
 
 def test_a_plugin_without_a_predict_hook_is_a_one_line_error(tmp_path):

@@ -1,9 +1,13 @@
 """models/multitask/maml/omniglot_reader.py: episodes, reproducibility, sharding,
 rotations, decode cache and user errors, on the synthetic sample and tiny trees."""
 import os
+import contextlib
 import shutil
+import signal
+import struct
 import sys
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -473,6 +477,15 @@ def test_cache_built_once_reused_and_rebuilt_on_change(tmp_path):
     assert not [n for n in os.listdir(tmp_path / ".cache") if ".tmp-" in n]
 
 
+def test_a_fifo_in_place_of_the_cache_is_replaced_not_waited_on(tmp_path):
+    root = make_tree(tmp_path / "split", {"g": {"c1": 20, "c2": 20}})
+    (tmp_path / ".cache").mkdir()
+    os.mkfifo(tmp_path / ".cache" / "split-28px.npz")
+    with deadline():
+        ds = RecDataset(entries(root), config(hyper_parameters__n_way=2))
+    assert ds.cache_status == "built" and os.path.isfile(tmp_path / ".cache" / "split-28px.npz")
+
+
 def test_cache_falls_back_when_data_folder_is_not_writable(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "split", {"g": {"c1": 20, "c2": 20}})
     (tmp_path / ".cache").write_text("not a folder")  # blocks the cache next to the data
@@ -585,6 +598,206 @@ def test_undecodable_image_is_named(tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(ValueError, match=f"^{bad}: cannot decode image"):
         RecDataset(entries(root), config(hyper_parameters__n_way=2))
+
+
+# ----- one decoder for every kind of PNG -----
+def png_file(path, samples, color_type, depth, palette=None, trns=None):
+    """Write a PNG by hand, so every colour type and bit depth of the format is covered (PIL writes only some).
+
+    samples: [h, w] or [h, w, channels] integers at `depth` bits; palette: [(r, g, b)]; trns: the tRNS chunk."""
+    samples = np.asarray(samples)
+    height, width = samples.shape[:2]
+    rows = samples.reshape(height, -1)
+    if depth == 16:
+        packed = rows.astype(">u2").view(np.uint8).reshape(height, -1)
+    elif depth == 8:
+        packed = rows.astype(np.uint8)
+    else:  # 1, 2 or 4 bits a sample, most significant first, each row padded to whole bytes
+        bits = (rows[..., None] >> np.arange(depth - 1, -1, -1)) & 1
+        packed = np.packbits(bits.reshape(height, -1).astype(np.uint8), axis=1)
+    raw = b"".join(b"\0" + row.tobytes() for row in packed)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    body = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0))
+    if palette is not None:
+        body += chunk(b"PLTE", bytes(np.asarray(palette, dtype=np.uint8).ravel()))
+    if trns is not None:
+        body += chunk(b"tRNS", trns)
+    body += chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return path
+
+
+INK, GREY_INK, PAPER_LEVEL = 0, 85, 255  # 85 = 0x55: a level 2-, 4-, 8- and 16-bit grey can all store exactly
+
+
+def glyph(grey=True):
+    """A 32x32 drawing: black strokes and (grey=True) a dark-grey one on white paper, uint8."""
+    image = np.full((32, 32), PAPER_LEVEL, np.uint8)
+    image[4:28, 6:10] = INK
+    image[20:24, 4:28] = INK
+    if grey:
+        image[6:18, 20:25] = GREY_INK
+    return image
+
+
+def saved_as(path, image, kind):
+    """`image` (uint8 grey, ink dark) written as one kind of image file a person can make."""
+    alpha = 255 - image.astype(np.int64)  # ink opaque, paper transparent
+    black = np.zeros_like(alpha)
+    key = 200  # the level a tRNS colour key marks as transparent: stored where the paper is
+    if kind == "grey8+key" or kind == "grey16+key":
+        depth, scale = (8, 1) if kind == "grey8+key" else (16, 257)
+        stored = np.where(image == PAPER_LEVEL, key, image).astype(np.int64) * scale
+        return png_file(path, stored, 0, depth, trns=struct.pack(">H", key * scale))
+    if kind in ("rgb8", "rgb16"):
+        depth = int(kind[3:])
+        return png_file(path, np.stack([image] * 3, -1).astype(np.int64) * (2 ** depth - 1) // 255, 2, depth)
+    if kind == "rgb8+key":
+        stored = np.stack([image] * 3, -1).astype(np.int64)
+        stored[image == PAPER_LEVEL] = (10, key, 30)  # a green the file marks as transparent
+        return png_file(path, stored, 2, 8, trns=struct.pack(">HHH", 10, key, 30))
+    if kind in ("grey+alpha8", "grey+alpha16"):  # black ink whose opacity draws the glyph, on nothing
+        depth = int(kind[10:])
+        scale = (2 ** depth - 1) // 255
+        return png_file(path, np.stack([black, alpha * scale], -1), 4, depth)
+    if kind in ("rgba8", "rgba16"):  # the usual export of a drawing app: black ink on a transparent background
+        depth = int(kind[4:])
+        scale = (2 ** depth - 1) // 255
+        return png_file(path, np.stack([black, black, black, alpha * scale], -1), 6, depth)
+    if kind.startswith("grey"):
+        depth = int(kind[4:])
+        return png_file(path, image.astype(np.int64) * (2 ** depth - 1) // 255, 0, depth)
+    if kind.startswith("palette"):  # palette index = position of the level in `levels`
+        levels = sorted(set(image.ravel().tolist()))
+        index = np.searchsorted(levels, image)
+        depth = int(kind[7:].split("+")[0])
+        palette = [(level, level, level) for level in levels]
+        if kind.endswith("+transparent"):  # paper's entry fully transparent, and black underneath
+            palette[levels.index(PAPER_LEVEL)] = (0, 0, 0)
+            trns = bytes(0 if level == PAPER_LEVEL else 255 for level in levels)
+            return png_file(path, index, 3, depth, palette, trns)
+        return png_file(path, index, 3, depth, palette)
+    pil = Image.fromarray(image)
+    if kind == "I;16":  # as PIL writes a 16-bit grey PNG
+        pil = Image.fromarray(image.astype(np.uint16) * 257)
+    elif kind == "I":  # 32-bit integer grey, as in a TIFF
+        pil = Image.fromarray(image.astype(np.int32) * 257)
+    elif kind.startswith("pil-"):
+        pil = pil.convert(kind[4:])
+    pil.save(path)
+    return path
+
+
+BINARY_KINDS = ["grey1", "palette1", "palette1+transparent", "pil-1.png"]
+GREY_KINDS = ["grey2", "grey4", "grey8", "grey16", "grey8+key", "grey16+key", "rgb8", "rgb16", "rgb8+key",
+              "grey+alpha8", "grey+alpha16", "rgba8", "rgba16", "palette2", "palette4", "palette8",
+              "palette8+transparent", "I;16.png", "I.tif", "pil-L.png", "pil-RGB.png", "pil-P.png",
+              "pil-RGB.bmp", "pil-L.gif"]
+
+
+@pytest.mark.parametrize("kind", BINARY_KINDS + GREY_KINDS)
+def test_one_glyph_saved_in_every_mode_decodes_to_the_same_array(kind, tmp_path):
+    image = glyph(grey=kind not in BINARY_KINDS)
+    name, _, ext = kind.partition(".")
+    path = saved_as(tmp_path / f"glyph.{ext or 'png'}", image, name)
+    decoded = omniglot_reader.decode_image(str(path), 32, {})
+    # Laying alpha on white rounds: at most one level off.
+    assert np.abs(decoded.astype(int) - image).max() <= 1, (Image.open(path).mode, decoded)
+    # Resized, the same glyph: a query saved by a drawing app reads as the training images do.
+    reference = omniglot_reader.decode_image(str(saved_as(tmp_path / "ref.png", image, "pil-L")), 28, {})
+    assert np.abs(omniglot_reader.decode_image(str(path), 28, {}).astype(int) - reference).max() <= 1
+
+
+def test_a_photo_is_turned_upright_by_its_orientation_tag(tmp_path):
+    """A phone stores a photo as the sensor saw it and an EXIF tag saying how to turn it; viewers show it turned."""
+    image = glyph(grey=False)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the stored pixels are the upright image turned 90 degrees counter-clockwise
+    for ext, options in ((".jpg", {"quality": 95}), (".png", {})):
+        path = tmp_path / f"photo{ext}"
+        Image.fromarray(np.rot90(image)).convert("RGB").save(path, exif=exif, **options)
+        decoded = omniglot_reader.decode_image(str(path), 32, {}).astype(int)
+        assert np.abs(decoded - image).mean() < 2, ext  # JPEG's loss only
+        assert np.abs(decoded - np.rot90(image)).mean() > 20, ext
+
+
+def test_an_omniglot_png_decodes_exactly_as_before(sample):
+    """1-bit PNGs (Omniglot's) keep PIL's own conversion: their arrays, and a cache built of them, do not change."""
+    for path in sorted((sample / "train").glob("*/*/*.png"))[:40]:
+        with Image.open(path) as img:
+            assert img.mode == "1"
+            before = np.asarray(img.convert("L").resize((28, 28), omniglot_reader.RESAMPLE), dtype=np.uint8)
+        assert np.array_equal(omniglot_reader.decode_image(str(path), 28, {}), before)
+
+
+def test_images_the_decoder_cannot_read_are_named(tmp_path):
+    floats = tmp_path / "float.tif"
+    Image.fromarray(glyph().astype(np.float32)).save(floats)
+    with pytest.raises(ValueError, match=f"^{floats}: cannot decode image \\(32-bit float"):
+        omniglot_reader.decode_image(str(floats), 28, {})
+    wide = tmp_path / "wide.tif"
+    Image.fromarray(np.full((8, 8), 70000, np.int32)).save(wide)
+    with pytest.raises(ValueError, match=f"^{wide}: cannot decode image \\(grey levels 70000..70000 outside"):
+        omniglot_reader.decode_image(str(wide), 28, {})
+    white_ink = tmp_path / "white_ink.png"  # a dark-mode drawing app's export: white strokes on nothing
+    Image.fromarray(np.stack([np.full((32, 32), 255, np.uint8)] * 3 + [255 - glyph()], -1)).save(white_ink)
+    with pytest.raises(ValueError, match=f"^{white_ink}: cannot decode image \\(light ink on a transparent"):
+        omniglot_reader.decode_image(str(white_ink), 28, {})
+    for data in (b"", b"\x89PNG\r\n\x1a\n", b"GIF89a\x01"):
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(data)
+        with pytest.raises(ValueError, match=f"^{bad}: cannot decode image"):
+            omniglot_reader.decode_image(str(bad), 28, {})
+
+
+class Blocked(BaseException):
+    """Not an Exception: a broad `except Exception` in the code under test must not swallow the deadline."""
+
+
+@contextlib.contextmanager
+def deadline(seconds=20):
+    """Fail instead of hanging: SIGALRM interrupts a blocking open() and raises here."""
+    def expired(signum, frame):
+        raise Blocked(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to a device"])
+def test_a_fifo_or_device_named_like_an_image_is_refused_not_skipped(kind, tmp_path):
+    root = make_tree(tmp_path / "split", {"g": {"c1": 20, "c2": 20}})
+    special = root / "g" / "c2" / "0007b.png"
+    if kind == "fifo":
+        os.mkfifo(special)
+    else:
+        os.symlink(os.devnull, special)  # a device node needs root to make; a link to one reads the same
+    message = f"^{special}: not a regular file \\(a folder, FIFO, device or socket\\)"
+    with deadline():
+        with pytest.raises(ValueError, match=message):
+            RecDataset(entries(root), config(hyper_parameters__n_way=2))
+        with pytest.raises(ValueError, match=message):  # predict hands paths to the decoder straight
+            omniglot_reader.decode_image(str(special), 28, {})
+    (root / "g" / "c2" / "folder.png").mkdir()  # a folder or a dangling link named like an image: not an image
+    os.remove(special)
+    os.symlink("nowhere.png", special)
+    assert len(RecDataset(entries(root), config(hyper_parameters__n_way=2)).image_paths) == 40
+
+
+def test_the_decoding_bar_stays_off_stderr_when_it_is_not_a_terminal(tmp_path, capsys):
+    root = make_tree(tmp_path / "split", {"g": {"c1": 20, "c2": 20}})
+    (root / "g" / "c2" / "0019.png").write_bytes(b"not an image")  # the last one: the bar has run when it fails
+    with pytest.raises(ValueError, match="0019.png: cannot decode image"):
+        RecDataset(entries(root), config(hyper_parameters__n_way=2))
+    assert capsys.readouterr().err == ""  # pytest's captured stderr is no terminal
 
 
 def test_character_with_too_few_images_is_named(tmp_path):

@@ -22,6 +22,7 @@ from tools.utils.environment import select_device  # noqa: E402
 from tools.utils.plugin import load_model_plugin  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+NOT_REGULAR = "not a regular file (a FIFO, device or socket); only image files can be read"
 
 
 def _images(folder, recursive):
@@ -30,7 +31,17 @@ def _images(folder, recursive):
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(name for name in dirs if not name.startswith(".")) if recursive else []
         found += [os.path.join(root, name) for name in sorted(files) if not name.startswith(".")]
-    return [path for path in found if os.path.isfile(path) and path.lower().endswith(IMAGE_EXTENSIONS)]
+    return [path for path in found if path.lower().endswith(IMAGE_EXTENSIONS) and _readable_file(path)]
+
+
+def _readable_file(path, label=""):
+    """Whether `path` is a file to read (folders and dangling links are not); a FIFO, device or socket is an error
+    naming it: reading one would block for ever or read no image, and skipping it would go unseen."""
+    if os.path.isdir(path) or not os.path.exists(path):
+        return False
+    if not os.path.isfile(path):
+        raise UserError(f"{label}{path}: {NOT_REGULAR}")
+    return True
 
 
 def support_classes(folder):
@@ -58,6 +69,8 @@ def query_images(paths):
     for path in paths:
         if not os.path.exists(path):
             raise UserError(f"--query {path}: not found")
+        if not os.path.isdir(path):
+            _readable_file(path, "--query ")
         found = _images(path, recursive=True) if os.path.isdir(path) else [path]
         if not found:
             raise UserError(f"--query {path}: no images in the folder ({', '.join(IMAGE_EXTENSIONS)})")

@@ -77,7 +77,8 @@ def run(argv=None):
     try:
         assigned = protocol.assign(chars["images_background.zip"], chars["images_evaluation.zip"])
         for split in todo:
-            with tqdm(total=len(assigned[split]), unit="char", desc=f"writing {split}") as bar:
+            # disable=None: a bar on a terminal only, none in a log file (where it would garble the lines after it).
+            with tqdm(total=len(assigned[split]), unit="char", desc=f"writing {split}", disable=None) as bar:
                 splits.write_split(out_dir, os.path.basename(dirs[split]), assigned[split],
                                    sources_, progress=bar)
     finally:

@@ -52,8 +52,11 @@ def locate(raw_dir, environ=os.environ):
 
 def _local(folder, name, mirror):
     path = os.path.join(folder, name)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise PrepareError(f"OMNIGLOT_MIRROR={mirror}: no {name} in {os.path.abspath(folder)}")
+    if not os.path.isfile(path):  # a FIFO would block the archive's reading for ever
+        raise PrepareError(f"OMNIGLOT_MIRROR={mirror}: {os.path.abspath(path)} is not a regular file "
+                           "(a folder, FIFO, device or socket)")
     return path
 
 
@@ -63,7 +66,7 @@ def download(url, dest):
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT) as resp, open(part, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest), disable=None) as bar:
                 while True:
                     chunk = resp.read(1 << 16)
                     if not chunk:

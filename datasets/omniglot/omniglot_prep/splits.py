@@ -11,8 +11,9 @@ import shutil
 import zipfile
 
 from . import PrepareError
-from .verify import IMAGES_PER_CHARACTER, PNG_MAGIC
+from .verify import IMAGES_PER_CHARACTER, MAX_MEMBER_BYTES, PNG_MAGIC
 
+READ_CHUNK = 1 << 16  # bytes unpacked at a time, so a huge member is refused before it is held whole
 _LEFTOVER = re.compile(r"^\.(omniglot\w*)\.(tmp|old)-(\d+)$")
 
 
@@ -108,10 +109,25 @@ def write_split(out_dir, folder, characters, sources, progress=None):
 
 
 def _read(zf, member):
+    """The bytes of a PNG member, read in chunks and never more than MAX_MEMBER_BYTES of them: the size the
+    archive declares was checked before anything was written, and what is unpacked is counted again here, as
+    a forged header could declare less than the member holds."""
+    archive = os.path.basename(zf.filename)
+    chunks, size = [], 0
     try:
-        data = zf.read(member)
+        with zf.open(member) as stream:
+            while True:
+                chunk = stream.read(READ_CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > MAX_MEMBER_BYTES:
+                    raise PrepareError(f"{archive}: refusing {member}: it unpacks to more than {MAX_MEMBER_BYTES} "
+                                       "bytes (verify.MAX_MEMBER_BYTES), whatever its header declares")
+                chunks.append(chunk)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise PrepareError(f"{os.path.basename(zf.filename)}: cannot read {member} ({exc})") from None
+        raise PrepareError(f"{archive}: cannot read {member} ({exc})") from None
+    data = b"".join(chunks)
     if not data.startswith(PNG_MAGIC):
-        raise PrepareError(f"{os.path.basename(zf.filename)}: wrong content: {member} is not a PNG")
+        raise PrepareError(f"{archive}: wrong content: {member} is not a PNG")
     return data

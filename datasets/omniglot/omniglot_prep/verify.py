@@ -7,9 +7,9 @@ each). The copy step re-counts what it actually unpacked.
 
 Before anything is counted or written, every member of an archive must be a
 plain file or folder under the archive's top folder (images_background/...):
-a name with `..`, `.` or empty parts, an absolute path, a backslash, or a
-symbolic link or other special entry refuses the whole archive, so a hostile
-archive writes nothing at all.
+a name with `..`, `.` or empty parts, an absolute path, a backslash, a
+symbolic link or other special entry, or a declared size above MAX_MEMBER_BYTES
+refuses the whole archive, so a hostile archive writes nothing at all.
 """
 import hashlib
 import re
@@ -36,6 +36,9 @@ KNOWN_MD5 = {
     },
 }
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# An Omniglot PNG is about 1 KB. A member declaring (or, unpacked, holding) more than this is refused before it is
+# read: a zip bomb (1 GiB of zeros packs into about 1 MB) must not fill the memory or the disk.
+MAX_MEMBER_BYTES = 1 << 20
 
 
 def md5sum(path):
@@ -86,6 +89,9 @@ def unsafe_member_reason(info, top):
         return "has a '..', '.' or empty path part"
     if parts[0] != top:
         return f"is outside the archive's folder {top}/"
+    if info.file_size > MAX_MEMBER_BYTES:
+        return (f"declares {info.file_size} bytes unpacked, above the {MAX_MEMBER_BYTES} bytes "
+                "(verify.MAX_MEMBER_BYTES) an Omniglot image can need")
     kind = stat.S_IFMT(info.external_attr >> 16)  # Unix file type; 0 when the archiver stored none
     if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
         return "is a symbolic link or special file"

@@ -26,11 +26,12 @@ import hashlib
 import logging
 import os
 import stat
+import struct
 from collections import namedtuple
 
 import numpy as np
 import paddle
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import config_checks as checks
@@ -42,7 +43,10 @@ OMNIGLOT_DRAWINGS = 20  # drawings per character in Omniglot
 ROTATIONS = 4  # 0/90/180/270 degrees when hyper_parameters.rotations is true
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 TASK_SAMPLINGS = ("any", "within_alphabet")  # hyper_parameters.task_sampling
-CACHE_VERSION = 1  # bump when the decoded format changes
+CACHE_VERSION = 2  # bump when the decoded format changes (2: alpha on white, 16-bit scaled, EXIF orientation)
+# PIL modes of 16-bit grey images (a 16-bit PNG opens as "I;16"); their levels are scaled to 8 bits.
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+NOT_REGULAR = "not a regular file (a folder, FIFO, device or socket); only image files can be read"
 # "test": PaddleRec's name of the infer data. "valid": validation during training (the tools pass it
 # because MODES lists it); its own task stream, so validation tasks are not the test tasks even on one folder.
 _MODES = {"train": 0, "infer": 1, "test": 1, "valid": 2}
@@ -416,6 +420,14 @@ def _visible_entries(folder, config):
     return [item[1:] for item in sorted(listing)]
 
 
+def _special(path, is_dir, config):
+    """False for a folder or a dangling link named like an image (skipped like stray files); an error naming
+    a FIFO, device or socket, which reading would block on or misread, rather than skipping it unseen."""
+    if is_dir or not os.path.exists(path):
+        return False
+    raise checks.error(config, path, NOT_REGULAR)
+
+
 def _scan(file_list, config, mode):
     """Sorted class folders and their images; (class_dirs, paths, starts, counts, groups), groups = one
     (path, first character, characters) per group (alphabet) with at least one character folder."""
@@ -427,8 +439,8 @@ def _scan(file_list, config, mode):
         for char_path, is_dir, _ in _visible_entries(group, config):
             if not is_dir:
                 continue
-            images = [path for path, _, is_file in _visible_entries(char_path, config)
-                      if is_file and path.lower().endswith(IMAGE_EXTS)]
+            images = [path for path, is_sub, is_file in _visible_entries(char_path, config)
+                      if path.lower().endswith(IMAGE_EXTS) and (is_file or _special(path, is_sub, config))]
             class_dirs.append(char_path)
             starts.append(len(paths))
             counts.append(len(images))
@@ -461,15 +473,57 @@ def _warn_once(message):
 
 # ----- decoding and the decode cache -----
 def decode_image(path, size, config):
-    """One image file as uint8 grayscale [size, size] (resized with RESAMPLE); a one-line error naming it."""
+    """One image file as uint8 grayscale [size, size] (resized with RESAMPLE), ink dark on light paper, whatever
+    mode the file stores (see _grey); a one-line error naming it when it is not a readable image file."""
     try:
-        with Image.open(path) as img:
-            img = img.convert("L")
-            if img.size != (size, size):
-                img = img.resize((size, size), RESAMPLE)
-            return np.asarray(img, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise checks.error(config, path, f"cannot decode image ({exc})") from None
+        # O_NONBLOCK: a FIFO opens at once (to be refused below) instead of waiting for a writer for ever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise checks.error(config, path, f"cannot decode image ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise checks.error(config, path, NOT_REGULAR)
+        try:
+            with Image.open(file) as img:
+                img = _grey(ImageOps.exif_transpose(img))  # a photo's orientation tag: upright, as viewers show it
+                if img.size != (size, size):
+                    img = img.resize((size, size), RESAMPLE)
+                return np.asarray(img, dtype=np.uint8)
+        except Image.UnidentifiedImageError:  # its own text names the file object, not the path
+            raise checks.error(config, path, "cannot decode image (no image format PIL reads)") from None
+        except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error,
+                Image.DecompressionBombError) as exc:
+            raise checks.error(config, path, f"cannot decode image ({exc})") from None
+
+
+def _grey(img):
+    """`img`, in any mode PIL opens, as 8-bit grey ("L"). Transparent pixels are paper: an image with an alpha
+    channel or a transparent colour is laid on white, so dark ink on a transparent background reads as ink on
+    paper (dropping the alpha would show the background's hidden colour, often black). 16-bit grey is scaled to
+    8 bits (PIL's own conversion clips it, and all but the darkest ink turns white)."""
+    if img.mode in WIDE_GREY_MODES:
+        wide = np.asarray(img).astype(np.int64)
+        if wide.size and (wide.min() < 0 or wide.max() > 65535):
+            raise ValueError(f"grey levels {wide.min()}..{wide.max()} outside the 16-bit range 0..65535")
+        key = img.info.get("transparency")
+        if checks.is_int(key):  # a grey level the file marks as transparent: paper
+            wide[wide == key] = 65535
+        # round(v * 255 / 65535): an 8-bit level x stored as 16 bits (x * 257) comes back as x exactly
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if img.mode == "F":
+        raise ValueError("32-bit float pixels have no defined paper and ink levels; save it as an 8- or 16-bit "
+                         "image")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        grey = Image.alpha_composite(Image.new("RGBA", img.size, (PAPER, PAPER, PAPER, 255)), rgba).convert("L")
+        (low, high), (clear, opaque) = grey.getextrema(), rgba.getchannel("A").getextrema()
+        if low == high and clear != opaque:  # a drawing only the transparency shows, on white it is gone
+            raise ValueError("light ink on a transparent background: on white paper nothing of it shows; "
+                             "save it with dark ink")
+        return grey
+    if img.mode in ("1", "L", "P", "RGB"):  # PIL's own conversion, as before (an Omniglot PNG is mode "1")
+        return img.convert("L")
+    return img.convert("RGB").convert("L")  # CMYK, YCbCr, ...: through RGB, which every mode converts to
 
 
 def _fingerprint(data_dir, paths, size):
@@ -492,6 +546,8 @@ def _cache_candidates(data_dir, size):
 
 
 def _read_cache(path, fingerprint):
+    if not os.path.isfile(path):  # missing, or a FIFO there, which loading would wait on for ever
+        return None
     try:
         with np.load(path) as cached:
             if str(cached["fingerprint"]) == fingerprint:
@@ -526,8 +582,9 @@ def _load_images(data_dir, paths, size, config):
         if images is not None:
             return images, path, "loaded"
     images = np.empty((len(paths), size, size), dtype=np.uint8)
+    # disable=None: a bar on a terminal only; in a log file its carriage returns would garble the lines after it.
     for i, path in enumerate(tqdm(paths, desc=f"decoding {os.path.basename(data_dir)}",
-                                  unit="img", leave=False)):
+                                  unit="img", leave=False, disable=None)):
         images[i] = decode_image(path, size, config)
     for path in candidates:
         if _write_cache(path, fingerprint, images):
