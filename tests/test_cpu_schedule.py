@@ -1,4 +1,4 @@
-"""models/multitask/maml/cpu_schedule.py and kernel_replay.py: the two-thread split applies to CPU tensors only,
+"""models/multitask/maml/maml_kernels/cpu_schedule.py and kernel_replay.py: the two-thread split applies to CPU tensors only,
 the process settings take effect in-process when the plugin is imported, and the benchmark's replay runs the
 calls a meta-iteration recorded, with their split plans."""
 import json
@@ -14,7 +14,8 @@ from tests import maml_modules
 from tests.conftest import REPO_ROOT
 
 plugin, net, maml, ops = maml_modules.load()
-cpu_schedule, kernel_replay, kernels = ops.cpu_schedule, ops.kernel_replay, ops.kernels
+from maml_kernels import cpu_schedule, kernel_replay  # noqa: E402  (the folder is on sys.path now)
+from maml_kernels import native_kernels as kernels  # noqa: E402
 
 
 class _Place:
@@ -115,7 +116,7 @@ sys.path.insert(0, sys.argv[1])
 from tests import maml_modules
 
 plugin = maml_modules.load()[0]
-print("REPORT", os.environ.get("MKL_DEBUG_CPU_TYPE"), plugin.cpu_schedule._is_amd_cpu())
+print("REPORT", os.environ.get("MKL_DEBUG_CPU_TYPE"), plugin.maml_kernels.cpu_schedule._is_amd_cpu())
 """
 
 

@@ -4,14 +4,12 @@ import math
 import numpy as np
 import paddle
 
-import config_checks as checks
-import cpu_schedule
-import double_grad_ops  # noqa: F401  (tests reach the ops through the plugin module, as the tools load it)
-import kernel_replay
 import maml
+import maml_kernels
+import maml_settings as checks
 import net
 
-cpu_schedule.prepare_cpu_process()  # before the first large tensor; see cpu_schedule.py
+maml_kernels.prepare_cpu_process()  # before the first large tensor; see maml_kernels/cpu_schedule.py
 
 # Keys this model reads with a default (the tools merge them under the YAML, so `-o` can set them too).
 CONFIG_DEFAULTS = {
@@ -233,9 +231,9 @@ class DygraphModel:
     @staticmethod
     def kernel_seconds(model, batch, config):
         """Seconds the convolution kernels of one meta-iteration take when run bare (for benchmarks)."""
-        with kernel_replay.recording_convolutions() as calls:
+        with maml_kernels.recording_convolutions() as calls:
             DygraphModel._meta_step(model, batch, config)
-        return kernel_replay.replay_seconds(calls, model.parameters()[0].dtype), len(calls)
+        return maml_kernels.replay_seconds(calls, model.parameters()[0].dtype), len(calls)
 
     def train_forward(self, dy_model, metrics_list, batch_data, config):
         """Returns a loss whose value is the meta-objective (the mean query loss; with the multi-step loss, its

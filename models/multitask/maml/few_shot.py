@@ -25,9 +25,9 @@ import time
 import numpy as np
 import paddle
 
-import config_checks as checks
 import dygraph_model
 import maml
+import maml_settings as checks
 import omniglot_reader
 
 BATCH_NORM_NOTE = ("batch statistics: of the support set while adapting, of all query images together when "

@@ -27,7 +27,7 @@ import paddle
 from PIL import Image
 from tqdm import tqdm
 
-import config_checks as checks
+import maml_settings as checks
 
 # LANCZOS: the 105x105 1-bit drawings shrink ~4x to 28x28; a wide filter keeps
 # thin strokes as grey levels instead of dropping them (BILINEAR aliases).

@@ -17,8 +17,8 @@ import threading
 
 import paddle
 
-import cpu_schedule
-import onednn_conv as dnn
+from . import cpu_schedule
+from . import onednn_conv as dnn
 
 _BACKWARD = 128
 _FORWARD_INFERENCE = 96

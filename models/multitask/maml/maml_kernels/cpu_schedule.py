@@ -23,7 +23,7 @@ import sys
 
 import paddle
 
-import native_kernels as kernels
+from . import native_kernels as kernels
 
 # Threads a native call on a CPU tensor is split over: MAML_CONV_THREADS, default min(2, CPUs). 1 turns the
 # splitting off (e.g. two data-parallel ranks on two cores); values above 2 act as 2 (there are two halves).

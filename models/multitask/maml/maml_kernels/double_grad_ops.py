@@ -21,16 +21,11 @@ import paddle
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
-import cpu_schedule
-import kernel_replay
-import native_kernels as kernels
-import onednn_conv
-import onednn_layers
-
-# Names kept for tests/test_meta_gradient.py (which stands unchanged): it skips its split-path check when
-# CONV_THREADS < 2, and wraps _split_plan to see which plans ran.
-from cpu_schedule import CONV_THREADS  # noqa: F401
-from cpu_schedule import split_plan as _split_plan
+from . import cpu_schedule
+from . import kernel_replay
+from . import native_kernels as kernels
+from . import onednn_conv
+from . import onednn_layers
 
 __all__ = ["conv2d", "batch_norm", "max_pool2d", "max_pool2d_relu", "cross_entropy", "activation_block",
            "to_plain"]
@@ -45,14 +40,14 @@ def _needed(inputs, grads):
 # Every native convolution of the ops goes through these two functions. The split plan (cpu_schedule) is
 # chosen here and handed down so that a benchmark's recording holds the very plan its replay runs.
 def _conv(x, w, conv):
-    plan = _split_plan(x, w, conv, gradient=False)
+    plan = cpu_schedule.split_plan(x, w, conv, gradient=False)
     kernel_replay.record("conv2d", (x, w), conv, plan)
     return cpu_schedule.conv2d(x, w, conv, plan)
 
 
 def _conv_grad(x, w, dy, conv):
     """Native (d/dx, d/dw) of sum(dy * conv(x, w)); one kernel call (per half) gives both."""
-    plan = _split_plan(x, w, conv, gradient=True)
+    plan = cpu_schedule.split_plan(x, w, conv, gradient=True)
     kernel_replay.record("conv2d_grad", (x, w, dy), conv, plan)
     return cpu_schedule.conv2d_grad(x, w, dy, conv, plan)
 
@@ -122,7 +117,7 @@ def _image_conv(x, w, conv):
 
 
 def _image_weight_grad(x, w, dy, conv):
-    plan = _split_plan(x, w, conv, gradient=True)
+    plan = cpu_schedule.split_plan(x, w, conv, gradient=True)
     kernel_replay.record("conv2d_weight_grad_of_blocked", (x, w, dy), conv, plan)
     return cpu_schedule.conv2d_weight_grad_of_blocked(x, w, dy, conv, plan)
 
