@@ -17,6 +17,12 @@ def load():
     return plugin, plugin.net, plugin.maml, importlib.import_module("maml_kernels")
 
 
+def settings():
+    """The model's settings module (maml_settings.py: the table of keys and the settings derived from them)."""
+    load()
+    return importlib.import_module("maml_settings")
+
+
 @contextlib.contextmanager
 def float64():
     """Gradient checks need float64 parameters and tensors; restore the default afterwards."""

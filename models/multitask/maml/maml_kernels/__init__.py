@@ -6,10 +6,10 @@ The modules behind it: double_grad_ops (the PyLayers), native_kernels (Paddle's 
 onednn_conv and onednn_layers (oneDNN on channel-blocked tensors), cpu_schedule (two threads per call, the
 process settings), kernel_replay (the benchmark's record and replay).
 """
-from .cpu_schedule import CONV_THREADS, prepare_cpu_process
+from .cpu_schedule import BadVariable, conv_threads, prepare_cpu_process
 from .double_grad_ops import (activation_block, batch_norm, conv2d, cross_entropy, max_pool2d, max_pool2d_relu,
                               to_plain)
 from .kernel_replay import recording_convolutions, replay_seconds
 
 __all__ = ["conv2d", "batch_norm", "max_pool2d", "max_pool2d_relu", "cross_entropy", "activation_block", "to_plain",
-           "CONV_THREADS", "prepare_cpu_process", "recording_convolutions", "replay_seconds"]
+           "BadVariable", "conv_threads", "prepare_cpu_process", "recording_convolutions", "replay_seconds"]
