@@ -1,4 +1,4 @@
-"""Faults in numbers and in data, through the real tools (issue 11): a NaN or infinite loss, gradient or
+"""Faults in numbers and in data, through the real tools: a NaN or infinite loss, gradient or
 parameter stops training with one line and writes no checkpoint of it; a hostile data archive writes
 nothing; a symlink loop or an unreadable folder in a data tree is one line naming the path.
 

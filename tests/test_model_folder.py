@@ -114,6 +114,17 @@ CODE = sorted(glob.glob(os.path.join(REPO_ROOT, "models", "**", "*.py"), recursi
               + glob.glob(os.path.join(REPO_ROOT, "datasets", "**", "*.py"), recursive=True))
 
 
+TESTS = sorted(glob.glob(os.path.join(REPO_ROOT, "tests", "**", "*.py"), recursive=True))
+
+
+@pytest.mark.parametrize("path", TESTS, ids=lambda p: os.path.relpath(p, REPO_ROOT))
+def test_test_comments_name_no_issue_number(path):
+    """Tests may time things (timeouts), and fake a CPU's name in their data, but name no issue either."""
+    bad = [f"{os.path.relpath(path, REPO_ROOT)}:{line}: {match.group(0)!r}"
+           for line, text in _comments_and_docstrings(path) for match in ISSUE.finditer(text)]
+    assert not bad, "say what the test guards, not which issue asked for it:\n" + "\n".join(bad)
+
+
 @pytest.mark.parametrize("path", CODE, ids=lambda p: os.path.relpath(p, REPO_ROOT))
 def test_comments_name_no_machine_timing_or_issue_number(path):
     bad = [f"{os.path.relpath(path, REPO_ROOT)}:{line}: {match.group(0)!r}"
