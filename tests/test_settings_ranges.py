@@ -128,3 +128,14 @@ def test_a_bad_maml_conv_threads_is_one_error_naming_the_variable(value):
     process = run_tool("trainer.py", "-m", CONFIG, "-o", "runner.epochs=1", env={"MAML_CONV_THREADS": value})
     assert_user_error(process, "MAML_CONV_THREADS: environment variable: must be a whole number of threads >= 1")
 
+
+
+def test_every_key_of_the_table_is_documented_with_its_range():
+    with open(os.path.join(REPO_ROOT, "doc", "maml.md"), encoding="utf-8") as handle:
+        rows = {line.split("|")[1].strip(): line for line in handle if line.startswith("| `")}
+    for key, row in settings.TABLE.items():
+        name = f"`{key[len('hyper_parameters.'):]}`"
+        assert name in rows, f"doc/maml.md has no row for {key}"
+        if row.high is not None and key.rsplit(".", 1)[1] in ("update_step", "update_step_test", "imgsize",
+                                                              "bn_channel", "n_way"):
+            assert str(row.high) in rows[name], f"doc/maml.md's row for {key} does not give its bound {row.high}"

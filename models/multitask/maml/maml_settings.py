@@ -23,7 +23,8 @@ _IMGSIZE_WHY = "Omniglot is drawn at 105 px; memory grows with the square of the
 
 TABLE = {
     "hyper_parameters.n_way": Key(None, "int", 1, 1000, "classes per task; the output size of the head",
-                                  "a split rarely has more classes per task to offer"),
+                                  "a task holds n_way x (k_spt + k_query) images; the reader also caps it at "
+                                  "the classes of the split"),
     # k_spt + k_query (or k_query_test) is at most the 20 drawings of an Omniglot character (the reader checks).
     "hyper_parameters.k_spt": Key(None, "int", 1, None, "support images per class"),
     "hyper_parameters.k_query": Key(None, "int", 1, None, "query images per class in training"),
@@ -33,7 +34,8 @@ TABLE = {
     "hyper_parameters.update_step_test": Key(10, "int", 0, 100, "inner SGD steps when evaluating", _STEPS_WHY),
     "hyper_parameters.imgsize": Key(28, "int", 1, 256, "images are resized to imgsize x imgsize pixels",
                                     _IMGSIZE_WHY),
-    "hyper_parameters.conv_stride": Key(1, "int", 1, 8, "stride of every convolution", "a 3x3 kernel skips pixels"),
+    "hyper_parameters.conv_stride": Key(1, "int", 1, 8, "stride of every convolution",
+                                        "a stride wider than the kernel skips pixels"),
     "hyper_parameters.conv_padding": Key(1, "int", 0, 8, "zero padding of every convolution",
                                          "more padding than kernel adds only zeros"),
     "hyper_parameters.conv_kernal": Key([3, 3], "kernel", meaning="square convolution kernel, e.g. [3, 3]"),
