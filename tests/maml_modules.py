@@ -1,5 +1,6 @@
 """The MAML model folder's modules, imported the way the tools import a plugin, and float64 helpers."""
 import contextlib
+import importlib
 import os
 
 import numpy as np
@@ -11,9 +12,15 @@ MODEL_DIR = os.path.join(REPO_ROOT, "models", "multitask", "maml")
 
 
 def load():
-    """(dygraph_model, net, maml, double_grad_ops) modules of models/multitask/maml."""
+    """(dygraph_model, net, maml, maml_kernels) modules of models/multitask/maml."""
     plugin = import_file(os.path.join(MODEL_DIR, "dygraph_model.py"))
-    return plugin, plugin.net, plugin.maml, plugin.double_grad_ops
+    return plugin, plugin.net, plugin.maml, importlib.import_module("maml_kernels")
+
+
+def settings():
+    """The model's settings module (maml_settings.py: the table of keys and the settings derived from them)."""
+    load()
+    return importlib.import_module("maml_settings")
 
 
 @contextlib.contextmanager

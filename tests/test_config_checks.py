@@ -1,4 +1,4 @@
-"""models/multitask/maml/config_checks.py: the plugin and the reader read their settings through the same
+"""models/multitask/maml/maml_settings.py: the plugin and the reader read their settings through the same
 checks, so the same bad value gets the same one-line error from both."""
 import os
 

@@ -1,4 +1,4 @@
-"""models/multitask/maml/cpu_schedule.py and kernel_replay.py: the two-thread split applies to CPU tensors only,
+"""models/multitask/maml/maml_kernels/cpu_schedule.py and kernel_replay.py: the two-thread split applies to CPU tensors only,
 the process settings take effect in-process when the plugin is imported, and the benchmark's replay runs the
 calls a meta-iteration recorded, with their split plans."""
 import json
@@ -14,7 +14,8 @@ from tests import maml_modules
 from tests.conftest import REPO_ROOT
 
 plugin, net, maml, ops = maml_modules.load()
-cpu_schedule, kernel_replay, kernels = ops.cpu_schedule, ops.kernel_replay, ops.kernels
+from maml_kernels import cpu_schedule, kernel_replay  # noqa: E402  (the folder is on sys.path now)
+from maml_kernels import native_kernels as kernels  # noqa: E402
 
 
 class _Place:
@@ -32,7 +33,7 @@ class _Tensor:
         self.shape, self.place = shape, _Place(cpu)
 
 
-@pytest.mark.skipif(cpu_schedule.CONV_THREADS < 2, reason="MAML_CONV_THREADS=1: nothing is split anywhere")
+@pytest.mark.skipif(cpu_schedule.conv_threads() < 2, reason="MAML_CONV_THREADS=1: nothing is split anywhere")
 def test_only_cpu_tensors_are_split_over_threads(monkeypatch):
     conv = kernels.ConvSettings(stride=1, padding=1, groups=4)
     weight = _Tensor([256, 64, 3, 3], cpu=True)
@@ -115,7 +116,7 @@ sys.path.insert(0, sys.argv[1])
 from tests import maml_modules
 
 plugin = maml_modules.load()[0]
-print("REPORT", os.environ.get("MKL_DEBUG_CPU_TYPE"), plugin.cpu_schedule._is_amd_cpu())
+print("REPORT", os.environ.get("MKL_DEBUG_CPU_TYPE"), plugin.maml_kernels.cpu_schedule._is_amd_cpu())
 """
 
 
@@ -132,7 +133,7 @@ def test_importing_the_plugin_sets_the_mkl_switch_on_amd_and_keeps_a_users_value
     assert value == expected
 
 
-@pytest.mark.skipif(cpu_schedule.CONV_THREADS < 2, reason="MAML_CONV_THREADS=1: nothing is split anywhere")
+@pytest.mark.skipif(cpu_schedule.conv_threads() < 2, reason="MAML_CONV_THREADS=1: nothing is split anywhere")
 def test_blocked_activations_are_cut_on_task_groups_only_where_the_copies_pay():
     """Task-group halves of blocked tensors are copied; they pay only against an uneven batch split of wide layers."""
     def plan(n, per_group, tasks=4, block=16):
@@ -171,7 +172,7 @@ def test_the_benchmark_replays_the_recorded_calls_with_their_plans(blocked, monk
     blocked_run = any(len(shapes[0]) == 5 or conv.block for _, shapes, conv, _ in calls)
     # The first layer's weight gradient from a blocked output gradient is a kernel of its own.
     assert kinds == {"conv2d", "conv2d_grad"} | ({"conv2d_weight_grad_of_blocked"} if blocked_run else set())
-    if cpu_schedule.CONV_THREADS >= 2:  # 9 query images split on the batch, 3 support images on the 2 tasks
+    if cpu_schedule.conv_threads() >= 2:  # 9 query images split on the batch, 3 support images on the 2 tasks
         # (on the batch too where the activations are channel-blocked: oneDNN would copy task-group halves)
         plans = {plan for _, _, _, plan in calls}
         assert blocked_run == (blocked == "1" and ops.onednn_conv.supports(paddle.zeros([1, 1, 1, 1]),

@@ -1,6 +1,6 @@
 """The double-differentiable ops stay in bounds whatever the values: NaN, +-inf and ties go through the
 forward, the backward and the double backward of every op without a crash, a hang or a write outside the
-tensors. (Issue 11: an all-NaN max-pool window got index -1 and the backward wrote before the buffer,
+tensors. (Once an all-NaN max-pool window got index -1 and the backward wrote before the buffer,
 corrupting the heap of a training run whose inner learning rate was 1e6.)
 
 The ops run in a child process with a timeout: a heap corruption may crash it or hang it, and must fail

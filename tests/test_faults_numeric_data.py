@@ -1,4 +1,4 @@
-"""Faults in numbers and in data, through the real tools (issue 11): a NaN or infinite loss, gradient or
+"""Faults in numbers and in data, through the real tools: a NaN or infinite loss, gradient or
 parameter stops training with one line and writes no checkpoint of it; a hostile data archive (a zip bomb
 member included) writes nothing; a symlink loop, an unreadable folder or a FIFO in a data tree is one line
 naming the path; no progress bar reaches a log file.

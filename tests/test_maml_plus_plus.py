@@ -87,11 +87,11 @@ def _check_against_finite_differences(config, stage_weights, epoch=0, directions
 
 def test_multi_step_loss_weights_anneal_to_the_last_stage():
     config = dict(CONFIG, **{MSL: 4, "hyper_parameters.update_step": 4})
-    assert dygraph_model.multi_step_weights(config, 0) == pytest.approx({1: 0.25, 2: 0.25, 3: 0.25, 4: 0.25})
-    assert dygraph_model.multi_step_weights(config, 2) == pytest.approx({1: 0.125, 2: 0.125, 3: 0.125, 4: 0.625})
-    assert dygraph_model.multi_step_weights(config, 4) == {4: 1.0}
-    assert dygraph_model.multi_step_weights(config, 9) == {4: 1.0}
-    assert dygraph_model.multi_step_weights(CONFIG, 0) == {STEPS: 1.0}  # off by default
+    assert maml_modules.settings().multi_step_weights(config, 0) == pytest.approx({1: 0.25, 2: 0.25, 3: 0.25, 4: 0.25})
+    assert maml_modules.settings().multi_step_weights(config, 2) == pytest.approx({1: 0.125, 2: 0.125, 3: 0.125, 4: 0.625})
+    assert maml_modules.settings().multi_step_weights(config, 4) == {4: 1.0}
+    assert maml_modules.settings().multi_step_weights(config, 9) == {4: 1.0}
+    assert maml_modules.settings().multi_step_weights(CONFIG, 0) == {STEPS: 1.0}  # off by default
 
 
 def test_multi_step_loss_matches_central_differences():

@@ -36,7 +36,7 @@ def _task(batch, t):
 def _one_task_objective(model, task_batch):
     """Query loss of one task after STEPS SGD steps on its support set, written plainly, one task at a time:
     independent of the batched meta_gradients code path. The value is all the finite differences need."""
-    ep = maml.Episode(*task_batch, dtype="float64")
+    ep = maml.MetaBatch(*task_batch, dtype="float64")
     params = net.expand_to_tasks(model.parameters(), 1)
     for _ in range(STEPS):
         support_loss, _ = net.task_losses(params, ep.x_spt, ep.y_spt)
@@ -133,16 +133,13 @@ def test_float32_default_dtype_runs():
     assert grads[0].dtype == paddle.float32
 
 
-def test_production_paths_match_central_differences(monkeypatch):
+def test_production_paths_match_central_differences():
     """The sizes above are too small for the fast paths. Here 8 channels per group, 9 query images and 6 tasks
     make the convolutions run split over two threads (on the batch axis and on task groups) and the
     meta-batch run in more than one chunk; the meta-gradient must still match the finite differences."""
-    _, _, _, ops = maml_modules.load()
-    if ops.CONV_THREADS < 2:
+    _, _, _, kernels = maml_modules.load()
+    if kernels.conv_threads() < 2:
         pytest.skip("MAML_CONV_THREADS=1: convolutions are not split")
-    plans = []
-    original_plan = ops._split_plan
-    monkeypatch.setattr(ops, "_split_plan", lambda *a, **k: plans.append(original_plan(*a, **k)) or plans[-1])
     config = dict(CONFIG, **{"hyper_parameters.bn_channel": 8})
     tasks = 6
     assert tasks > maml.TASKS_PER_CHUNK
@@ -152,8 +149,10 @@ def test_production_paths_match_central_differences(monkeypatch):
     with float64():
         paddle.seed(0)
         model = dygraph_model.DygraphModel().create_model(config)
-        _, grads = dygraph_model.DygraphModel.meta_gradients(model, batch, config)
-        assert {"batch", "groups"} <= set(plans), plans
+        with kernels.recording_convolutions() as calls:
+            _, grads = dygraph_model.DygraphModel.meta_gradients(model, batch, config)
+        plans = {plan for _, _, _, plan in calls}
+        assert {"batch", "groups"} <= plans, plans
         base = [p.numpy().copy() for p in model.parameters()]
 
         def objective(values):
@@ -171,7 +170,7 @@ def test_production_paths_match_central_differences(monkeypatch):
 def test_evaluation_in_chunks_equals_the_whole_batch(monkeypatch):
     with float64():
         model, batch = _model(), _batch(tasks=5)
-        episode = maml.Episode(*batch, dtype="float64")
+        episode = maml.MetaBatch(*batch, dtype="float64")
         whole = maml.evaluate(model, episode, STEPS, LR).numpy()
         monkeypatch.setattr(maml, "EVAL_QUERY_IMAGES_PER_CHUNK", 2 * episode.x_qry.shape[1])  # chunks of 2 tasks
         chunked = maml.evaluate(model, episode, STEPS, LR).numpy()

@@ -16,8 +16,8 @@ from tests import maml_modules
 from tests.conftest import REPO_ROOT
 
 dygraph_model, net, maml, _ = maml_modules.load()
-onednn_conv = sys.modules["onednn_conv"]
-kernels = sys.modules["native_kernels"]
+from maml_kernels import native_kernels as kernels  # noqa: E402  (the model folder is on sys.path now)
+from maml_kernels import cpu_schedule, onednn_conv  # noqa: E402
 
 needs_onednn = pytest.mark.skipif(onednn_conv._libs is None, reason="this Paddle has no loadable libdnnl.so.3")
 
@@ -100,7 +100,6 @@ def test_two_threads_running_the_same_primitive_at_once_get_their_own_results():
 def test_split_halves_written_into_one_output_equal_the_whole_call(plan, n):
     """cpu_schedule's two halves write straight into slices of one output, input gradient and (groups) weight
     gradient: a channel slice of the output is strided, so a wrong stride or offset shows up here."""
-    cpu_schedule = sys.modules["cpu_schedule"]
     rng = np.random.default_rng(3)
     conv = kernels.ConvSettings(1, 1, 4)
     x = paddle.to_tensor(rng.standard_normal((n, 4 * 8, 14, 14)).astype("float32"))
@@ -140,7 +139,7 @@ def test_float64_and_disabled_onednn_use_paddles_kernels(monkeypatch):
 
 
 def test_maml_onednn_0_keeps_onednn_unloaded():
-    code = ("import sys; sys.path.insert(0, 'models/multitask/maml'); import onednn_conv; "
+    code = ("import sys; sys.path.insert(0, 'models/multitask/maml'); from maml_kernels import onednn_conv; "
             "print(onednn_conv._libs is None)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=dict(os.environ, MAML_ONEDNN="0"),
                          capture_output=True, text=True, timeout=120)

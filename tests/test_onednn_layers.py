@@ -9,9 +9,8 @@ import pytest
 from tests import maml_modules
 
 dygraph_model, net, maml, ops = maml_modules.load()
-import onednn_conv  # noqa: E402  (loaded by the model folder's import above)
-import onednn_layers  # noqa: E402
-import native_kernels as kernels  # noqa: E402
+from maml_kernels import native_kernels as kernels  # noqa: E402  (the model folder is on sys.path now)
+from maml_kernels import cpu_schedule, onednn_conv, onednn_layers  # noqa: E402
 
 needs_onednn = pytest.mark.skipif(onednn_conv._libs is None, reason="this Paddle has no loadable libdnnl.so.3")
 BLOCKS = [16, 8]
@@ -58,7 +57,7 @@ def test_the_layout_change_is_the_documented_permutation_both_ways(block):
 def test_batch_norm_and_max_pool_equal_paddles_kernels(block, n, size, channels):
     rng = np.random.default_rng(n + size)
     threads = onednn_layers._threads([n, channels, size, size])
-    two = n * channels * size * size >= 2 ** 18 and onednn_layers.cpu_schedule.CONV_THREADS > 1
+    two = n * channels * size * size >= 2 ** 18 and cpu_schedule.conv_threads() > 1
     assert threads == (2 if two else 1)
     x, dy = _random(rng, n, channels, size, size), _random(rng, n, channels, size, size)
     gamma = paddle.to_tensor(rng.uniform(0.5, 1.5, channels).astype("float32"))
@@ -177,11 +176,12 @@ def test_meta_gradients_of_both_orders_through_blocked_layers_equal_the_plain_pa
     # cpu_schedule cuts blocked tensors on the batch only; task-group halves of them (channel slices, copied for
     # oneDNN) must still be exact, and are forced here, as the plain path is.
     chosen = []
-    default_plan = ops._split_plan
-    monkeypatch.setattr(ops, "_split_plan", lambda *a, **k: chosen.append(default_plan(*a, **k) and halves) or chosen[-1])
+    default_plan = cpu_schedule.split_plan
+    monkeypatch.setattr(cpu_schedule, "split_plan",
+                        lambda *a, **k: chosen.append(default_plan(*a, **k) and halves) or chosen[-1])
     blocked = _layer_derivatives(block, n, np.random.default_rng(n))
     plain = _layer_derivatives(0, n, np.random.default_rng(n))
-    if ops.CONV_THREADS >= 2:
+    if ops.conv_threads() >= 2:
         assert halves in chosen
     first_order, second_order = plain
     assert any(np.abs(a - b).max() > 1e-4 * np.abs(b).max() for a, b in zip(first_order, second_order)), \

@@ -34,7 +34,7 @@ def test_prepare_environment_without_determinism(monkeypatch):
     monkeypatch.delenv("MKL_DEBUG_CPU_TYPE", raising=False)
     prepare_environment(deterministic=False)
     assert "FLAGS_cudnn_deterministic" not in os.environ
-    # CPU-library tuning is the model's business (issue 13): the generic tools leave MKL alone.
+    # CPU-library tuning is the model's business: the generic tools leave MKL alone.
     assert "MKL_DEBUG_CPU_TYPE" not in os.environ
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.maml_modules import MODEL_DIR, load
+from tests.maml_modules import MODEL_DIR, load, settings
 from tools.utils.config import load_config
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "datasets", "omniglot"))
@@ -42,10 +42,10 @@ def test_config_builds_model_optimizer_and_every_epoch_schedule(path):
     model_obj.create_optimizer(model, config)
     epochs = config.get("runner.epochs")
     for epoch in range(epochs):
-        steps, _, _ = plugin.inner_settings(config, True, epoch)
-        weights = plugin.multi_step_weights(config, epoch)
+        steps, _, _ = settings().inner_settings(config, True, epoch)
+        weights = settings().multi_step_weights(config, epoch)
         assert abs(sum(weights.values()) - 1.0) < 1e-12 and max(weights) == steps
-    plugin.inner_settings(config, False)
+    settings().inner_settings(config, False)
     k_spt = config.get("hyper_parameters.k_spt")
     k_query = config.get("hyper_parameters.k_query")
     k_test = config.get("hyper_parameters.k_query_test") or k_query
@@ -85,4 +85,4 @@ def test_each_benchmark_variant_trains_at_the_order_it_names(path):
     for variant in plugin.BENCHMARK_VARIANTS:
         config = load_config(path, [f"{key}={value}" for key, value in variant.items()],
                              plugin_defaults=plugin.CONFIG_DEFAULTS)
-        assert plugin.inner_settings(config, True, 0)[2] == variant["hyper_parameters.first_order"]
+        assert settings().inner_settings(config, True, 0)[2] == variant["hyper_parameters.first_order"]

@@ -395,12 +395,13 @@ def test_benchmark_under_a_multi_process_launcher_is_a_one_line_error():
 
 
 def test_benchmark_peer_column_times_the_plugins_peer_command_in_the_peer_folder(tmp_path):
-    """--peer runs the plugin's BENCHMARK_PEER command in the given folder and prints its time and our ratio."""
+    """--peer runs the command of benchmark_peer.json (next to the config) in the given folder and prints its time
+    and our ratio."""
     plugin = tmp_path / "toy"
     shutil.copytree(TOY_DIR, plugin, ignore=shutil.ignore_patterns("output_*", "__pycache__"))
-    with open(plugin / "dygraph_model.py", "a", encoding="utf-8") as handle:
-        handle.write('\nBENCHMARK_PEER = {"label": "fake", "config": "config.yaml", "seconds": r"took ([0-9.]+) s",'
-                     ' "commands": [["sh", "peer.sh", "{iterations}"]]}\n')
+    spec = {"label": "fake", "config": "config.yaml", "seconds": r"took ([0-9.]+) s",
+            "commands": [["sh", "peer.sh", "{iterations}"]]}
+    (plugin / "benchmark_peer.json").write_text(json.dumps(spec))
     peer = tmp_path / "peer"
     peer.mkdir()
     (peer / "peer.sh").write_text('echo "warming up"; echo "took 0.5 s over $1 iterations"\n')
@@ -419,9 +420,9 @@ def test_benchmark_peer_column_times_the_plugins_peer_command_in_the_peer_folder
                       "--peer", peer)
     assert_user_error(failed, "the peer command failed (exit 0) or printed no time")
     no_peer = run_tool("benchmark.py", "-m", TOY_CONFIG, "--iterations", "1", "--warmup", "0", "--peer", peer)
-    assert_user_error(no_peer, "--peer given, but the model plugin declares no BENCHMARK_PEER")
-    with open(plugin / "dygraph_model.py", "a", encoding="utf-8") as handle:
-        handle.write('\nBENCHMARK_PEER["commands"].append(["sh", "peer.sh"])\n')
+    assert_user_error(no_peer, "--peer given, but there is no benchmark_peer.json next to the config")
+    spec["commands"].append(["sh", "peer.sh"])
+    (plugin / "benchmark_peer.json").write_text(json.dumps(spec))
     too_many = run_tool("benchmark.py", "-m", plugin / "config.yaml", "--iterations", "1", "--warmup", "0",
                         "--peer", peer)
-    assert_user_error(too_many, "BENCHMARK_PEER has 2 command(s) for 1 BENCHMARK_VARIANTS")
+    assert_user_error(too_many, "benchmark_peer.json has 2 command(s) for 1 BENCHMARK_VARIANTS")

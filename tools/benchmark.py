@@ -5,8 +5,8 @@
 Each of the plugin's BENCHMARK_VARIANTS (override dicts) runs in a fresh process, so its peak memory is its own; an
 iteration is the trainer's step on one fixed batch. A plugin's kernel_seconds(model, batch, config) gives the time
 of its compute kernels replayed bare (the rest is overhead); BENCHMARK_LABELS names the columns. With --peer DIR,
-the plugin's BENCHMARK_PEER commands (one per variant, run in DIR) time another implementation of the same workload
-in the same run, for a "vs peer" ratio.
+the commands of benchmark_peer.json next to the config (one per variant, run in DIR) time another implementation of
+the same workload in the same run, for a "vs peer" ratio.
 """
 import argparse
 import json
@@ -90,8 +90,29 @@ def run_variant(args, variant):
     return label, json.loads(lines[-1][len("BENCHMARK "):])
 
 
+PEER_FILE = "benchmark_peer.json"
+
+
+def load_peer(config):
+    """The peer described by benchmark_peer.json in the config's folder: {"label", "config" (the config file whose
+    workload it mirrors), "seconds" (a regex whose group is seconds per iteration), "commands" (one argument list
+    per variant, run in the peer's folder; "{iterations}" is replaced)}; a UserError naming the file."""
+    path = os.path.join(config.config_dir, PEER_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            peer = json.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"{config.path}: --peer given, but there is no {PEER_FILE} next to the config") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read the peer description ({exc})") from None
+    if not (isinstance(peer, dict) and {"label", "config", "seconds", "commands"} <= set(peer)
+            and isinstance(peer["commands"], list) and all(isinstance(c, list) for c in peer["commands"])):
+        raise UserError(f"{path}: must be an object with label, config, seconds and commands (argument lists)")
+    return peer
+
+
 def run_peer(args, peer, variant_index):
-    """Seconds per iteration of the peer's command for one variant (BENCHMARK_PEER), run in args.peer."""
+    """Seconds per iteration of the peer's command for one variant (benchmark_peer.json), run in args.peer."""
     command = [part.format(iterations=args.iterations) for part in peer["commands"][variant_index]]
     print(f"running peer: {' '.join(command)} ...", flush=True)
     try:
@@ -111,11 +132,9 @@ def compare(args):
     single_process("benchmark.py", config)
     labels = {"samples": "samples", "kernels": "kernel", **plugin_declaration(plugin_module, "BENCHMARK_LABELS")}
     variants = plugin_declaration(plugin_module, "BENCHMARK_VARIANTS")
-    peer = plugin_declaration(plugin_module, "BENCHMARK_PEER") if args.peer else None
-    if args.peer and not peer:
-        raise UserError(f"{args.config}: --peer given, but the model plugin declares no BENCHMARK_PEER")
+    peer = load_peer(config) if args.peer else None
     if peer and len(peer["commands"]) != len(variants):
-        raise UserError(f"{args.config}: the model plugin's BENCHMARK_PEER has {len(peer['commands'])} command(s) "
+        raise UserError(f"{args.config}: {PEER_FILE} has {len(peer['commands'])} command(s) "
                         f"for {len(variants)} BENCHMARK_VARIANTS; it needs one per variant")
     if peer and os.path.basename(args.config) != peer["config"]:
         print(f"note: the peer times the workload of {peer['config']}; {args.config} may differ", flush=True)
@@ -144,7 +163,7 @@ def main():
     parser = config_arg_parser(__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
-    parser.add_argument("--peer", metavar="DIR", help="also time the plugin's BENCHMARK_PEER commands, run in DIR")
+    parser.add_argument("--peer", metavar="DIR", help=f"also time the commands of {PEER_FILE} next to the config, run in DIR")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.iterations < 1 or args.warmup < 0:

@@ -16,9 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "models" / "multita
 
 import paddle  # noqa: E402
 
-import native_kernels  # noqa: E402
-import onednn_conv  # noqa: E402
-import onednn_layers  # noqa: E402
+from maml_kernels import native_kernels, onednn_conv, onednn_layers  # noqa: E402
 
 TASKS, CHANNELS, IMAGE, BLOCKS = 4, 64, 28, 4
 SUPPORT, QUERY, TASKS_PER_BATCH, STEPS = 5, 75, 32, 5  # images per task (5-way 1-shot, 15 queries), meta-batch

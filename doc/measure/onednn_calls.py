@@ -45,8 +45,7 @@ def measure(args):
     select_device(config)
     seed_everything(config.require("runner.seed", int))
     _, _, _, step = training_step_on_one_batch(config)
-    import onednn_conv
-    import onednn_layers
+    from maml_kernels import onednn_conv, onednn_layers
 
     step()
     names = primitive_names(onednn_conv, onednn_layers)

@@ -90,11 +90,6 @@ def _dict_of_str_keys(value):
 
 # What a plugin module may declare to shape the tools, which know no model: name -> (what it must be, check,
 # the value when it declares nothing).
-def _peer_spec(value):
-    return (isinstance(value, dict) and {"label", "config", "seconds", "commands"} <= set(value)
-            and isinstance(value["commands"], list) and all(isinstance(c, list) for c in value["commands"]))
-
-
 DECLARATIONS = {
     # {dotted key: default}: keys -o may set and their types (cli.load_run_config).
     "CONFIG_DEFAULTS": ("a dict of dotted-key strings to defaults", _dict_of_str_keys, {}),
@@ -109,11 +104,6 @@ DECLARATIONS = {
                            lambda value: isinstance(value, list) and value and all(map(_dict_of_str_keys, value)),
                            [{}]),
     "BENCHMARK_LABELS": ("a dict of strings", _dict_of_str_keys, {}),
-    # Another implementation of the same workload, for benchmark --peer: {"label", "config" (the config file name
-    # it mirrors), "seconds" (a regex whose group is seconds per iteration), "commands" (one argument list per
-    # variant, run in the peer's folder; "{iterations}" is replaced)}.
-    "BENCHMARK_PEER": ("a dict with label, config, seconds and commands (a list of argument lists)", _peer_spec,
-                       None),
 }
 
 

@@ -25,9 +25,8 @@ import time
 import numpy as np
 import paddle
 
-import config_checks as checks
-import dygraph_model
 import maml
+import maml_settings as settings
 import omniglot_reader
 
 BATCH_NORM_NOTE = ("batch statistics: of the support set while adapting, of all query images together when "
@@ -56,7 +55,7 @@ def _classes(config, model, labels, count):
 
 def check_class_count(config, model, classes):
     if classes > model.n_way:
-        raise checks.error(config, "hyper_parameters.n_way",
+        raise settings.error(config, "hyper_parameters.n_way",
                            f"the support set has {classes} classes but the network has n_way = {model.n_way} outputs; "
                            f"use at most {model.n_way} classes, or a model trained with a larger n_way")
 
@@ -79,7 +78,7 @@ def adapt_and_classify(model, config, support_images, support_labels, query_imag
     support_images = _images("support_images", support_images, size)
     query_images = _images("query_images", query_images, size)
     classes = _classes(config, model, support_labels, support_images.shape[0])
-    steps, lr, _ = dygraph_model.inner_settings(config, training=False)
+    steps, lr, _ = settings.inner_settings(config, training=False)
     task = maml.MetaBatch(support_images[None], np.asarray(support_labels, dtype=np.int64)[None],
                           query_images[None], None, dtype=model.parameters()[0].dtype, classes=classes)
     logits = maml.query_logits(model, task, steps, lr)[0, :, :classes]
@@ -87,7 +86,7 @@ def adapt_and_classify(model, config, support_images, support_labels, query_imag
 
 
 def _imgsize(config):
-    return dygraph_model._positive_int(config, "hyper_parameters.imgsize")
+    return settings.positive_int(config, "hyper_parameters.imgsize")
 
 
 def load_images(paths, config):
@@ -112,8 +111,8 @@ def predict_files(model, config, support, queries):
     decoded = time.perf_counter()
     probabilities = adapt_and_classify(model, config, support_images, labels, query_images)
     done = time.perf_counter()
-    steps, lr, _ = dygraph_model.inner_settings(config, training=False)
-    settings = {
+    steps, lr, _ = settings.inner_settings(config, training=False)
+    used = {
         "update_step_test": steps,
         "inner_learning_rate": "learned per step" if model.inner_lr is not None else lr,
         "n_way": model.n_way,
@@ -121,5 +120,5 @@ def predict_files(model, config, support, queries):
         "imgsize": _imgsize(config),
         "batch_norm": BATCH_NORM_NOTE,
     }
-    return {"classes": [name for name, _ in support], "probabilities": probabilities, "settings": settings,
+    return {"classes": [name for name, _ in support], "probabilities": probabilities, "settings": used,
             "seconds": {"decode": decoded - start, "adapt+classify": done - decoded}}

@@ -35,9 +35,6 @@ class MetaBatch:
         self.classes = classes
 
 
-Episode = MetaBatch  # the former name, which tests/test_meta_gradient.py (standing unchanged) still uses
-
-
 def adapt(model, fast, x, y, steps, lr, first_order):
     """`steps` SGD steps of every task's adapted parameters `fast` ({name: task-stacked tensor}) on its own
     support loss.
@@ -126,9 +123,9 @@ def meta_gradients(model, meta_batch, steps, lr, first_order, stage_weights=None
     return loss_sum, grads, _joined(all_logits)
 
 
-# Evaluation needs no meta-gradient, so large chunks are as fast as small ones here (100 5-way tasks at once:
-# 5.2-6.2 s, in chunks of 25: 5.3-6.1 s per 100 tasks); the cap only bounds memory, which grows with the
-# query images of a chunk (a 20-way 15-query task has 300; 100 of them would make 6 GB first-layer tensors).
+# Evaluation needs no meta-gradient, so large chunks run as fast as small ones (doc/performance.md); the cap
+# only bounds memory, which grows with the query images of a chunk (a 20-way 15-query task has 300; 100 of
+# them would make 6 GB first-layer tensors).
 EVAL_QUERY_IMAGES_PER_CHUNK = 2000
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import paddle
 import paddle.nn as nn
 
-import double_grad_ops as ops
+import maml_kernels as ops
 
 
 BlockNames = namedtuple("BlockNames", "conv gamma beta")

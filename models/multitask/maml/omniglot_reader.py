@@ -34,7 +34,7 @@ import paddle
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-import config_checks as checks
+import maml_settings as checks
 
 # LANCZOS: the 105x105 1-bit drawings shrink ~4x to 28x28; a wide filter keeps
 # thin strokes as grey levels instead of dropping them (BILINEAR aliases).
@@ -56,9 +56,6 @@ _SHIFT_STREAM = 1
 # The other distortions (turn, shear, scale) from a third one: the offsets are then the same with and without them.
 _AFFINE_STREAM = 2
 PAPER = 255  # uint8 grey level of the paper, what a shifted image's uncovered edge shows
-# hyper_parameters.train_<name>: (largest value, whether the largest is excluded). Shear stops at 45 degrees (a unit
-# shear); a scale of 1 or more would let a factor reach 0.
-DISTORTION_LIMITS = {"rotate": (180.0, False), "shear": (45.0, False), "scale": (1.0, True)}
 
 # The ranges of the random distortions of training images (omniglot_reader's train_* keys); all 0: none.
 Distortion = namedtuple("Distortion", "rotate shear scale shift")
@@ -146,42 +143,41 @@ class RecDataset(paddle.io.IterableDataset):
         # estimate of each task's accuracy at no cost to training.
         self._query_key = _mode_key(config, mode, "hyper_parameters.k_query")
         self.k_query = checks.positive_int(config, self._query_key)
-        self.imgsize = checks.positive_int(config, "hyper_parameters.imgsize", 28)
+        self.imgsize = checks.positive_int(config, "hyper_parameters.imgsize")
         if self.k_spt + self.k_query > OMNIGLOT_DRAWINGS:
             raise checks.error(config, self._query_key,
                                f"hyper_parameters.k_spt + {self._query_key} = "
                                f"{self.k_spt + self.k_query} exceeds the {OMNIGLOT_DRAWINGS} "
                                "drawings of an Omniglot character")
-        self.seed = checks.nonnegative_int(config, "runner.seed", 2026)
+        self.seed = checks.nonnegative_int(config, "runner.seed")
         # rotations_test lets training add rotated copies of its characters as extra classes (augmentation)
         # while validation and test use the split as it is.
         rotations_key = _mode_key(config, mode, "hyper_parameters.rotations")
-        self.rotations = checks.boolean(config, rotations_key, False)
+        self.rotations = checks.boolean(config, rotations_key)
         # Lake et al.'s one-shot task takes all classes of a task from one alphabet (harder: the characters of
         # one alphabet share their strokes and style). `_test` lets evaluation sample otherwise than training.
         self._sampling_key = _mode_key(config, mode, "hyper_parameters.task_sampling")
-        self.task_sampling = checks.choice(config, self._sampling_key, TASK_SAMPLINGS, "any")
+        self.task_sampling = checks.choice(config, self._sampling_key, TASK_SAMPLINGS)
         self._skip_key = _mode_key(config, mode, "hyper_parameters.skip_small_alphabets")
-        self.skip_small_alphabets = checks.boolean(config, self._skip_key, False)
+        self.skip_small_alphabets = checks.boolean(config, self._skip_key)
         # Random affine distortions against over-fitting to the few training characters (Koch et al. 2015 distort
         # Omniglot images so). Training only: validation and test images stay as drawn.
-        shift = checks.nonnegative_int(config, "hyper_parameters.train_shift", 0)
+        shift = checks.nonnegative_int(config, "hyper_parameters.train_shift")
         if 2 * shift >= self.imgsize:
             raise checks.error(config, "hyper_parameters.train_shift",
                                f"{shift} pixels would move a {self.imgsize}-pixel image off itself; "
                                f"use less than {(self.imgsize + 1) // 2}")
-        ranges = {name: checks.number_in_range(config, f"hyper_parameters.train_{name}", 0.0, high, 0.0, high_open)
-                  for name, (high, high_open) in DISTORTION_LIMITS.items()}
+        ranges = {name: checks.number_in_range(config, f"hyper_parameters.train_{name}")
+                  for name in ("rotate", "shear", "scale")}
         self.distortion = Distortion(shift=shift, **ranges) if mode == "train" else Distortion(0.0, 0.0, 0.0, 0)
         self.train_shift = self.distortion.shift
         if mode == "train":
             self._tasks_key, self._batch_key = "runner.tasks_per_epoch", "runner.train_batch_size"
-            # 3200 tasks per epoch: what PaddleRec's reader hard-codes
-            self.tasks_per_epoch = checks.positive_int(config, self._tasks_key, 3200)
+            self.tasks_per_epoch = checks.positive_int(config, self._tasks_key)
         else:
             self._tasks_key, self._batch_key = "runner.infer_tasks", "runner.infer_batch_size"
-            self.tasks_per_epoch = checks.positive_int(config, self._tasks_key, 1000)
-        self.batch_size = checks.positive_int(config, self._batch_key, 32)
+            self.tasks_per_epoch = checks.positive_int(config, self._tasks_key)
+        self.batch_size = checks.positive_int(config, self._batch_key)
 
     def _check_data(self, config, counts):
         need = self.k_spt + self.k_query
@@ -573,8 +569,30 @@ def _write_cache(path, fingerprint, images):
         return False
 
 
+def available_memory():
+    """Bytes of memory the system can still give a process (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_memory(config, count, size):
+    """Refuse, before decoding, an image array that would not fit in memory (it would end in the OOM killer)."""
+    needed, available = count * size * size, available_memory()
+    if available is not None and needed > available:
+        raise checks.error(config, "hyper_parameters.imgsize",
+                           f"{count} images of {size}x{size} pixels need {needed / 2 ** 20:.1f} MiB decoded, more than "
+                           f"the {available / 2 ** 20:.1f} MiB of memory available; use a smaller imgsize")
+
+
 def _load_images(data_dir, paths, size, config):
     """uint8 [N, size, size] of all images; (images, cache_path, cache_status)."""
+    _check_memory(config, len(paths), size)
     fingerprint = _fingerprint(data_dir, paths, size)
     candidates = _cache_candidates(data_dir, size)
     for path in candidates:

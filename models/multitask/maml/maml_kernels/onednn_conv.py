@@ -2,11 +2,9 @@
 
 Why: Paddle's own CPU convolution is im2col, then one small GEMM per image and per group; oneDNN's direct
 convolution code (JIT-compiled for the CPU it runs on: AVX2, AVX-512, ..., whatever the vendor) is faster
-on this model's layers once its operands are in its channel-blocked layout. Paddle's dygraph never selects
-its own oneDNN kernels for a plain CPU tensor (FLAGS_use_onednn / FLAGS_use_mkldnn change nothing there:
-oneDNN's verbose log stays empty), hence this module. Measured on an AMD EPYC (Zen 1, AVX2), one thread,
-a 4-task grouped 3x3 convolution of 75 x 256 x 14 x 14, Paddle's kernel with MKL's AVX2 path against
-oneDNN's blocked code (the primitive alone): forward 166 -> 115 ms, both gradients 440 -> 245 ms.
+on this model's layers once its operands are in its channel-blocked layout (doc/performance.md). Paddle's
+dygraph never selects its own oneDNN kernels for a plain CPU tensor (FLAGS_use_onednn / FLAGS_use_mkldnn change
+nothing there: oneDNN's verbose log stays empty), hence this module.
 
 This module calls oneDNN's C API with ctypes on the tensors' own memory, so no compiler is involved; where
 oneDNN wants a blocked layout, the operands are reordered into scratch buffers and the results back to
@@ -259,8 +257,8 @@ def openmp_threads(count):
 
 
 def empty(shape, dtype=paddle.float32):
-    """An uninitialised CPU tensor: Paddle's kernel without paddle.empty's Python argument handling, which cost
-    2.5-3.8 us of the 1.2-1.3 us a call takes (a second-order meta-iteration makes ~11,000 of them here)."""
+    """An uninitialised CPU tensor: Paddle's kernel without paddle.empty's Python argument handling, which costs
+    more than the kernel itself (a second-order meta-iteration makes about 11,000 of them)."""
     return _C_ops.empty(list(shape), dtype, _CPU)
 
 
@@ -438,13 +436,10 @@ def supports(x, weight):
             and x.place.is_cpu_place() and len(x.shape) in (4, 5))
 
 
-# Where oneDNN's blocked-layout code pays for its two layout copies (measured per call on an AMD EPYC, one
-# thread, against Paddle's kernel with MKL's AVX2 path): from 8 input channels per group, at every size the
-# model has (5 x 7 x 7 task-group halves: forward 1.4x, gradients 1.7x; 5 x 3 x 3: 2.1x / 1.7x), now that
-# the halves of a split call are read and written in place (before, their copies made calls under ~600
-# pixels lose). With one input channel per group (the first layer) Paddle's forward is faster (42 vs 80 ms
-# on 75 x 4 x 28 x 28) and the gradients tie, so the first layer stays with Paddle, unless its output is
-# to be blocked (then there is no copy out to pay for, and only oneDNN can write that layout).
+# Where oneDNN's blocked-layout code pays for its two layout copies (doc/performance.md): from 8 input channels
+# per group, at every size the model has. With one input channel per group (the first layer) Paddle's forward
+# is faster and the gradients tie, so the first layer stays with Paddle, unless its output is to be blocked
+# (then there is no copy out to pay for, and only oneDNN can write that layout).
 _MIN_CHANNELS_PER_GROUP = 8
 
 

@@ -10,8 +10,8 @@ from collections import namedtuple
 
 from paddle import _C_ops
 
-import onednn_conv
-from onednn_conv import output_tensor_shape as conv2d_output_tensor_shape  # noqa: F401  (cpu_schedule's)
+from . import onednn_conv
+from .onednn_conv import output_tensor_shape as conv2d_output_tensor_shape  # noqa: F401  (cpu_schedule's)
 
 # One convolution's settings: square stride and padding, `groups` (the tasks stacked on the channel axis,
 # see net.py), and the channel block of its output (0: plain NCHW; see onednn_conv's blocked tensors). No

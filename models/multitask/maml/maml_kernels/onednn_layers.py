@@ -2,10 +2,8 @@
 
 Why: on this model's activations Paddle's NCHW kernels for these layers take as long as the convolutions
 around them (and one core: they are not split). oneDNN's code for the blocked layout reads each channel
-block with vector loads. Measured on an Intel Xeon (AVX-512, 2026-12-02), one thread, 75 x 256 x 28 x 28
-(the first layer of 4 tasks' query set), Paddle's kernel against oneDNN on nChw16c: batch-norm forward
-12.5 -> 8.8 ms, backward 18.2 -> 11.9 ms, max-pool forward 18.0 -> 3.4 ms. (oneDNN on plain NCHW is
-slower than Paddle: 26.5 and 48.9 ms for the batch norm.)
+block with vector loads, and is faster than Paddle's on these shapes (doc/performance.md); on plain NCHW it
+is slower, so only blocked tensors come here.
 
 Every function takes and returns blocked tensors ([N, C / b, H, W, b], float32, CPU) and per-channel
 float32 vectors; nothing here is differentiable (double_grad_ops.py composes these kernels into exactly
@@ -17,8 +15,8 @@ import threading
 
 import paddle
 
-import cpu_schedule
-import onednn_conv as dnn
+from . import cpu_schedule
+from . import onednn_conv as dnn
 
 _BACKWARD = 128
 _FORWARD_INFERENCE = 96
@@ -33,20 +31,17 @@ _ELTWISE_RELU, _ELTWISE_RELU_USE_DST = 0x20, 0x100
 
 _primitives = {}
 
-# From this many elements a call runs on two OpenMP threads: measured on the Intel Xeon, 75 x 256 x 28 x 28,
-# created for one thread against two: layout change 9.4 -> 3.7 ms, batch-norm forward 8.9 -> 4.4, backward
-# 12.5 -> 6.0, max-pool 3.3 -> 1.6. On config_paddlerec, 2^18 elements (which adds the support set's first layer,
-# 5 x 256 x 28 x 28) against 2^20: first order 1.83 / 1.88 against 1.97 / 1.94 s per meta-iteration, second order
-# 3.55 / 3.56 against 3.70 / 3.69 s; 2^16 could not be told from 2^18. Smaller calls stay on one thread. oneDNN
-# fixes a primitive's thread count when it is created, so the count is part of the cache key. These calls never
-# overlap a split convolution's halves (cpu_schedule), which are the other users of the second core.
+# From this many elements a call runs on two OpenMP threads (the support set's first layer, 5 x 256 x 28 x 28,
+# and everything larger); the threshold is measured (doc/performance.md), smaller calls stay on one thread.
+# oneDNN fixes a primitive's thread count when it is created, so the count is part of the cache key. These calls
+# never overlap a split convolution's halves (cpu_schedule), which are the other users of the second core.
 _TWO_THREADS_FROM = 1 << 18
 
 
 def _threads(shape):
     """OpenMP threads for a call on `shape`: two from _TWO_THREADS_FROM elements, unless the convolutions are
     kept to one core too (MAML_CONV_THREADS=1, e.g. two data-parallel ranks on two cores)."""
-    return 2 if cpu_schedule.CONV_THREADS >= 2 and math.prod(shape) >= _TWO_THREADS_FROM else 1
+    return 2 if cpu_schedule.conv_threads() >= 2 and math.prod(shape) >= _TWO_THREADS_FROM else 1
 
 
 def _cached(key, shape, create):
@@ -73,9 +68,8 @@ _thread_state = threading.local()
 
 def _prepare_thread(primitive):
     """Before a two-thread call: OpenMP's helper thread then sleeps as soon as the call ends. By default it
-    spins for 200 ms waiting for more work, on the core that the next split convolution's worker thread
-    needs (measured on config_paddlerec: first order 2.06 -> 1.83 s per meta-iteration with it sleeping).
-    The setting belongs to the calling thread, which forks the team."""
+    spins a while waiting for more work, on the core that the next split convolution's worker thread needs
+    (doc/performance.md). The setting belongs to the calling thread, which forks the team."""
     if primitive.threads > 1 and not getattr(_thread_state, "blocktime_zero", False):
         set_blocktime = getattr(dnn._libs[1], "kmp_set_blocktime", None)
         if set_blocktime is not None:

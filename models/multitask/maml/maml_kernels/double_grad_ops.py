@@ -21,16 +21,11 @@ import paddle
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
-import cpu_schedule
-import kernel_replay
-import native_kernels as kernels
-import onednn_conv
-import onednn_layers
-
-# Names kept for tests/test_meta_gradient.py (which stands unchanged): it skips its split-path check when
-# CONV_THREADS < 2, and wraps _split_plan to see which plans ran.
-from cpu_schedule import CONV_THREADS  # noqa: F401
-from cpu_schedule import split_plan as _split_plan
+from . import cpu_schedule
+from . import kernel_replay
+from . import native_kernels as kernels
+from . import onednn_conv
+from . import onednn_layers
 
 __all__ = ["conv2d", "batch_norm", "max_pool2d", "max_pool2d_relu", "cross_entropy", "activation_block",
            "to_plain"]
@@ -45,14 +40,14 @@ def _needed(inputs, grads):
 # Every native convolution of the ops goes through these two functions. The split plan (cpu_schedule) is
 # chosen here and handed down so that a benchmark's recording holds the very plan its replay runs.
 def _conv(x, w, conv):
-    plan = _split_plan(x, w, conv, gradient=False)
+    plan = cpu_schedule.split_plan(x, w, conv, gradient=False)
     kernel_replay.record("conv2d", (x, w), conv, plan)
     return cpu_schedule.conv2d(x, w, conv, plan)
 
 
 def _conv_grad(x, w, dy, conv):
     """Native (d/dx, d/dw) of sum(dy * conv(x, w)); one kernel call (per half) gives both."""
-    plan = _split_plan(x, w, conv, gradient=True)
+    plan = cpu_schedule.split_plan(x, w, conv, gradient=True)
     kernel_replay.record("conv2d_grad", (x, w, dy), conv, plan)
     return cpu_schedule.conv2d_grad(x, w, dy, conv, plan)
 
@@ -122,7 +117,7 @@ def _image_conv(x, w, conv):
 
 
 def _image_weight_grad(x, w, dy, conv):
-    plan = _split_plan(x, w, conv, gradient=True)
+    plan = cpu_schedule.split_plan(x, w, conv, gradient=True)
     kernel_replay.record("conv2d_weight_grad_of_blocked", (x, w, dy), conv, plan)
     return cpu_schedule.conv2d_weight_grad_of_blocked(x, w, dy, conv, plan)
 
@@ -130,8 +125,7 @@ def _image_weight_grad(x, w, dy, conv):
 class _ImageConv2D(PyLayer):
     """The first layer: conv(x, w) of an input that takes no gradient (the images), blocked by `block`. Its only
     derivative is the weight's, taken from the blocked output gradient as it is (native_kernels'
-    conv2d_weight_grad_of_blocked): no layout copy back to NCHW, no input gradient. Measured on an Intel Xeon,
-    one thread, 75 x 4 x 28 x 28 images to 256 channels: 22.8 -> 9.6 ms; 5 images: 1.42 -> 0.42 ms."""
+    conv2d_weight_grad_of_blocked): no layout copy back to NCHW, no input gradient (doc/performance.md)."""
 
     @staticmethod
     def forward(ctx, x, w, stride, padding, groups, block):
@@ -249,7 +243,7 @@ def _bn_forward(x, scale, bias, eps):
 
 def _bn_affine(x, scale, bias, stats):
     """scale * x_hat + bias with the statistics already known: batch_norm in global-statistics mode skips
-    the statistics pass (measured 2x faster than recomputing them: 0.09 vs 0.18 ms on 5 x 256 x 28 x 28)."""
+    the statistics pass, which would cost as much again (doc/performance.md)."""
     variance = _variance(stats)
     if len(x.shape) == 5:
         return onednn_layers.batch_norm_given_statistics(x, scale, bias, stats.mean, variance, epsilon=stats.eps)
@@ -285,8 +279,8 @@ class _BatchNorm(PyLayer):
 
 
 def _channel_dot(a, b, stats):
-    """Per-channel sum(a * b) over N, H, W. A reduction op (`(a * b).sum(axis=[0, 2, 3])`) is ~4x slower on
-    CPU than batch_norm_grad, whose scale gradient is sum(dy * (x - mean) * inv_std): with x = b, mean 0
+    """Per-channel sum(a * b) over N, H, W. A reduction op (`(a * b).sum(axis=[0, 2, 3])`) is several times
+    slower on CPU than batch_norm_grad, whose scale gradient is sum(dy * (x - mean) * inv_std): with x = b, mean 0
     and inv_std 1 that is exactly sum(a * b)."""
     channels = onednn_conv.logical_shape(b)[1]
     zeros = _constant("zeros", channels, b.dtype)
@@ -311,7 +305,7 @@ class _BatchNormGrad(PyLayer):
     tests/test_double_grad_ops.py). Every full-size term maps onto a fused native kernel:
     batch_norm_grad(out_grad=v, scale=s) = s r (v - <v> - x_hat <v x_hat>) and
     batch_norm(scale=s, bias=b) = s x_hat + b, so only <A g> needs an extra reduction. Per-channel
-    broadcast arithmetic on full-size tensors is avoided on purpose: it is ~10x slower on CPU here.
+    broadcast arithmetic on full-size tensors is avoided on purpose: it is much slower on CPU here.
     """
 
     @staticmethod
@@ -353,8 +347,7 @@ class _BatchNormGrad(PyLayer):
         if len(x.shape) == 5:
             # Blocked: the three terms expanded, d/dx = c1 A + c2 g + K x_hat - c1 Am - c2 <g> with
             # K = gamma r^2 (q a - D) - c2 q, as one affine pass over x and two accumulating passes (oneDNN has the
-            # per-channel multiply-add Paddle lacks). Measured on an Intel Xeon, on 5 x 256 x 28 x 28: 1.0 ms
-            # against 3.0 ms for the two batch-norm gradients, the affine pass and the two adds below.
+            # per-channel multiply-add Paddle lacks): a third of the time of the plain path's five kernels below.
             c1, c2 = -(gr * r) * q, r * (B - gr * a)
             d_x = _bn_affine(x, (gr * r) * (q * a - D) - c2 * q, -c1 * A_mean - c2 * g_mean, s)
             onednn_layers.add_scaled_(d_x, dA, c1)
@@ -383,16 +376,16 @@ def _plain_pool(x):
     # gather would then write and read one element before the plane, corrupting the heap. Clipping
     # once (an elementwise op on the quarter-size index) routes such a window to its plane's first
     # element: in bounds, and the values there are not finite anyway, which the trainer reports.
-    # In place: the index is this call's own new tensor, and a clip into a new one cost 4x as much
-    # (34 vs 9 ms on a first-layer index; +0.6 s per second-order meta-iteration of config_paddlerec).
+    # In place: the index is this call's own new tensor, and a clip into a new one costs several times as much
+    # (doc/performance.md).
     mask.clip_(min=0, max=x.shape[-2] * x.shape[-1] - 1)
     return out, mask
 
 
 def _plain_gather(ddx, mask):
     n, c, h, w = mask.shape
-    # index_sample (a row-wise gather on [n*c, positions], int32 indices as they are) measured ~25%
-    # faster than take_along_axis on the support-set shapes.
+    # index_sample (a row-wise gather on [n*c, positions], int32 indices as they are) measured faster than
+    # take_along_axis on the support-set shapes (doc/performance.md).
     return paddle.index_sample(ddx.reshape([n * c, -1]), mask.reshape([n * c, h * w])).reshape([n, c, h, w])
 
 

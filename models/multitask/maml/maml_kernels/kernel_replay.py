@@ -9,7 +9,7 @@ import time
 
 import paddle
 
-import cpu_schedule
+from . import cpu_schedule
 
 _calls = None  # the list being recorded into, while a recording_convolutions() is active
 

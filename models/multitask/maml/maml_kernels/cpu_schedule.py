@@ -5,12 +5,11 @@
   call is cut in two independent halves run at once: one in a worker thread (Paddle releases the GIL inside
   kernels, and ctypes inside oneDNN's), one in the calling thread. CPU tensors only: a GPU kernel is
   parallel already. oneDNN's convolutions (onednn_conv.py) are split the same way, one OpenMP thread per
-  half: measured on an AMD EPYC, that is faster than oneDNN's own two threads on the whole call (conv
-  kernels of a config_paddlerec meta-iteration: 4.1 s against 6.2 s).
+  half, which measured faster than oneDNN's own two threads on the whole call (doc/performance.md).
 - MKL's per-thread thread count, so that each half runs its GEMMs on one thread (ctypes into Paddle's
   bundled libmklml_intel.so).
-- prepare_cpu_process(): glibc's allocator keeps large freed buffers (mallopt), and on AMD CPUs Paddle's
-  bundled MKL takes its AVX2 path (MKL_DEBUG_CPU_TYPE). The plugin calls it once, when it is imported, so the
+- prepare_cpu_process(): glibc's allocator keeps large freed buffers (mallopt), and on CPUs whose vendor
+  Paddle's bundled MKL does not recognise, it takes its AVX2 path (MKL_DEBUG_CPU_TYPE). The plugin calls it once, when it is imported, so the
   model is as fast under PaddleRec's tools or a user's own loop as under ours.
 
 None of this changes a formula: the halves see detached tensors (every derivative goes through the PyLayers
@@ -23,26 +22,48 @@ import sys
 
 import paddle
 
-import native_kernels as kernels
+from . import native_kernels as kernels
 
-# Threads a native call on a CPU tensor is split over: MAML_CONV_THREADS, default min(2, CPUs). 1 turns the
-# splitting off (e.g. two data-parallel ranks on two cores); values above 2 act as 2 (there are two halves).
-CONV_THREADS = int(os.environ.get("MAML_CONV_THREADS", min(2, os.cpu_count() or 1)))
+class BadVariable(ValueError):
+    """An environment variable this engine reads has a value it cannot use: `name`, and what is wrong."""
+
+    def __init__(self, name, message):
+        super().__init__(f"{name}: {message}")
+        self.name, self.message = name, message
+
+
+_conv_threads = None
+
+
+def conv_threads():
+    """Threads a native call on a CPU tensor is split over: MAML_CONV_THREADS, default min(2, CPUs). 1 turns the
+    splitting off (e.g. two data-parallel ranks on two cores); values above 2 act as 2 (there are two halves).
+    Read at the first call, not at import, so that a bad value is one error naming the variable."""
+    global _conv_threads
+    if _conv_threads is None:
+        raw = os.environ.get("MAML_CONV_THREADS", "").strip()
+        if not raw:
+            _conv_threads = min(2, os.cpu_count() or 1)
+        elif raw.isdigit() and int(raw) >= 1:
+            _conv_threads = int(raw)
+        else:
+            raise BadVariable("MAML_CONV_THREADS", f"environment variable: must be a whole number of threads >= 1 "
+                                                   f"(1 turns the two-thread split off), got {raw!r}")
+    return _conv_threads
 _BATCH_SPLIT_MIN = 8
 _executor = None
 
 
 def _threads_for(x):
-    """CONV_THREADS for a tensor on the CPU; 1 elsewhere (cutting a GPU kernel in halves on Python threads
+    """conv_threads() for a tensor on the CPU; 1 elsewhere (cutting a GPU kernel in halves on Python threads
     would only add copies)."""
-    return CONV_THREADS if x.place.is_cpu_place() else 1
+    return conv_threads() if x.place.is_cpu_place() else 1
 
 
 def _mkl_local_threads():
     """MKL's per-thread thread-count setter, or None. Each half of a split convolution must run its GEMMs
     on one thread: with Paddle's CPU threads set to 2 (tools: runner.num_threads 0 = all cores), two
-    halves of two MKL threads each oversubscribe two cores and run slower than no split at all
-    (measured: 2.9 s vs 1.9 s per first-order meta-iteration)."""
+    halves of two MKL threads each oversubscribe two cores and run slower than no split at all."""
     try:
         lib = ctypes.CDLL(os.path.join(os.path.dirname(paddle.__file__), "libs", "libmklml_intel.so"))
         return lib.MKL_Set_Num_Threads_Local
@@ -78,16 +99,13 @@ def split_plan(x, weight, conv, gradient):
     joined, the weight gradients added); small plain NCHW batches (the support set) split on the task groups,
     which balances 5 images better than 3 + 2. With one input channel per group (the first layer) a
     convolution does 18 flops per output element, so copying the halves' output together costs more than the
-    second core saves (measured: 3.6 -> 5.4 ms forward); its weight gradient still gains when the batch is
-    large (13 -> 8 ms at 75 images). A task-group half of channel-blocked activations (onednn_conv) is a
-    strided channel slice, which oneDNN's fast code does not read in place, so each half is copied in and out;
-    against that, an odd number n of images splits unevenly (3 + 2 take 3/5 of the one-thread time, not 1/2).
-    Blocked tensors are therefore cut on the task groups only where the copies cost less than that imbalance,
-    1 / (2n) of the one-thread time, their own share falling with the input channels per group c: taken as
-    9 / c (from two measurements on an
-    Intel Xeon, 5 images: c = 64, config_paddlerec's support-set adaptation, 4-task chunk, first order, 106 ms
-    with task-group halves against 96 ms with 3 + 2 images; c = 128, config_bigdata with bn_channel 128, first
-    order, 0.69-0.73 s against 0.71-0.77 s per meta-iteration), and where each half is whole channel blocks.
+    second core saves; its weight gradient still gains when the batch is large. A task-group half of
+    channel-blocked activations (onednn_conv) is a strided channel slice, which oneDNN's fast code does not read
+    in place, so each half is copied in and out; against that, an odd number n of images splits unevenly
+    (3 + 2 take 3/5 of the one-thread time, not 1/2). Blocked tensors are therefore cut on the task groups only
+    where the copies cost less than that imbalance, 1 / (2n) of the one-thread time, their own share falling
+    with the input channels per group c: taken as 9 / c (fitted to two measurements, doc/performance.md), and
+    where each half is whole channel blocks.
     """
     if _threads_for(x) < 2:
         return None
@@ -205,8 +223,7 @@ def conv2d_weight_grad_of_blocked(x, weight, out_grad, conv, plan):
 
 def max_pool2x2_with_index(x):
     """native_kernels.max_pool2x2_with_index. Large CPU batches (the query set) run as two batch halves on
-    both cores, like the convolutions: the outputs are a quarter of the input, so joining them is cheap
-    (measured on 75 x 256 x 28 x 28: 9.6 -> 6.8 ms)."""
+    both cores, like the convolutions: the outputs are a quarter of the input, so joining them is cheap."""
     if _threads_for(x) < 2 or x.shape[0] < _BATCH_SPLIT_MIN:
         return kernels.max_pool2x2_with_index(x)
     h = (x.shape[0] + 1) // 2
@@ -229,7 +246,7 @@ def _keep_large_freed_buffers():
     By default glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on free, so each
     large tensor Paddle allocates on the CPU is page-faulted in again, every time. On a MAML meta-batch
     (tasks stacked on channels: a 480 MB first-layer activation) that made same-shape elementwise kernels
-    4-10x slower than their arithmetic (ReLU on 120M floats: 294 ms -> 25 ms, see doc/performance.md).
+    several times slower than their arithmetic (doc/performance.md).
     Raising the mmap threshold serves them from the heap, and raising the trim threshold keeps a freed top
     of the heap instead of returning it to the kernel. Older glibc refuses mmap thresholds above 32 MiB
     (HEAP_MAX_SIZE / 2); there, turning mmap off for allocations (M_MMAP_MAX = 0) has the same effect.
@@ -272,8 +289,7 @@ def prepare_cpu_process():
     _prepared = True
     _keep_large_freed_buffers()
     if _is_amd_cpu():
-        # Paddle's bundled (older) MKL takes a slow generic code path on AMD CPUs; type 5 selects its AVX2
-        # path (measured on an AMD EPYC: 2048x2048 matmul 68 -> 223 GFLOP/s, a 32-task grouped conv
-        # 1.18 -> 0.43 s). MKL reads the variable at its first call, not when Paddle loads it. Never set on
-        # other CPUs; a value the user set is kept.
+        # Paddle's bundled (older) MKL takes a slow generic code path on this vendor's CPUs; type 5 selects
+        # its AVX2 path (doc/performance.md). MKL reads the variable at its first call, not when Paddle loads
+        # it. Never set on other CPUs; a value the user set is kept.
         os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
