@@ -385,7 +385,7 @@ def test_a_full_disk_under_the_metrics_file_is_one_line(tmp_path):
 
 
 def test_epochs_below_one_is_an_error(tmp_path):
-    assert_user_error(train(tmp_path / "out", "runner.epochs=-1"), "runner.epochs", "must be at least 1, got -1")
+    assert_user_error(train(tmp_path / "out", "runner.epochs=-1"), "runner.epochs", "must be from 1 to 2^31-1, got -1")
 
 
 def test_resuming_with_another_optimizer_class_is_an_error(run_copy):

@@ -15,6 +15,9 @@ cpu_schedule.prepare_cpu_process()  # before the first large tensor; see cpu_sch
 
 # Keys this model reads with a default (the tools merge them under the YAML, so `-o` can set them too).
 CONFIG_DEFAULTS = {
+    "hyper_parameters.n_way": None,  # required: classes per task (declared so the tools know the key)
+    "hyper_parameters.k_spt": None,  # required: support images per class
+    "hyper_parameters.k_query": None,  # required: query images per class
     "hyper_parameters.first_order": False,
     "hyper_parameters.update_step": 5,
     "hyper_parameters.update_step_test": 10,
