@@ -10,7 +10,7 @@ from tools.utils.console import (EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_OK, EX
                                  DistributedError, Terminated, UserError, hold_signals, on_signal, rank_prefix,
                                  signals_received, warn)
 from tools.utils.distributed import launched_rank
-from tools.utils.environment import prepare_environment
+from tools.utils.environment import check_environment, prepare_environment
 from tools.utils.plugin import import_plugin_module, plugin_declaration
 
 
@@ -25,10 +25,11 @@ def config_arg_parser(description) -> argparse.ArgumentParser:
 
 
 def load_run_config(config_path, overrides=(), data_parallel=False):
-    """(config, plugin_module): the YAML and runner.* overrides read without Paddle (with `data_parallel`, the
-    launcher's ranks checked against them), the environment prepared (Paddle reads it at import), the plugin
-    imported, and the config read again with the plugin's defaults so every -o is checked; then our SIGTERM handler
-    replaces the one Paddle installs at import."""
+    """(config, plugin_module): the environment variables checked, the YAML and runner.* overrides read without
+    Paddle (with `data_parallel`, the launcher's ranks checked against them), the environment prepared (Paddle
+    reads it at import), the plugin imported, and the config read again with the plugin's defaults so every -o is
+    checked; then our SIGTERM handler replaces the one Paddle installs at import."""
+    check_environment()  # Paddle and the model read some of these at import, where a bad value is a traceback
     early = load_config(config_path, [item for item in overrides
                                       if "=" not in item or item.split("=", 1)[0].strip() in RUNNER_DEFAULTS])
     if data_parallel:
