@@ -63,7 +63,7 @@ def assert_loaded_or_refused(load, key):
         assert spec.bounds is None or spec.bounds.problem(config[key]) is None, (key, config[key])
 
 
-@settings(deadline=None, max_examples=400, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(database=None, deadline=None, max_examples=400, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(case=CASES, value=st.sampled_from(HOSTILE), through_yaml=st.booleans())
 def test_the_loader_refuses_or_keeps_every_hostile_value(case, value, through_yaml):
     config_path, key = case
@@ -110,7 +110,7 @@ SHORT = {TOY_CONFIG: ["runner.epochs=1", "runner.tasks_per_epoch=64", "runner.in
                        "hyper_parameters.update_step_test=1"]}
 
 
-@settings(deadline=None, max_examples=6, derandomize=True, phases=[Phase.explicit, Phase.generate])
+@settings(database=None, deadline=None, max_examples=6, derandomize=True, phases=[Phase.explicit, Phase.generate])
 @given(key=st.sampled_from(sorted(RUNNER_DEFAULTS)), value=st.sampled_from(HOSTILE))
 def test_the_trainer_ends_in_one_line_or_a_short_run_for_runner_keys(key, value):
     """On a copy of the toy model, so relative paths a hostile value makes land in a temporary folder."""
@@ -122,7 +122,7 @@ def test_the_trainer_ends_in_one_line_or_a_short_run_for_runner_keys(key, value)
         assert_error_naming_or_ok(process, key, overrides)
 
 
-@settings(deadline=None, max_examples=4, derandomize=True, phases=[Phase.explicit, Phase.generate])
+@settings(database=None, deadline=None, max_examples=4, derandomize=True, phases=[Phase.explicit, Phase.generate])
 @given(key=st.sampled_from(TABLES[MAML_CONFIG]), value=st.sampled_from(HOSTILE))
 def test_the_trainer_ends_in_one_line_or_a_short_run_for_model_keys(key, value):
     with tempfile.TemporaryDirectory() as folder:
