@@ -130,3 +130,13 @@ def test_infer_appends_only_to_its_own_results_file(run_copy):
                        "runner.infer_start_epoch=0", "runner.infer_end_epoch=1")
     assert_user_error(process, str(results), "not a metrics file")
     assert results.read_text() == "a user's notes\n"
+
+
+def test_predict_writes_its_json_only_over_an_earlier_predictions_file(tmp_path):
+    victim = tmp_path / "config.yaml"
+    shutil.copy(TOY_CONFIG, victim)
+    (tmp_path / "support" / "a").mkdir(parents=True)
+    process = run_tool("predict.py", "-m", TOY_CONFIG, "--support", tmp_path / "support", "--query", tmp_path,
+                       "--json", victim)
+    assert_user_error(process, str(victim), "--json", "not a predictions file")
+    assert contents(victim) == contents(TOY_CONFIG)

@@ -63,7 +63,8 @@ def assert_loaded_or_refused(load, key):
         assert spec.bounds is None or spec.bounds.problem(config[key]) is None, (key, config[key])
 
 
-@settings(database=None, deadline=None, max_examples=400, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(database=None, deadline=None, max_examples=400, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(case=CASES, value=st.sampled_from(HOSTILE), through_yaml=st.booleans())
 def test_the_loader_refuses_or_keeps_every_hostile_value(case, value, through_yaml):
     config_path, key = case

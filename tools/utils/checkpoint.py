@@ -305,9 +305,10 @@ def _first_line_is_a_record(path) -> bool:
     return isinstance(record, dict) and isinstance(record.get("event"), str)
 
 
-def _is_best_file(path) -> bool:
+def is_json_object_with(path, field) -> bool:
+    """Whether `path` holds a JSON object with `field`: the mark of a JSON file the tools wrote."""
     try:
-        return isinstance(read_json_object(path, "best.json").get("history"), list)
+        return field in read_json_object(path, "JSON file")
     except UserError:
         return False
 
@@ -319,13 +320,15 @@ def is_run_file(path) -> bool:
         return False
     if os.path.getsize(path) == 0:
         return True
-    return _is_best_file(path) if os.path.basename(path) == "best.json" else _first_line_is_a_record(path)
+    if os.path.basename(path) == "best.json":
+        return is_json_object_with(path, "history")
+    return _first_line_is_a_record(path)
 
 
-def check_output_file(path, what, key=None):
+def check_output_file(path, what, key=None, owned=is_run_file):
     """Refuse, in one line naming `path`, to write `what` (e.g. "metrics") over a file the tools did not write: a
-    checkpoint, a config, anything else. Absent files, character devices (/dev/null) and the tools' own files in
-    the same format pass."""
+    checkpoint, a config, anything else. Absent files, character devices (/dev/null) and the files `owned`
+    recognises as the tools' own pass."""
     where = f" ({key})" if key else ""
     if not os.path.lexists(path):
         in_the_way = file_in_the_way(os.path.dirname(os.path.abspath(path)))
@@ -339,7 +342,7 @@ def check_output_file(path, what, key=None):
         return
     if not stat.S_ISREG(mode) or os.path.islink(path):
         raise UserError(f"{path}: not a regular file; refusing to write the {what} file there{where}")
-    if not is_run_file(path):
+    if os.path.getsize(path) > 0 and not owned(path):  # an empty file holds nothing to lose
         raise UserError(f"{path}: exists and is not a {what} file written by these tools; refusing to overwrite "
                         f"it{where}: choose another path or move the file")
 
