@@ -140,3 +140,15 @@ def test_predict_writes_its_json_only_over_an_earlier_predictions_file(tmp_path)
                        "--json", victim)
     assert_user_error(process, str(victim), "--json", "not a predictions file")
     assert contents(victim) == contents(TOY_CONFIG)
+
+
+def test_plot_metrics_writes_its_chart_only_over_a_png(one_epoch, tmp_path):
+    victim = tmp_path / "notes.txt"
+    victim.write_text("mine")
+    process = run_tool("plot_metrics.py", one_epoch / "metrics.jsonl", "-o", victim)
+    assert_user_error(process, str(victim), "-o", "not a PNG file")
+    assert victim.read_text() == "mine"
+    chart = tmp_path / "curve.png"
+    for _ in range(2):  # the second run replaces the chart of the first
+        assert_ok(run_tool("plot_metrics.py", one_epoch / "metrics.jsonl", "-o", chart))
+    assert contents(chart).startswith(b"\x89PNG")
