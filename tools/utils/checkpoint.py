@@ -280,9 +280,11 @@ def checkpoint_epochs(folder):
 
 
 def latest_checkpoint(save_dir):
-    """The newest complete epoch folder <save_dir>/<epoch> (saves are atomic: one with rec.pdparams), or None."""
-    epochs = checkpoint_epochs(save_dir)
-    return os.path.join(save_dir, str(epochs[-1])) if epochs else None
+    """The newest complete epoch folder <save_dir>/<epoch> (saves are atomic: one with rec.pdparams), or None.
+    Only read from, so a checkpoint folder the user added a file to still resumes."""
+    epochs = [(int(name), name) for name in _epoch_names(save_dir)
+              if os.path.isfile(os.path.join(save_dir, name, PARAMS_FILE))]
+    return os.path.join(save_dir, max(epochs)[1]) if epochs else None
 
 
 def file_in_the_way(folder):
