@@ -68,9 +68,9 @@ def test_a_typo_in_the_yaml_gets_the_warning_an_unknown_override_gets(tmp_path):
     assert process.returncode == 0, process.stderr
     warnings = [line for line in process.stderr.splitlines() if "unknown key" in line]
     assert len(warnings) == 2, process.stderr
-    assert "hyper_parameters.hiddensize: unknown key, ignored (did you mean hyper_parameters.hidden_size?)" \
+    assert "hyper_parameters.hiddensize: unknown key (did you mean hyper_parameters.hidden_size?)" \
         in warnings[0]
-    assert "runner.epoch: unknown key, ignored (did you mean runner.epochs" in warnings[1]
+    assert "runner.epoch: unknown key (did you mean runner.epochs" in warnings[1]
 
 
 def test_the_shipped_configs_have_no_unknown_keys():

@@ -95,6 +95,7 @@ def test_overwrite_removes_only_the_checkpoints_and_run_files(run_copy):
     (run_copy / "3").mkdir()
     (run_copy / "3" / "rec.pdparams").write_bytes(b"x")
     (run_copy / "best.json").write_text("my own notes, not JSON\n")
+    shutil.copytree(run_copy / "0", run_copy / "00")  # no trainer names an epoch folder so: the user's copy
     process = train(run_copy, "runner.overwrite=True", "runner.epochs=1")
     assert_user_error(process, str(run_copy / "0"), "not a checkpoint")
     os.remove(run_copy / "0" / "notes.txt")
@@ -102,7 +103,7 @@ def test_overwrite_removes_only_the_checkpoints_and_run_files(run_copy):
     assert_user_error(process, str(run_copy / "best.json"), "not a best.json file")
     os.remove(run_copy / "best.json")
     assert_ok(train(run_copy, "runner.overwrite=True"))
-    assert sorted(os.listdir(run_copy)) == ["0", "metrics.jsonl"]
+    assert sorted(os.listdir(run_copy)) == ["0", "00", "metrics.jsonl"]
 
 
 def test_a_fresh_start_keeps_a_best_json_that_is_not_the_trainers(tmp_path):

@@ -275,8 +275,10 @@ def is_checkpoint_folder(path) -> bool:
 
 
 def checkpoint_epochs(folder):
-    """The sorted epochs of the checkpoint folders in `folder` (only those is_checkpoint_folder recognises)."""
-    return sorted(int(name) for name in _epoch_names(folder) if is_checkpoint_folder(os.path.join(folder, name)))
+    """The sorted epochs of the checkpoint folders in `folder`: named as save_checkpoint names them (no leading
+    zeros) and recognised by is_checkpoint_folder."""
+    return sorted(int(name) for name in _epoch_names(folder)
+                  if name == str(int(name)) and is_checkpoint_folder(os.path.join(folder, name)))
 
 
 def latest_checkpoint(save_dir):
@@ -430,10 +432,8 @@ def replace_old_run(folder, overwrite, key="runner.overwrite"):
         raise UserError(f"{folder}: holds the checkpoints of another run (epochs {', '.join(map(str, epochs))}); "
                         f"resume it with runner.resume_path=auto, or replace it with {key}=True")
     # Only what a run writes goes: checkpoint folders and run files in their own format, never a user's files.
-    entries = sorted([str(epoch) for epoch in epochs] + [
-        name for name in RUN_FILES if os.path.lexists(os.path.join(folder, name)) and is_run_file(
-            os.path.join(folder, name))], key=lambda name: (not name.isdigit(), int(name) if name.isdigit() else 0,
-                                                            name))
+    entries = sorted([str(epoch) for epoch in epochs] + [name for name in RUN_FILES
+                                                         if is_run_file(os.path.join(folder, name))])
     moved = []
     try:
         aside = tempfile.mkdtemp(prefix=".replaced-", dir=folder)

@@ -13,7 +13,6 @@ import yaml
 from tools.utils.console import UserError, warn
 
 
-
 class Bounds:
     """The values a number key accepts, low..high inclusive (None: no bound). `high` may be a function of the
     machine (then `text` says what it is in the doc), and `choices` lists the only values of a text key."""
@@ -319,7 +318,7 @@ def warn_unknown_keys(config, yaml_values, plugin_defaults):
         if key in known or (not plugin_defaults and not key.startswith("runner.")):
             continue
         hint = suggest_keys(key, sorted(known))
-        warn(f"{config.path}: {key}: unknown key, ignored" + (f" (did you mean {', '.join(hint)}?)" if hint else ""))
+        warn(f"{config.path}: {key}: unknown key" + (f" (did you mean {', '.join(hint)}?)" if hint else ""))
 
 
 def runner_keys_markdown() -> str:
