@@ -80,8 +80,9 @@ def test_the_shipped_configs_have_no_unknown_keys():
     from tools.utils.plugin import import_plugin_module, plugin_declaration
 
     for path in sorted(glob.glob(os.path.join(REPO_ROOT, "models", "multitask", "maml", "config*.yaml"))):
-        defaults = plugin_declaration(import_plugin_module(load_config(path)), "CONFIG_DEFAULTS")
-        known = set(RUNNER_DEFAULTS) | set(defaults)
+        plugin = import_plugin_module(load_config(path))
+        known = set(RUNNER_DEFAULTS) | set(plugin_declaration(plugin, "CONFIG_DEFAULTS")) | set(
+            plugin_declaration(plugin, "CONFIG_KEYS"))
         yaml_keys = set(config_module.flatten(config_module.read_yaml_mapping(path)))
         assert yaml_keys <= known, (path, sorted(yaml_keys - known))
 

@@ -31,7 +31,9 @@ HOSTILE = [("0", 0), ("-1", -1), (str(2 ** 31), 2 ** 31), (str(10 ** 30), 10 ** 
 
 
 def plugin_keys(config_path):
-    return sorted(plugin_declaration(import_plugin_module(load_config(config_path)), "CONFIG_DEFAULTS"))
+    """The plugin's table: the keys of its CONFIG_DEFAULTS and its CONFIG_KEYS (those without a default)."""
+    plugin = import_plugin_module(load_config(config_path))
+    return sorted(set(plugin_declaration(plugin, "CONFIG_DEFAULTS")) | set(plugin_declaration(plugin, "CONFIG_KEYS")))
 
 
 TABLES = {TOY_CONFIG: sorted(RUNNER_DEFAULTS) + plugin_keys(TOY_CONFIG), MAML_CONFIG: plugin_keys(MAML_CONFIG)}

@@ -36,7 +36,8 @@ def load_run_config(config_path, overrides=(), data_parallel=False):
         launched_rank(early)
     prepare_environment(early.require("runner.deterministic", bool))
     plugin_module = import_plugin_module(early)
-    config = load_config(config_path, overrides, plugin_declaration(plugin_module, "CONFIG_DEFAULTS"))
+    config = load_config(config_path, overrides, plugin_declaration(plugin_module, "CONFIG_DEFAULTS"),
+                         plugin_declaration(plugin_module, "CONFIG_KEYS"))
     handle_signals()
     for key, why in keys_without_effect(config):  # PaddleRec keys are never unknown; those idle here say so
         warn(f"{key} = {config[key]!r} has no effect here: {why}")

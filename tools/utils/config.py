@@ -276,9 +276,11 @@ def _type_of(value):
     return type(value) if isinstance(value, (bool, int, float, str, list)) else None
 
 
-def load_config(path, overrides=(), plugin_defaults=None) -> Config:
+def load_config(path, overrides=(), plugin_defaults=None, plugin_keys=()) -> Config:
     """The config: plugin CONFIG_DEFAULTS, runner defaults, the YAML, then `-o key=value` overrides, each over the
-    last. An override must name a key of the first three, typed by RUNNER_DEFAULTS, the plugin default or the YAML."""
+    last. An override must name a key of the first three, typed by RUNNER_DEFAULTS, the plugin default or the YAML.
+    Every runner.* value is checked against its range; with the plugin's defaults (and its CONFIG_KEYS, the keys
+    it reads without a default), a YAML key none of them declares is warned about."""
     yaml_values = flatten(read_yaml_mapping(path))
     yaml_values.pop("config_abs_dir", None)  # computed, never read
     with_plugin, plugin_defaults = plugin_defaults is not None, plugin_defaults or {}
@@ -297,7 +299,7 @@ def load_config(path, overrides=(), plugin_defaults=None) -> Config:
         config.apply_override(item)
     check_bounds(config)
     if with_plugin:  # once, when the plugin's keys are known too
-        warn_unknown_keys(config, yaml_values, plugin_defaults)
+        warn_unknown_keys(config, yaml_values, {**dict.fromkeys(plugin_keys), **plugin_defaults})
     return config
 
 
@@ -310,12 +312,12 @@ def check_bounds(config):
                 raise config.error(key, problem)
 
 
-def warn_unknown_keys(config, yaml_values, plugin_defaults):
+def warn_unknown_keys(config, yaml_values, plugin_keys):
     """One warning per YAML key no table declares (a typo would otherwise be read as nothing), with the
     suggestions an unknown -o key gets. Outside runner.* only when the plugin declares its keys."""
-    known = set(RUNNER_DEFAULTS) | set(plugin_defaults)
+    known = set(RUNNER_DEFAULTS) | set(plugin_keys)
     for key in sorted(yaml_values):
-        if key in known or (not plugin_defaults and not key.startswith("runner.")):
+        if key in known or (not plugin_keys and not key.startswith("runner.")):
             continue
         hint = suggest_keys(key, sorted(known))
         warn(f"{config.path}: {key}: unknown key" + (f" (did you mean {', '.join(hint)}?)" if hint else ""))

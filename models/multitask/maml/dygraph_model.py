@@ -15,9 +15,6 @@ cpu_schedule.prepare_cpu_process()  # before the first large tensor; see cpu_sch
 
 # Keys this model reads with a default (the tools merge them under the YAML, so `-o` can set them too).
 CONFIG_DEFAULTS = {
-    "hyper_parameters.n_way": None,  # required: classes per task (declared so the tools know the key)
-    "hyper_parameters.k_spt": None,  # required: support images per class
-    "hyper_parameters.k_query": None,  # required: query images per class
     "hyper_parameters.first_order": False,
     "hyper_parameters.update_step": 5,
     "hyper_parameters.update_step_test": 10,
@@ -54,6 +51,10 @@ EVALUATION_NOTE = ("query accuracy after update_step_test SGD steps on each task
 # Named by the trainer when a loss or meta-gradient turns NaN or infinite: the usual culprits.
 NON_FINITE_KEYS = {"hyper_parameters.base_optimizer.learning_rate": "the inner learning rate",
                    "hyper_parameters.meta_optimizer.learning_rate": "the meta learning rate"}
+
+# The keys this model reads without a default (the YAML sets them); the tools warn about a YAML key that neither
+# this nor CONFIG_DEFAULTS declares, as a likely typo.
+CONFIG_KEYS = ["hyper_parameters.n_way", "hyper_parameters.k_spt", "hyper_parameters.k_query"]
 
 # tools/benchmark.py times one meta-iteration per variant (first the one a ratio is taken against).
 # The benchmark times epoch 0, so the second-order variant also turns off the first-order epochs (MAML++'s
