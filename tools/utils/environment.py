@@ -19,13 +19,13 @@ ENVIRONMENT_VARIABLES = ("FLAGS_cudnn_deterministic", "MKL_DEBUG_CPU_TYPE", "GLI
 # where a bad value is a traceback. `python -m tools.utils.environment` prints this table for doc/tools.md.
 Variable = namedtuple("Variable", ["bounds", "reader", "doc"])
 ENVIRONMENT_TABLE = {
-    "PADDLE_TRAINER_ID": Variable(Bounds(0, 2 ** 31 - 1), "Paddle, tools/utils/distributed.py", "This process's rank in a data-parallel job, set by paddle.distributed.launch; below PADDLE_TRAINERS_NUM."),
-    "PADDLE_TRAINERS_NUM": Variable(Bounds(1, 2 ** 31 - 1), "Paddle, tools/utils/distributed.py", "Number of ranks of a data-parallel job, set by paddle.distributed.launch."),
-    "PADDLE_LOCAL_SIZE": Variable(Bounds(1, 2 ** 31 - 1), "tools/utils/environment.py", "Ranks on this host, set by paddle.distributed.launch; runner.num_threads=0 shares the cores among them."),
-    "MAML_CONV_THREADS": Variable(Bounds(1, THREADS.high, THREADS.text), "models/multitask/maml/cpu_schedule.py", "Threads a MAML convolution on the CPU is split over (default: 2, or 1 on one CPU); 1 turns the split off."),
-    "MAML_ONEDNN": Variable(Bounds(choices=("0", "1")), "models/multitask/maml/onednn_conv.py", "0: the MAML model's convolutions use Paddle's kernels instead of oneDNN's (default 1)."),
-    "MAML_ONEDNN_BLOCKED": Variable(Bounds(choices=("0", "1")), "models/multitask/maml/double_grad_ops.py", "0: the MAML model keeps activations in the plain NCHW layout instead of oneDNN's blocked one (default 1)."),
-    "XDG_CACHE_HOME": Variable(None, "models/multitask/maml/omniglot_reader.py", "Folder of the MAML reader's second decoded-image cache (paddlerec_maml/ inside it), used when the data folder's own .cache cannot be written; unset or empty: ~/.cache."),
+    "PADDLE_TRAINER_ID": Variable(Bounds(0, 2 ** 31 - 1), "Paddle, the tools (distributed.py)", "This process's rank in a data-parallel job, set by paddle.distributed.launch; below PADDLE_TRAINERS_NUM."),
+    "PADDLE_TRAINERS_NUM": Variable(Bounds(1, 2 ** 31 - 1), "Paddle, the tools (distributed.py)", "Number of ranks of a data-parallel job, set by paddle.distributed.launch."),
+    "PADDLE_LOCAL_SIZE": Variable(Bounds(1, 2 ** 31 - 1), "the tools (environment.py)", "Ranks on this host, set by paddle.distributed.launch; runner.num_threads=0 shares the cores among them."),
+    "MAML_CONV_THREADS": Variable(Bounds(1, THREADS.high, THREADS.text), "the MAML model (cpu_schedule.py)", "Threads a MAML convolution on the CPU is split over (default: 2, or 1 on one CPU); 1 turns the split off."),
+    "MAML_ONEDNN": Variable(Bounds(choices=("0", "1")), "the MAML model (onednn_conv.py)", "0: the MAML model's convolutions use Paddle's kernels instead of oneDNN's (default 1)."),
+    "MAML_ONEDNN_BLOCKED": Variable(Bounds(choices=("0", "1")), "the MAML model (double_grad_ops.py)", "0: the MAML model keeps activations in the plain NCHW layout instead of oneDNN's blocked one (default 1)."),
+    "XDG_CACHE_HOME": Variable(None, "the MAML reader (omniglot_reader.py)", "Folder of the MAML reader's second decoded-image cache (paddlerec_maml/ inside it), used when the data folder's own .cache cannot be written; unset or empty: ~/.cache."),
 }
 
 
