@@ -15,6 +15,6 @@ setup(
     install_requires=requirements(),
     # Optional: runner.use_visual (VisualDL scalars, as PaddleRec) and tools/plot_metrics.py (matplotlib).
     # The tests cover both extras and run PaddleRec's own tools (../shared/reference/paddlerec), which import six.
-    extras_require={"test": ["pytest", "visualdl", "matplotlib", "six"], "visual": ["visualdl"], "plot": ["matplotlib"]},
+    extras_require={"test": ["pytest", "hypothesis", "visualdl", "matplotlib", "six"], "visual": ["visualdl"], "plot": ["matplotlib"]},
     packages=[],
 )

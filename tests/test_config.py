@@ -77,7 +77,7 @@ def test_plugin_defaults_sit_under_the_yaml(config_path):
 
 @pytest.mark.parametrize("override, key, expected", [
     ("runner.epochs=7", "runner.epochs", 7),
-    ("runner.epochs=-1", "runner.epochs", -1),
+    ("runner.seed=0", "runner.seed", 0),
     ("hyper_parameters.base_lr=1", "hyper_parameters.base_lr", 1.0),
     ("hyper_parameters.base_lr=1e-3", "hyper_parameters.base_lr", 0.001),
     ("runner.use_gpu=true", "runner.use_gpu", True),

@@ -314,6 +314,47 @@ def test_a_second_trainer_is_refused_and_sigterm_ends_the_first_cleanly(three_ep
     assert "continuing at epoch 3" in resumed.stdout
 
 
+@pytest.mark.parametrize("signum, code", [(signal.SIGHUP, 129), (signal.SIGINT, 130)])
+def test_sighup_and_sigint_end_a_run_as_sigterm_does(tmp_path, signum, code):
+    """A closed terminal or a dropped ssh connection (SIGHUP) used to kill the trainer by the default action: no
+    error line and the lock file left behind."""
+    out = tmp_path / "out"
+    process = start_trainer(out, "runner.epochs=1", LONG_EPOCH)
+    try:
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    name = "interrupted" if signum == signal.SIGINT else "terminated (SIGHUP)"
+    assert process.returncode == code, stderr
+    assert stderr.strip().splitlines() == [f"error: {name}"], stderr
+    assert sorted(os.listdir(out)) == ["metrics.jsonl"]  # no lock, no partial checkpoint
+
+
+def test_sigusr1_and_sigusr2_are_ignored_with_a_warning(tmp_path):
+    out = tmp_path / "out"
+    process = start_trainer(out, "runner.epochs=1", LONG_EPOCH)
+    try:
+        for signum in (signal.SIGUSR1, signal.SIGUSR2):
+            process.send_signal(signum)
+            time.sleep(1)
+            assert process.poll() is None, "the trainer died of a user signal"
+    finally:
+        assert_sigterm_ends_it_in_one_line_after_warnings(process, ["SIGUSR1", "SIGUSR2"])
+
+
+def assert_sigterm_ends_it_in_one_line_after_warnings(process, names):
+    try:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    lines = stderr.strip().splitlines()
+    assert process.returncode == 143 and lines[-1] == "error: terminated (SIGTERM)", stderr
+    assert [name for name in names if any(f"WARNING - {name} received and ignored" in line for line in lines)] \
+        == names, stderr
+
+
 def test_sigterm_inside_the_maml_meta_gradient_is_one_line(tmp_path):
     """Most of a MAML step is spent in backward passes that Paddle runs through Python (PyLayer); a signal's
     exception raised there reaches the tool wrapped in Paddle's OSError."""
@@ -385,7 +426,7 @@ def test_a_full_disk_under_the_metrics_file_is_one_line(tmp_path):
 
 
 def test_epochs_below_one_is_an_error(tmp_path):
-    assert_user_error(train(tmp_path / "out", "runner.epochs=-1"), "runner.epochs", "must be at least 1, got -1")
+    assert_user_error(train(tmp_path / "out", "runner.epochs=-1"), "runner.epochs", "must be from 1 to 2^31-1, got -1")
 
 
 def test_resuming_with_another_optimizer_class_is_an_error(run_copy):

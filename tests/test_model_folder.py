@@ -3,10 +3,10 @@ only, no top-level name that an installed package could shadow, and comments tha
 timings, no issue numbers: measurements live in doc/performance.md, and an issue number means nothing to a user)."""
 import ast
 import glob
-import importlib.machinery
 import io
 import os
 import re
+import subprocess
 import sys
 import tokenize
 
@@ -83,12 +83,17 @@ def test_the_engine_imports_nothing_above_it_and_the_algorithm_meets_it_through_
 
 def test_no_installed_module_can_shadow_the_folders_top_level_names():
     """PaddleRec's tools append the model folder to sys.path, so an installed module of the same name would be
-    imported instead of the folder's own."""
-    elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.abspath(MODEL_DIR)]
-    names = {name.partition(".")[0] for name in _modules()}
-    clashes = {name for name in names
-               if name in sys.builtin_module_names or importlib.machinery.PathFinder.find_spec(name, elsewhere)}
-    assert not clashes, f"installed modules with the names of the model folder's: {sorted(clashes)}"
+    imported instead of the folder's own. Asked of a fresh interpreter: this process's sys.path also holds the
+    copies of the model folder that other tests loaded."""
+    names = sorted({name.partition(".")[0] for name in _modules()})
+    probe = ("import importlib.machinery, sys\n"
+             "names = sys.argv[1:]\n"
+             "print(' '.join(n for n in names if n in sys.builtin_module_names\n"
+             "               or importlib.machinery.PathFinder.find_spec(n, sys.path)))")
+    found = subprocess.run([sys.executable, "-c", probe, *names], capture_output=True, text=True, timeout=60,
+                           cwd=os.path.dirname(REPO_ROOT), check=True)
+    clashes = found.stdout.split()
+    assert not clashes, f"installed modules with the names of the model folder's: {clashes}"
 
 
 MACHINES = re.compile(r"\b(Intel|AMD|EPYC|Xeon|Zen ?\d?|Ryzen|Opteron)\b")

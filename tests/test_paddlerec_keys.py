@@ -46,8 +46,8 @@ def test_every_paddlerec_key_is_known_and_documented():
         spec = RUNNER_DEFAULTS[f"runner.{name}"]
         assert spec.paddlerec == "same" or spec.paddlerec.startswith("extended: ") or spec.paddlerec == NO_EFFECT
     table = runner_keys_markdown()
-    assert "| `runner.use_xpu` | bool | `False` | no effect here |" in table
-    assert "| `runner.model_init_path` | str | `\"\"` | same |" in table
+    assert "| `runner.use_xpu` | bool |  | `False` | no effect here |" in table
+    assert "| `runner.model_init_path` | str |  | `\"\"` | same |" in table
 
 
 def test_keys_without_effect_warn_once_and_name_why(toy):

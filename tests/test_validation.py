@@ -211,9 +211,11 @@ def test_validation_reader_mode_and_config_view():
     test_tasks = create_dataset(view, "infer")
     assert [list(test_tasks.episode(0, i).y_qry) for i in range(3)] != [
         list(dataset.episode(0, i).y_qry) for i in range(3)]
+    with pytest.raises(UserError, match="runner.valid_tasks: must be from 1 to"):  # the loader's range check
+        load_config(MAML_CONFIG, ["runner.valid_data_dir=data/test", "runner.valid_tasks=0"])
+    maml["runner.valid_tasks"] = 0  # past the loader, the reader's own check names the key the user set
     with pytest.raises(UserError, match="runner.valid_tasks: must be a positive integer"):
-        create_dataset(validation_config(load_config(MAML_CONFIG, ["runner.valid_data_dir=data/test",
-                                                                    "runner.valid_tasks=0"])), "valid")
+        create_dataset(validation_config(maml), "valid")
     toy = create_dataset(validation_config(load_config(TOY_CONFIG, ["runner.valid_data_dir=data/test",
                                                                     "runner.valid_tasks=30"])), "valid")
     assert toy.stream == 1 and toy.num_samples == 30  # the toy reader's infer stream

@@ -13,10 +13,11 @@ TOY_DIR = os.path.join(REPO_ROOT, "tests", "toy_model")
 TOY_CONFIG = os.path.join(TOY_DIR, "config.yaml")
 
 
-def run_tool(script, *args, cwd=REPO_ROOT, env=None, script_path=None):
-    """Run tools/<script> with this Python; return the CompletedProcess."""
+def run_tool(script, *args, cwd=REPO_ROOT, env=None, script_path=None, unset=()):
+    """Run tools/<script> with this Python (`env` added to the environment, the variables in `unset` removed);
+    return the CompletedProcess."""
     command = [sys.executable, "-u", script_path or os.path.join(TOOLS_DIR, script), *map(str, args)]
-    process_env = dict(os.environ)
+    process_env = {key: value for key, value in os.environ.items() if key not in unset}
     process_env.update(env or {})
     return subprocess.run(command, cwd=cwd, env=process_env, capture_output=True, text=True, timeout=120)
 

@@ -16,7 +16,7 @@ if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
 # None of these import paddle at import time: cli.load_run_config prepares the environment first.
-from tools.utils.checkpoint import PARAMS_FILE, load_checkpoint  # noqa: E402
+from tools.utils.checkpoint import PARAMS_FILE, check_output_file, load_checkpoint  # noqa: E402
 from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa: E402
 from tools.utils.console import UserError, format_number, format_results, log  # noqa: E402
 from tools.utils.distributed import setup_data_parallel  # noqa: E402
@@ -85,6 +85,8 @@ def infer(args):
     # Built before the results file is opened, so a bad data folder or reader fails without touching it.
     loader = evaluation_loader(config, "infer", parallel, seed)
     results_path = os.path.join(load_dir, "infer_metrics.jsonl")
+    if parallel.is_main:
+        check_output_file(results_path, "metrics")  # appended to: it must be a metrics file already, or absent
     visual = VisualLog(config, "infer", parallel.is_main)
     steps_before = 0  # VisualDL steps count batches over all checkpoints, as in PaddleRec
     results_log = MetricsLog(results_path if parallel.is_main else None, append=True)

@@ -12,6 +12,7 @@ import sys
 if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
+from tools.utils.checkpoint import check_output_file  # noqa: E402
 from tools.utils.cli import run_tool  # noqa: E402
 from tools.utils.config import is_number  # noqa: E402
 from tools.utils.console import UserError, log, warn  # noqa: E402
@@ -63,6 +64,14 @@ def build_figure(records, keys, title):
     return figure
 
 
+def is_png(path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
+
+
 def plot(args):
     try:
         import matplotlib  # noqa: F401
@@ -75,6 +84,7 @@ def plot(args):
     if figure is None:
         raise UserError(f"{args.metrics_files[0]}: no train or evaluation records with {', '.join(args.keys)} to plot")
     output = args.output or os.path.splitext(args.metrics_files[0])[0] + ".png"
+    check_output_file(output, "PNG", "-o", is_png)  # a chart replaces only a chart
     try:
         figure.savefig(output, format="png")
     except OSError as reason:

@@ -14,7 +14,8 @@ if not __package__:  # run as a script, not imported as tools.<name>
 
 # None of these import paddle at import time: cli.load_run_config prepares the environment first.
 from tools.infer import RANGE_KEYS, checkpoint_folders  # noqa: E402
-from tools.utils.checkpoint import load_checkpoint, write_json_atomically  # noqa: E402
+from tools.utils.checkpoint import check_output_file, is_json_object_with, load_checkpoint  # noqa: E402
+from tools.utils.checkpoint import write_json_atomically  # noqa: E402
 from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa: E402
 from tools.utils.console import UserError, format_values, log, warn  # noqa: E402
 from tools.utils.distributed import single_process  # noqa: E402
@@ -98,6 +99,8 @@ def report(config, folder, epoch, support, queries, result):
 
 
 def predict(args):
+    if args.json:  # only a predictions file of an earlier run may be replaced
+        check_output_file(args.json, "predictions", "--json", lambda path: is_json_object_with(path, "queries"))
     support = support_classes(args.support)  # folder mistakes fail before paddle is imported
     queries = query_images(args.query)
     config, _ = load_run_config(args.config, args.overrides)

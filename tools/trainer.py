@@ -16,8 +16,9 @@ if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
 # None of these import paddle at import time: cli.load_run_config prepares the environment first.
-from tools.utils.checkpoint import (latest_checkpoint, load_checkpoint, lock_run_folder,  # noqa: E402
-                                    read_checkpoint_meta, replace_old_run, save_checkpoint)
+from tools.utils.checkpoint import (check_epoch_folders, check_output_file, file_in_the_way,  # noqa: E402
+                                    latest_checkpoint, load_checkpoint, lock_run_folder, read_checkpoint_meta,
+                                    replace_old_run, save_checkpoint)
 from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa: E402
 from tools.utils.console import UserError, format_results, format_values, log, progress_bar, warn  # noqa: E402
 from tools.utils.data import batches_then_none, count_samples, create_data_loader, expected_batches  # noqa: E402
@@ -87,6 +88,9 @@ class Trainer:
         self.device = select_device(config)
         self.parallel = parallel = setup_data_parallel(config, self.device)
         overwrite = config.require("runner.overwrite", bool)
+        in_the_way = file_in_the_way(self.save_dir)
+        if in_the_way:
+            raise config.error("runner.model_save_path", f"{in_the_way} is a file, not a folder")
         if parallel.is_main:  # the one writer holds the folder for its whole life (doc/reliability.md)
             lock_run_folder(self.save_dir)
         self.batch_size = loader_batch_size(config, "train", parallel.world_size)
@@ -100,6 +104,8 @@ class Trainer:
         self.model = self.model_obj.create_model(config)
         self.optimizer = self.model_obj.create_optimizer(self.model, config)
         self.load_starting_point()
+        if parallel.is_main:
+            self.check_outputs(overwrite)
         # One run per folder: only a resume from the folder's own checkpoints continues in it.
         if parallel.is_main and (self.resumed_from is None or os.path.dirname(self.resumed_from) != self.save_dir):
             replace_old_run(self.save_dir, overwrite)
@@ -142,6 +148,18 @@ class Trainer:
         self.start_epoch = 0 if epoch is None else epoch + 1
         log(f"loaded {path} (epoch unknown); training starts at epoch 0" if epoch is None else
             f"resumed from {path}: continuing at epoch {epoch + 1}")
+
+    def check_outputs(self, overwrite):
+        """A run owns only what it writes: before anything is written, refuse (naming the path) an output that
+        would replace what another run or the user keeps there."""
+        check_epoch_folders(self.save_dir, range(self.start_epoch, self.epochs))
+        check_output_file(os.path.join(self.save_dir, BEST_FILE), "best.json")
+        check_output_file(self.metrics_path, "metrics", "runner.metrics_path")
+        own = os.path.join(self.save_dir, "metrics.jsonl")  # the folder's own: replace_old_run decides about it
+        if (self.resumed_from is None and not overwrite and os.path.abspath(self.metrics_path) != own
+                and os.path.isfile(self.metrics_path) and os.path.getsize(self.metrics_path) > 0):
+            raise self.config.error("runner.metrics_path", f"{self.metrics_path} holds the metrics of another run; "
+                                    "choose another path, or replace it with runner.overwrite=True")
 
     def carry_over_best(self):
         """Bring best.json in line with this run (rank 0): a fresh start removes an earlier run's; a resumed run

@@ -13,6 +13,7 @@ import pickle
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 import warnings
@@ -23,6 +24,7 @@ from tools.utils.config import is_number
 from tools.utils.console import UserError, log, warn
 
 PARAMS_FILE, OPTIMIZER_FILE, META_FILE, LOCK_FILE = "rec.pdparams", "rec.pdopt", "meta.json", ".trainer.lock"
+CHECKPOINT_FILES = (PARAMS_FILE, OPTIMIZER_FILE, META_FILE)  # all an epoch folder written here holds
 RUN_FILES = ("metrics.jsonl", "best.json", "infer_metrics.jsonl")  # what a run writes beside its epoch folders
 # What interrupted saves and removals leave (staged()'s temporary siblings, replace_old_run's .replaced-*)
 _STAGING = re.compile(r"^\.(\d+\.(saving|old)-.*|.*\.json\..*\.tmp|replaced-.*)$")
@@ -259,11 +261,105 @@ def _epoch_names(folder):
     return [name for name in os.listdir(folder) if name.isascii() and name.isdigit()] if os.path.isdir(folder) else []
 
 
+def is_checkpoint_folder(path) -> bool:
+    """Whether `path` is an epoch folder as save_checkpoint writes it: a real folder holding rec.pdparams and
+    nothing but checkpoint files. A folder named by a number that holds anything else is the user's, not a run's."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    try:
+        entries = os.listdir(path)
+    except OSError:
+        return False
+    return PARAMS_FILE in entries and os.path.isfile(os.path.join(path, PARAMS_FILE)) \
+        and set(entries) <= set(CHECKPOINT_FILES)
+
+
+def checkpoint_epochs(folder):
+    """The sorted epochs of the checkpoint folders in `folder`: named as save_checkpoint names them (no leading
+    zeros) and recognised by is_checkpoint_folder."""
+    return sorted(int(name) for name in _epoch_names(folder)
+                  if name == str(int(name)) and is_checkpoint_folder(os.path.join(folder, name)))
+
+
 def latest_checkpoint(save_dir):
-    """The newest complete epoch folder <save_dir>/<epoch> (saves are atomic: one with rec.pdparams), or None."""
+    """The newest complete epoch folder <save_dir>/<epoch> (saves are atomic: one with rec.pdparams), or None.
+    Only read from, so a checkpoint folder the user added a file to still resumes."""
     epochs = [(int(name), name) for name in _epoch_names(save_dir)
               if os.path.isfile(os.path.join(save_dir, name, PARAMS_FILE))]
     return os.path.join(save_dir, max(epochs)[1]) if epochs else None
+
+
+def file_in_the_way(folder):
+    """The first existing path of `folder` and its parents that is not a folder (a file where a folder must be
+    made), or None."""
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) else path
+
+
+def _first_line_is_a_record(path) -> bool:
+    """Whether the file's first line is a JSON object with an "event": a metrics file the tools wrote."""
+    try:
+        with open(path, "rb") as handle:
+            line = handle.readline(MAX_JSON_BYTES)
+        record = json.loads(line.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("event"), str)
+
+
+def is_json_object_with(path, field) -> bool:
+    """Whether `path` holds a JSON object with `field`: the mark of a JSON file the tools wrote."""
+    try:
+        return field in read_json_object(path, "JSON file")
+    except UserError:
+        return False
+
+
+def is_run_file(path) -> bool:
+    """Whether `path` is a regular file in the format the tools write under its name: a metrics file (JSON lines
+    of records) or best.json. An empty file holds nothing to lose."""
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    if os.path.getsize(path) == 0:
+        return True
+    if os.path.basename(path) == "best.json":
+        return is_json_object_with(path, "history")
+    return _first_line_is_a_record(path)
+
+
+def check_output_file(path, what, key=None, owned=is_run_file):
+    """Refuse, in one line naming `path`, to write `what` (e.g. "metrics") over a file the tools did not write: a
+    checkpoint, a config, anything else. Absent files, character devices (/dev/null) and the files `owned`
+    recognises as the tools' own pass."""
+    where = f" ({key})" if key else ""
+    if not os.path.lexists(path):
+        in_the_way = file_in_the_way(os.path.dirname(os.path.abspath(path)))
+        if in_the_way:
+            raise UserError(f"{in_the_way}: is a file, not a folder; cannot write the {what} file {path}{where}")
+        return
+    mode = os.stat(path).st_mode if os.path.exists(path) else 0
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{path}: is a folder, expected a {what} file{where}")
+    if stat.S_ISCHR(mode):
+        return
+    if not stat.S_ISREG(mode) or os.path.islink(path):
+        raise UserError(f"{path}: not a regular file; refusing to write the {what} file there{where}")
+    if os.path.getsize(path) > 0 and not owned(path):  # an empty file holds nothing to lose
+        raise UserError(f"{path}: exists and is not a {what} file written by these tools; refusing to overwrite "
+                        f"it{where}: choose another path or move the file")
+
+
+def check_epoch_folders(save_dir, epochs, key="runner.model_save_path"):
+    """Refuse, naming the folder, a run that would write its checkpoint of one of `epochs` where a folder or file
+    that is not a checkpoint stands (saving replaces the old epoch folder as a whole)."""
+    for epoch in epochs:
+        path = os.path.join(save_dir, str(epoch))
+        if os.path.lexists(path) and not is_checkpoint_folder(path):
+            kind = "folder" if os.path.isdir(path) and not os.path.islink(path) else "file"
+            raise UserError(f"{path}: a {kind} that is not a checkpoint of this trainer stands where the checkpoint "
+                            f"of epoch {epoch} goes; move it or choose another {key}")
 
 
 def _holder(descriptor) -> str:
@@ -326,16 +422,18 @@ def _release(path, descriptor, created):
 
 
 def replace_old_run(folder, overwrite, key="runner.overwrite"):
-    """Before a fresh start: refuse a folder that holds checkpoints, or with `overwrite` remove the old run (epoch
-    folders and RUN_FILES) as a whole: moved into one hidden folder first, so no part of it stays in use."""
-    epochs = sorted(int(name) for name in _epoch_names(folder) if os.path.isdir(os.path.join(folder, name)))
+    """Before a fresh start: refuse a folder that holds checkpoints, or with `overwrite` remove the old run (its
+    checkpoint folders and RUN_FILES, each recognised by its contents) as a whole: moved into one hidden folder
+    first, so no part of it stays in use."""
+    epochs = checkpoint_epochs(folder)
     if not epochs:
         return
     if not overwrite:
         raise UserError(f"{folder}: holds the checkpoints of another run (epochs {', '.join(map(str, epochs))}); "
                         f"resume it with runner.resume_path=auto, or replace it with {key}=True")
-    entries = sorted(name for name in os.listdir(folder) if name in RUN_FILES
-                     or (name in _epoch_names(folder) and os.path.isdir(os.path.join(folder, name))))
+    # Only what a run writes goes: checkpoint folders and run files in their own format, never a user's files.
+    entries = sorted([str(epoch) for epoch in epochs] + [name for name in RUN_FILES
+                                                         if is_run_file(os.path.join(folder, name))])
     moved = []
     try:
         aside = tempfile.mkdtemp(prefix=".replaced-", dir=folder)

@@ -6,11 +6,11 @@ import signal
 import sys
 
 from tools.utils.config import RUNNER_DEFAULTS, keys_without_effect, load_config
-from tools.utils.console import (EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR,
-                                 DistributedError, Terminated, UserError, hold_signals, on_signal, rank_prefix,
-                                 signals_received, warn)
+from tools.utils.console import (ENDING_SIGNALS, EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR,
+                                 IGNORED_SIGNALS, DistributedError, Terminated, UserError, exit_code, hold_signals,
+                                 on_ignored_signal, on_signal, rank_prefix, signals_received, warn)
 from tools.utils.distributed import launched_rank
-from tools.utils.environment import prepare_environment
+from tools.utils.environment import check_environment, prepare_environment
 from tools.utils.plugin import import_plugin_module, plugin_declaration
 
 
@@ -25,17 +25,19 @@ def config_arg_parser(description) -> argparse.ArgumentParser:
 
 
 def load_run_config(config_path, overrides=(), data_parallel=False):
-    """(config, plugin_module): the YAML and runner.* overrides read without Paddle (with `data_parallel`, the
-    launcher's ranks checked against them), the environment prepared (Paddle reads it at import), the plugin
-    imported, and the config read again with the plugin's defaults so every -o is checked; then our SIGTERM handler
-    replaces the one Paddle installs at import."""
+    """(config, plugin_module): the environment variables checked, the YAML and runner.* overrides read without
+    Paddle (with `data_parallel`, the launcher's ranks checked against them), the environment prepared (Paddle
+    reads it at import), the plugin imported, and the config read again with the plugin's defaults so every -o is
+    checked; then our SIGTERM handler replaces the one Paddle installs at import."""
+    check_environment()  # Paddle and the model read some of these at import, where a bad value is a traceback
     early = load_config(config_path, [item for item in overrides
                                       if "=" not in item or item.split("=", 1)[0].strip() in RUNNER_DEFAULTS])
     if data_parallel:
         launched_rank(early)
     prepare_environment(early.require("runner.deterministic", bool))
     plugin_module = import_plugin_module(early)
-    config = load_config(config_path, overrides, plugin_declaration(plugin_module, "CONFIG_DEFAULTS"))
+    config = load_config(config_path, overrides, plugin_declaration(plugin_module, "CONFIG_DEFAULTS"),
+                         plugin_declaration(plugin_module, "CONFIG_KEYS"))
     handle_signals()
     for key, why in keys_without_effect(config):  # PaddleRec keys are never unknown; those idle here say so
         warn(f"{key} = {config[key]!r} has no effect here: {why}")
@@ -43,17 +45,20 @@ def load_run_config(config_path, overrides=(), data_parallel=False):
 
 
 def handle_signals():
-    """Make SIGTERM end the tool like Ctrl-C (one line, exit 143), and remember which signal arrived. Call after
-    `import paddle`, whose own SIGTERM handler, installed at import, prints a C++ stack dump and dies mid-write."""
+    """Make SIGTERM and SIGHUP end the tool like Ctrl-C (one line, exit 128 + the signal), remember which signal
+    arrived, and ignore SIGUSR1/SIGUSR2 with a warning. Call after `import paddle`, whose own SIGTERM handler,
+    installed at import, prints a C++ stack dump and dies mid-write."""
     import paddle  # noqa: F401  (installs Paddle's handler now, if the plugin has not imported it yet)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in ENDING_SIGNALS:
+        signal.signal(signum, on_signal)
+    for signum in IGNORED_SIGNALS:
+        signal.signal(signum, on_ignored_signal)
 
 
 def run_tool(body, args) -> int:
     """Run body(args); end a UserError with one `error:` line and exit code 2 (DistributedError: 3; Ctrl-C: 130;
-    SIGTERM: 143). In a data-parallel run the line starts with the rank, e.g. `[rank 1/2] error: ...`."""
+    SIGTERM: 143, SIGHUP: 129). In a data-parallel run the line starts with the rank, e.g. `[rank 1/2] error: ...`."""
     try:
         body(args)
         return EXIT_OK
@@ -64,13 +69,13 @@ def run_tool(body, args) -> int:
         # Paddle re-raises an exception from Python code it calls (a PyLayer's backward) as its own OSError, so
         # the exception may not say which signal it comes from: the signal received does.
         if isinstance(error, KeyboardInterrupt):
-            signum = signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT
+            signum = error.signum if isinstance(error, Terminated) else signal.SIGINT
         elif isinstance(error, Exception) and signals_received:
             signum = signals_received[-1]
         else:
             raise
-        terminated = signum == signal.SIGTERM
-        message, code = ("terminated (SIGTERM)", EXIT_TERMINATED) if terminated else ("interrupted", EXIT_INTERRUPTED)
+        message, code = (("interrupted", EXIT_INTERRUPTED) if signum == signal.SIGINT else
+                         (f"terminated ({signal.Signals(signum).name})", exit_code(signum)))
     sys.stdout.flush()
     print(f"{rank_prefix()}error: {message}", file=sys.stderr, flush=True)
     return code

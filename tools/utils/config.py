@@ -3,46 +3,106 @@ the value they replace (`-o runner.epochs=0.5` fails), and the runner.* key tabl
 prints it for doc/tools.md). Imports no paddle: the config is read before Paddle starts.
 """
 import difflib
+import math
 import numbers
 import os
 from collections import namedtuple
 
 import yaml
 
-from tools.utils.console import UserError
+from tools.utils.console import UserError, warn
+
+
+class Bounds:
+    """The values a number key accepts, low..high inclusive (None: no bound). `high` may be a function of the
+    machine (then `text` says what it is in the doc), and `choices` lists the only values of a text key."""
+
+    def __init__(self, low=None, high=None, text=None, choices=None):
+        self.low, self.high, self.text, self.choices = low, high, text, choices
+
+    def upper(self):
+        return self.high() if callable(self.high) else self.high
+
+    def problem(self, value):
+        """Why `value` is out of range (a short phrase), or None."""
+        if self.choices is not None:
+            return None if value in self.choices else f"expected one of {', '.join(self.choices)}, got {value!r}"
+        if not is_number(value):
+            return None  # the type check speaks about it
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        high = self.upper()
+        if (self.low is not None and value < self.low) or (high is not None and value > high):
+            why = f" ({self.text})" if callable(self.high) else ""
+            return f"must be {self.describe(high)}{why}, got {value}"
+        return None
+
+    def describe(self, high=None):
+        high = self.text if high is None and callable(self.high) else self.high if high is None else high
+        if self.choices is not None:
+            return " or ".join(self.choices)
+        high = _number_text(high)
+        if high is None:
+            return f"at least {self.low}"
+        return f"at most {high}" if self.low is None else f"from {self.low} to {high}"
+
+
+def _number_text(value):
+    """2147483647 as 2^31-1, 1048576 as 2^20: the doc's ranges read as what they are."""
+    if not is_number(value, int) or value < 2 ** 16:
+        return value
+    for offset, suffix in ((0, ""), (1, "-1")):
+        if (value + offset) & (value + offset - 1) == 0:
+            return f"2^{(value + offset).bit_length() - 1}{suffix}"
+    return value
+
+
+def _machine_threads():
+    return 4 * (os.cpu_count() or 1)
+
+
+# The bounds the runner keys share. Counts stop at int32's largest value (what Paddle's and numpy's index types
+# hold); a batch is built in memory at once, so its size stops far lower.
+COUNT, POSITIVE = Bounds(0, 2 ** 31 - 1), Bounds(1, 2 ** 31 - 1)
+BATCH = Bounds(1, 2 ** 20)
+THREADS = Bounds(0, _machine_threads, "4 x the CPUs")  # more OpenMP threads than that only thrash, then abort
+SEED = Bounds(0, 2 ** 32 - 1)  # numpy's seed range (Paddle takes up to 2**64 - 1)
+SECONDS = Bounds(1, 7 * 24 * 3600)  # a week: any longer wait is a hang
+ENSEMBLE = Bounds(1, 1000)  # every member is a model held in memory
 
 # paddlerec: how the key relates to PaddleRec's tools/trainer.py and infer.py: "same", "extended" (same meaning,
 # more to it, said in the doc), NO_EFFECT + why (accepted; a warning when set), or "" (not a PaddleRec key).
-RunnerKey = namedtuple("RunnerKey", ["default", "type", "doc", "paddlerec"], defaults=[""])
+# bounds: the range of a number key (Bounds), checked after the type; None for keys whose values need no range.
+RunnerKey = namedtuple("RunnerKey", ["default", "type", "doc", "paddlerec", "bounds"], defaults=["", None])
 NO_EFFECT = "no effect here"
 
 # The runner.* keys the tools understand; `type` checks YAML and -o values. A default of None means none (a tool
 # that needs the key says "missing required key") or, where the doc says so, one derived from another key.
 RUNNER_DEFAULTS = {
     "runner.use_gpu": RunnerKey(False, bool, "Run on a GPU when this Paddle build and the machine have one; else warn and use the CPU.", "extended: default False, and a GPU that is missing gives a warning and the CPU"),
-    "runner.epochs": RunnerKey(1, int, "Number of training epochs (counted from 0; a resumed run continues up to this number).", "same"),
-    "runner.train_batch_size": RunnerKey(None, int, "Batch size of the training loader (required for training).", "same"),
-    "runner.infer_batch_size": RunnerKey(None, int, "Batch size of the evaluation loader (required for infer).", "same"),
-    "runner.print_interval": RunnerKey(10, int, "Log a line and a metrics record every this many batches.", "same"),
+    "runner.epochs": RunnerKey(1, int, "Number of training epochs (counted from 0; a resumed run continues up to this number).", "same", bounds=POSITIVE),
+    "runner.train_batch_size": RunnerKey(None, int, "Batch size of the training loader (required for training).", "same", bounds=BATCH),
+    "runner.infer_batch_size": RunnerKey(None, int, "Batch size of the evaluation loader (required for infer).", "same", bounds=BATCH),
+    "runner.print_interval": RunnerKey(10, int, "Log a line and a metrics record every this many batches.", "same", bounds=POSITIVE),
     "runner.model_save_path": RunnerKey("output_model", str, "Folder that receives one checkpoint folder per epoch, named by the epoch number, holding rec.pdparams and rec.pdopt.", "extended: written atomically with meta.json; a relative path is relative to the config's folder (PaddleRec: the current folder)"),
-    "runner.overwrite": RunnerKey(False, bool, "A fresh start (no runner.resume_path; a warm start from runner.model_init_path counts as fresh) into a runner.model_save_path that holds checkpoints is refused unless this is True; then the old run (epoch folders, metrics.jsonl, best.json, infer_metrics.jsonl) is removed, as a whole, before training starts."),
+    "runner.overwrite": RunnerKey(False, bool, "A fresh start (no runner.resume_path; a warm start from runner.model_init_path counts as fresh) into a runner.model_save_path that holds checkpoints is refused unless this is True; then the old run (its checkpoint folders, metrics.jsonl, best.json, infer_metrics.jsonl) is removed, as a whole, before training starts. Only what a run writes is removed: a folder named by a number counts as a checkpoint only when it holds rec.pdparams and nothing but checkpoint files; a folder or file that is not the trainer's where a checkpoint would go is refused. Also lets a fresh start replace the metrics file of another run at runner.metrics_path."),
     "runner.model_init_path": RunnerKey("", str, "Warm start, as in PaddleRec: a checkpoint epoch folder whose parameters (only) the model starts from; training runs from epoch 0 with a fresh optimizer. Empty: random initialisation.", "same"),
     "runner.resume_path": RunnerKey("", str, "Continue a run: a checkpoint epoch folder (parameters + optimizer state); training continues at the next epoch, bit-identical to an uninterrupted run. auto: the newest complete epoch folder in runner.model_save_path, or a fresh start when there is none. Empty: start fresh."),
     "runner.infer_load_path": RunnerKey("", str, "Folder holding the epoch checkpoints to evaluate. Empty: runner.model_save_path.", "extended: empty means runner.model_save_path; relative to the config's folder"),
-    "runner.infer_start_epoch": RunnerKey(0, int, "First checkpoint epoch evaluated by infer.", "same"),
-    "runner.infer_end_epoch": RunnerKey(None, int, "Checkpoint epoch where infer stops (exclusive). Unset: runner.epochs.", "extended: unset means runner.epochs (PaddleRec: 10)"),
+    "runner.infer_start_epoch": RunnerKey(0, int, "First checkpoint epoch evaluated by infer.", "same", bounds=COUNT),
+    "runner.infer_end_epoch": RunnerKey(None, int, "Checkpoint epoch where infer stops (exclusive). Unset: runner.epochs.", "extended: unset means runner.epochs (PaddleRec: 10)", bounds=COUNT),
     "runner.infer_best": RunnerKey(False, bool, "infer evaluates only the epoch named in best.json of the infer load folder (written by training with validation), instead of runner.infer_start_epoch/runner.infer_end_epoch."),
-    "runner.infer_ensemble": RunnerKey(1, int, "with runner.infer_best: evaluate the N best validated epochs of best.json as one ensemble (the model plugin's ensemble() combines them; MAML averages class probabilities) instead of the best epoch alone."),
+    "runner.infer_ensemble": RunnerKey(1, int, "with runner.infer_best: evaluate the N best validated epochs of best.json as one ensemble (the model plugin's ensemble() combines them; MAML averages class probabilities) instead of the best epoch alone.", bounds=ENSEMBLE),
     "runner.train_data_dir": RunnerKey(None, str, "Folder whose entries (sorted, absolute paths) are handed to the training reader.", "same"),
     "runner.test_data_dir": RunnerKey(None, str, "Folder whose entries (sorted, absolute paths) are handed to the evaluation reader.", "same"),
     "runner.train_reader_path": RunnerKey(None, str, "Reader module for training, relative to the config folder (importlib name, .py optional).", "same"),
     "runner.infer_reader_path": RunnerKey(None, str, "Reader module for evaluation, relative to the config folder (importlib name, .py optional).", "same"),
-    "runner.seed": RunnerKey(2026, int, "Seed for random, numpy and paddle; each epoch reseeds from it so resumed runs match uninterrupted ones.", "extended: also seeds random and numpy, and reseeds every epoch (PaddleRec's default: 12345)"),
+    "runner.seed": RunnerKey(2026, int, "Seed for random, numpy and paddle; each epoch reseeds from it so resumed runs match uninterrupted ones.", "extended: also seeds random and numpy, and reseeds every epoch (PaddleRec's default: 12345)", bounds=SEED),
     "runner.deterministic": RunnerKey(True, bool, "Set FLAGS_cudnn_deterministic=1 before Paddle starts."),
-    "runner.num_threads": RunnerKey(0, int, "CPU threads for Paddle; 0 means all cores (divided among the data-parallel processes of a host)."),
-    "runner.metrics_path": RunnerKey("", str, "JSON-lines metrics file of a training run. Empty: metrics.jsonl inside runner.model_save_path."),
+    "runner.num_threads": RunnerKey(0, int, "CPU threads for Paddle; 0 means all cores (divided among the data-parallel processes of a host).", bounds=THREADS),
+    "runner.metrics_path": RunnerKey("", str, "JSON-lines metrics file of a training run. Empty: metrics.jsonl inside runner.model_save_path. An existing file that is not a metrics file (a checkpoint, a config) is refused; another run's metrics file only with runner.overwrite=True."),
     "runner.use_fleet": RunnerKey(False, bool, "Data-parallel training and evaluation over the processes of python -m paddle.distributed.launch (see doc/distributed.md). True without a launcher is an error.", "extended: also shards evaluation and checks the ranks agree"),
-    "runner.sync_timeout": RunnerKey(1800, int, "Data-parallel runs: seconds a rank waits for the others at the start of each epoch or evaluation before failing with an error naming the missing ranks (inside an epoch the backend's own limit applies, see doc/distributed.md)."),
+    "runner.sync_timeout": RunnerKey(1800, int, "Data-parallel runs: seconds a rank waits for the others at the start of each epoch or evaluation before failing with an error naming the missing ranks (inside an epoch the backend's own limit applies, see doc/distributed.md).", bounds=SECONDS),
     "runner.use_auc": RunnerKey(False, bool, "PaddleRec resets the metrics after each epoch only when True (else its infer accumulates them over the checkpoints); here they always start afresh for every epoch and every evaluated checkpoint.", "extended: always as PaddleRec with True"),
     "runner.use_visual": RunnerKey(False, bool, "Write VisualDL scalars, as PaddleRec: <config folder>/visualDL_log/train (tags train/<key>: loss, metrics, every runner.print_interval batches) and visualDL_log/infer (infer/<key>). Needs the optional visualdl package (pip install -e \".[visual]\"); view with visualdl --logdir visualDL_log.", "same"),
     "runner.use_xpu": RunnerKey(False, bool, "PaddleRec runs on a Kunlun XPU; these tools run on the CPU or a CUDA GPU only.", NO_EFFECT),
@@ -50,17 +110,17 @@ RUNNER_DEFAULTS = {
     "runner.use_inference": RunnerKey(False, bool, "PaddleRec's static-graph trainer exports an inference model; these tools save dygraph checkpoints (rec.pdparams) only.", NO_EFFECT),
     "runner.save_inference_feed_varnames": RunnerKey(None, list, "Inputs of PaddleRec's exported inference model (runner.use_inference); nothing is exported here.", NO_EFFECT),
     "runner.save_inference_fetch_varnames": RunnerKey(None, list, "Outputs of PaddleRec's exported inference model (runner.use_inference); nothing is exported here.", NO_EFFECT),
-    "runner.num_workers": RunnerKey(0, int, "PaddleRec's DataLoader worker processes; here the loader reads in the main process, since readers draw seeded samples whose order workers would make depend on scheduling.", NO_EFFECT),
-    "runner.thread_num": RunnerKey(None, int, "Threads of PaddleRec's static-graph QueueDataset/InMemoryDataset; there is no such dataset here (CPU threads: runner.num_threads).", NO_EFFECT),
+    "runner.num_workers": RunnerKey(0, int, "PaddleRec's DataLoader worker processes; here the loader reads in the main process, since readers draw seeded samples whose order workers would make depend on scheduling.", NO_EFFECT, bounds=COUNT),
+    "runner.thread_num": RunnerKey(None, int, "Threads of PaddleRec's static-graph QueueDataset/InMemoryDataset; there is no such dataset here (CPU threads: runner.num_threads).", NO_EFFECT, bounds=COUNT),
     "runner.reader_type": RunnerKey(None, str, "PaddleRec's static-graph reader (QueueDataset, InMemoryDataset, DataLoader); here it is always a DataLoader over the reader's RecDataset.", NO_EFFECT),
     "runner.user_define_reader": RunnerKey(False, bool, "PaddleRec's flag for a reader of its own making; every reader here is the model's RecDataset.", NO_EFFECT),
-    "runner.tasks_per_epoch": RunnerKey(None, int, "Read by readers: training samples or tasks per epoch (reader's own default when unset)."),
-    "runner.infer_tasks": RunnerKey(None, int, "Read by readers: evaluation samples or tasks (reader's own default when unset)."),
+    "runner.tasks_per_epoch": RunnerKey(None, int, "Read by readers: training samples or tasks per epoch (reader's own default when unset).", bounds=POSITIVE),
+    "runner.infer_tasks": RunnerKey(None, int, "Read by readers: evaluation samples or tasks (reader's own default when unset).", bounds=POSITIVE),
     "runner.valid_data_dir": RunnerKey("", str, "Validation data folder, read by the evaluation reader (runner.infer_reader_path) like runner.test_data_dir. Empty: no validation during training."),
-    "runner.valid_interval": RunnerKey(1, int, "Validate after every this many epochs (epochs N-1, 2N-1, ...); the last epoch is always validated."),
-    "runner.valid_tasks": RunnerKey(None, int, "Validation samples or tasks; the reader sees it as runner.infer_tasks. Unset: runner.infer_tasks."),
+    "runner.valid_interval": RunnerKey(1, int, "Validate after every this many epochs (epochs N-1, 2N-1, ...); the last epoch is always validated.", bounds=POSITIVE),
+    "runner.valid_tasks": RunnerKey(None, int, "Validation samples or tasks; the reader sees it as runner.infer_tasks. Unset: runner.infer_tasks.", bounds=POSITIVE),
     "runner.valid_metric": RunnerKey("acc", str, "Validation result (a key as logged, e.g. acc) that selects the best epoch, recorded in best.json of runner.model_save_path."),
-    "runner.valid_mode": RunnerKey("max", str, "max: the highest runner.valid_metric is best; min: the lowest. Ties keep the earlier epoch."),
+    "runner.valid_mode": RunnerKey("max", str, "max: the highest runner.valid_metric is best; min: the lowest. Ties keep the earlier epoch.", bounds=Bounds(choices=("max", "min"))),
 }
 
 
@@ -216,12 +276,14 @@ def _type_of(value):
     return type(value) if isinstance(value, (bool, int, float, str, list)) else None
 
 
-def load_config(path, overrides=(), plugin_defaults=None) -> Config:
+def load_config(path, overrides=(), plugin_defaults=None, plugin_keys=()) -> Config:
     """The config: plugin CONFIG_DEFAULTS, runner defaults, the YAML, then `-o key=value` overrides, each over the
-    last. An override must name a key of the first three, typed by RUNNER_DEFAULTS, the plugin default or the YAML."""
+    last. An override must name a key of the first three, typed by RUNNER_DEFAULTS, the plugin default or the YAML.
+    Every runner.* value is checked against its range; with the plugin's defaults (and its CONFIG_KEYS, the keys
+    it reads without a default), a YAML key none of them declares is warned about."""
     yaml_values = flatten(read_yaml_mapping(path))
     yaml_values.pop("config_abs_dir", None)  # computed, never read
-    plugin_defaults = plugin_defaults or {}
+    with_plugin, plugin_defaults = plugin_defaults is not None, plugin_defaults or {}
     types = {key: _type_of(value) for key, value in yaml_values.items()}
     types.update({key: _type_of(value) for key, value in plugin_defaults.items()
                   if value is not None or key not in types})
@@ -235,16 +297,40 @@ def load_config(path, overrides=(), plugin_defaults=None) -> Config:
             config[key] = config.require(key, types[key])
     for item in overrides:
         config.apply_override(item)
+    check_bounds(config)
+    if with_plugin:  # once, when the plugin's keys are known too
+        warn_unknown_keys(config, yaml_values, {**dict.fromkeys(plugin_keys), **plugin_defaults})
     return config
 
 
+def check_bounds(config):
+    """Every runner.* value within its key's Bounds, else a UserError naming the key."""
+    for key, spec in RUNNER_DEFAULTS.items():
+        if spec.bounds is not None and config.get(key) is not None:
+            problem = spec.bounds.problem(config[key])
+            if problem:
+                raise config.error(key, problem)
+
+
+def warn_unknown_keys(config, yaml_values, plugin_keys):
+    """One warning per YAML key no table declares (a typo would otherwise be read as nothing), with the
+    suggestions an unknown -o key gets. Outside runner.* only when the plugin declares its keys."""
+    known = set(RUNNER_DEFAULTS) | set(plugin_keys)
+    for key in sorted(yaml_values):
+        if key in known or (not plugin_keys and not key.startswith("runner.")):
+            continue
+        hint = suggest_keys(key, sorted(known))
+        warn(f"{config.path}: {key}: unknown key" + (f" (did you mean {', '.join(hint)}?)" if hint else ""))
+
+
 def runner_keys_markdown() -> str:
-    lines = ["| key | type | default | PaddleRec | meaning |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| key | type | range | default | PaddleRec | meaning |", "| --- | --- | --- | --- | --- | --- |"]
     for key, spec in RUNNER_DEFAULTS.items():
         default = "(unset)" if spec.default is None else '`""`' if spec.default == "" else f"`{spec.default}`"
         cells = [spec.paddlerec or "not a PaddleRec key", spec.doc]
         paddlerec, doc = (cell.replace("|", "\\|") for cell in cells)  # a bare | would split the table cell
-        lines.append(f"| `{key}` | {spec.type.__name__} | {default} | {paddlerec} | {doc} |")
+        bounds = spec.bounds.describe() if spec.bounds else ""
+        lines.append(f"| `{key}` | {spec.type.__name__} | {bounds} | {default} | {paddlerec} | {doc} |")
     return "\n".join(lines) + "\n"
 
 

@@ -34,20 +34,34 @@ class DistributedError(Exception):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived (kill, a scheduler, a container stop): unwinds like Ctrl-C, so saves stay atomic."""
+    """SIGTERM or SIGHUP arrived (kill, a scheduler, a container stop, a closed terminal or ssh connection):
+    unwinds like Ctrl-C, so saves stay atomic."""
+
+    def __init__(self, signum=signal.SIGTERM):
+        super().__init__()
+        self.signum = signum
 
 
 # Exit codes shared by every tool (documented in doc/tools.md); 143 = 128 + SIGTERM, as shells report it.
 EXIT_OK, EXIT_USER_ERROR, EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 2, 3, 130, 143
+# The signals that end a tool (each like Ctrl-C: one line, the lock released, no partial checkpoint), and those
+# it ignores with a warning rather than dying by their default action without a word.
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 _rank, _world_size = 0, 1
-signals_received, _holding = [], False  # while _holding, SIGTERM and Ctrl-C are only recorded
+signals_received, _holding = [], False  # while _holding, the ending signals are only recorded
+
+
+def exit_code(signum) -> int:
+    """128 + the signal's number, as shells report a process the signal ended (SIGINT: EXIT_INTERRUPTED)."""
+    return 128 + int(signum)
 
 
 def _interrupt(signum):
     global _holding
     _holding = True  # the tool is ending now: Paddle's launcher sends SIGTERM up to 3 times, 0.2 s apart
     _native_errors_only()
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
 # glog's minimum level variable (C++ symbol fLI::FLAGS_minloglevel) in the Paddle libraries that log through
@@ -75,10 +89,14 @@ def _native_errors_only():
 
 
 def on_signal(signum, frame):
-    """The tools' SIGTERM and SIGINT handler (cli.handle_signals): the first ends the tool like Ctrl-C."""
+    """The tools' handler of ENDING_SIGNALS (cli.handle_signals): the first ends the tool like Ctrl-C."""
     signals_received.append(signum)
     if not _holding:
         _interrupt(signum)
+
+
+def on_ignored_signal(signum, frame):
+    warn(f"{signal.Signals(signum).name} received and ignored (the tools end on SIGTERM, SIGINT or SIGHUP)")
 
 
 def hold_signals():

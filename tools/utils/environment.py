@@ -5,12 +5,63 @@ import os
 import random
 import sys
 import warnings
+from collections import namedtuple
 
-from tools.utils.console import warn
+from tools.utils.config import THREADS, Bounds
+from tools.utils.console import UserError, warn
 
 # Variables that change how Paddle computes (set here, by the user or by the model plugin), recorded in the
 # metrics file's start record so a run shows what its process really ran with.
 ENVIRONMENT_VARIABLES = ("FLAGS_cudnn_deterministic", "MKL_DEBUG_CPU_TYPE", "GLIBC_TUNABLES")
+
+# The variables the project reads, each with its range (Bounds on the integer it must hold, or the choices of its
+# text), checked by check_environment() before Paddle is imported: Paddle and the model read some at import,
+# where a bad value is a traceback. `python -m tools.utils.environment` prints this table for doc/tools.md.
+Variable = namedtuple("Variable", ["bounds", "reader", "doc"])
+ENVIRONMENT_TABLE = {
+    "PADDLE_TRAINER_ID": Variable(Bounds(0, 2 ** 31 - 1), "Paddle, the tools (distributed.py)", "This process's rank in a data-parallel job, set by paddle.distributed.launch; below PADDLE_TRAINERS_NUM."),
+    "PADDLE_TRAINERS_NUM": Variable(Bounds(1, 2 ** 31 - 1), "Paddle, the tools (distributed.py)", "Number of ranks of a data-parallel job, set by paddle.distributed.launch."),
+    "PADDLE_LOCAL_SIZE": Variable(Bounds(1, 2 ** 31 - 1), "the tools (environment.py)", "Ranks on this host, set by paddle.distributed.launch; runner.num_threads=0 shares the cores among them."),
+    "MAML_CONV_THREADS": Variable(Bounds(1, THREADS.high, THREADS.text), "the MAML model (cpu_schedule.py)", "Threads a MAML convolution on the CPU is split over (default: 2, or 1 on one CPU); 1 turns the split off."),
+    "MAML_ONEDNN": Variable(Bounds(choices=("0", "1")), "the MAML model (onednn_conv.py)", "0: the MAML model's convolutions use Paddle's kernels instead of oneDNN's (default 1)."),
+    "MAML_ONEDNN_BLOCKED": Variable(Bounds(choices=("0", "1")), "the MAML model (double_grad_ops.py)", "0: the MAML model keeps activations in the plain NCHW layout instead of oneDNN's blocked one (default 1)."),
+    "XDG_CACHE_HOME": Variable(None, "the MAML reader (omniglot_reader.py)", "Folder of the MAML reader's second decoded-image cache (paddlerec_maml/ inside it), used when the data folder's own .cache cannot be written; unset or empty: ~/.cache."),
+}
+
+
+def _variable_value(name, text, bounds):
+    """`text` as the variable's value (an int unless it has choices), else a UserError naming the variable."""
+    if bounds.choices is not None:
+        problem = bounds.problem(text)
+        value = text
+    else:
+        digits = text.strip()
+        value = int(digits) if digits.lstrip("-").isascii() and digits.lstrip("-").isdigit() else None
+        problem = f"expected an integer, got {text!r}" if value is None else bounds.problem(value)
+    if problem:
+        raise UserError(f"environment variable {name}: {problem}")
+    return value
+
+
+def check_environment(environ=None):
+    """Check every variable of ENVIRONMENT_TABLE that is set, each on its own; one UserError naming the first bad
+    one. Call before `import paddle`."""
+    environ = os.environ if environ is None else environ
+    values = {name: _variable_value(name, environ[name], spec.bounds)
+              for name, spec in ENVIRONMENT_TABLE.items() if name in environ and spec.bounds is not None}
+    rank, size = values.get("PADDLE_TRAINER_ID"), values.get("PADDLE_TRAINERS_NUM")
+    if rank is not None and size is not None and rank >= size:
+        raise UserError(f"environment variable PADDLE_TRAINER_ID: must be below PADDLE_TRAINERS_NUM={size}, got "
+                        f"{rank}")
+    return values
+
+
+def environment_markdown() -> str:
+    lines = ["| variable | range | read by | meaning |", "| --- | --- | --- | --- |"]
+    for name, spec in ENVIRONMENT_TABLE.items():
+        lines.append(f"| `{name}` | {spec.bounds.describe() if spec.bounds else 'a folder'} | {spec.reader} | "
+                     f"{spec.doc} |")
+    return "\n".join(lines) + "\n"
 
 
 def prepare_environment(deterministic: bool):
@@ -72,3 +123,7 @@ def select_device(config) -> str:
     else:
         warn("this Paddle build cannot set the CPU thread count; runner.num_threads ignored")
     return device
+
+
+if __name__ == "__main__":
+    print(environment_markdown(), end="")

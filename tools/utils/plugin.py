@@ -93,6 +93,10 @@ def _dict_of_str_keys(value):
 DECLARATIONS = {
     # {dotted key: default}: keys -o may set and their types (cli.load_run_config).
     "CONFIG_DEFAULTS": ("a dict of dotted-key strings to defaults", _dict_of_str_keys, {}),
+    # [dotted key]: keys the plugin reads without a default (required ones). With CONFIG_DEFAULTS and the runner
+    # table they are all the keys there are: a YAML key outside them gets a warning (config.warn_unknown_keys).
+    "CONFIG_KEYS": ("a list of dotted-key strings",
+                    lambda value: isinstance(value, (list, tuple)) and all(isinstance(key, str) for key in value), []),
     # {dotted key: what it is}: the settings to blame when training turns NaN or infinite (metrics.NumericGuard).
     "NON_FINITE_KEYS": ("a dict of dotted-key strings to descriptions",
                         lambda value: _dict_of_str_keys(value) and all(isinstance(v, str) for v in value.values()),

@@ -24,6 +24,10 @@ EVALUATION_NOTE = ("query accuracy after update_step_test SGD steps on each task
 NON_FINITE_KEYS = {"hyper_parameters.base_optimizer.learning_rate": "the inner learning rate",
                    "hyper_parameters.meta_optimizer.learning_rate": "the meta learning rate"}
 
+# The keys this model reads without a default (the YAML sets them); the tools warn about a YAML key that neither
+# this nor CONFIG_DEFAULTS declares, as a likely typo.
+CONFIG_KEYS = [key for key in settings.TABLE if key not in CONFIG_DEFAULTS]
+
 # tools/benchmark.py times one meta-iteration per variant (first the one a ratio is taken against).
 # The benchmark times epoch 0, so the second-order variant also turns off the first-order epochs (MAML++'s
 # derivative-order annealing) that would otherwise make it first order for configs such as config_bigdata.yaml.
