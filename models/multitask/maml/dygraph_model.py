@@ -42,11 +42,15 @@ CONFIG_DEFAULTS = {
     "hyper_parameters.meta_optimizer.cosine_annealing": False,  # meta rate follows a cosine to 1% by the end
     "hyper_parameters.first_order_epochs": 0,  # the first N epochs first-order, second-order after
     "hyper_parameters.tasks_per_chunk": maml.TASKS_PER_CHUNK,  # tasks per pass: memory against speed, same result
+    # Batch norm of the query images, in meta-training and evaluation (net.NORM_MODES): "transductive" (MAML's, the
+    # query set's own statistics) or "support" (the support set's: a query image's class does not depend on the others).
+    "hyper_parameters.norm_mode": "transductive",
 }
 
-# Printed once by infer and validation summaries: how these accuracies were measured.
-EVALUATION_NOTE = ("query accuracy after update_step_test SGD steps on each task's support set, batch norm with "
-                   "each task's own batch statistics (transductive, as in MAML); mean over all tasks, 95% CI")
+# Printed once by infer and validation summaries: how these accuracies were measured ({key}: the run's value).
+EVALUATION_NOTE = ("query accuracy after update_step_test SGD steps on each task's support set, batch norm "
+                   "{hyper_parameters.norm_mode} (transductive: the query set's own batch statistics, as in MAML; "
+                   "support: the support set's); mean over all tasks, 95% CI")
 
 # Named by the trainer when a loss or meta-gradient turns NaN or infinite: the usual culprits.
 NON_FINITE_KEYS = {"hyper_parameters.base_optimizer.learning_rate": "the inner learning rate",
@@ -75,6 +79,12 @@ _positive_int = _with_defaults(checks.positive_int)
 _nonnegative_int = _with_defaults(checks.nonnegative_int)
 _bool = _with_defaults(checks.boolean)
 _positive_float = _with_defaults(checks.positive_float)
+
+
+def norm_mode(config):
+    """hyper_parameters.norm_mode, one of net.NORM_MODES."""
+    key = "hyper_parameters.norm_mode"
+    return checks.choice(config, key, net.NORM_MODES, CONFIG_DEFAULTS[key])
 
 
 def inner_settings(config, training, epoch=0):
@@ -180,6 +190,7 @@ class DygraphModel:
                 bn_stages=steps + 1 if _bool(config, "hyper_parameters.per_step_bn") else 0,
                 lr_steps=steps if learn_inner_lr else 0,
                 inner_lr_init=_positive_float(config, "hyper_parameters.base_optimizer.learning_rate"),
+                norm=norm_mode(config),
             )
         except net.ShapeError as e:
             raise checks.error(config, "hyper_parameters.imgsize", str(e)) from None
@@ -251,7 +262,7 @@ class DygraphModel:
 
     def infer_forward(self, dy_model, metrics_list, batch_data, config):
         """Query accuracy of every task in the batch after `update_step_test` adaptation steps,
-        with batch statistics in batch norm (transductive, as in MAML); of an ensemble (see ensemble()), by its
+        batch norm as the model's norm mode says (hyper_parameters.norm_mode); of an ensemble (see ensemble()), by its
         members' mean class probabilities."""
         steps, lr, _ = inner_settings(config, training=False)
         first = dy_model.members[0] if isinstance(dy_model, maml.Ensemble) else dy_model

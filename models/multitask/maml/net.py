@@ -5,6 +5,14 @@
 stacked on the channel axis, so every convolution is one grouped native convolution (groups = T) and every
 batch norm computes per-task statistics in one native call. Adapted parameters are plain tensors in that
 task-stacked layout, never copies of layers.
+
+Batch norm has two modes (NORM_MODES), a property of the network set by hyper_parameters.norm_mode:
+- "transductive" (MAML's): the images of a forward pass are normalised with their own batch statistics, so a
+  query image's logits depend on the other query images classified with it;
+- "support" (task normalisation from the support set, one of the candidates of Bronskill et al., "TaskNorm:
+  Rethinking Batch Normalization for Meta-Learning", ICML 2020): every image, support or query, is normalised
+  with the moments of its task's support images under the same parameters, so a query image's logits depend
+  only on it and the support set. The support set alone is normalised exactly as in transductive mode.
 """
 import math
 from collections import namedtuple
@@ -15,6 +23,8 @@ import paddle.nn as nn
 
 import double_grad_ops as ops
 
+
+NORM_MODES = ("transductive", "support")
 
 BlockNames = namedtuple("BlockNames", "conv gamma beta")
 
@@ -62,12 +72,17 @@ class MAMLNet(nn.Layer):
     - `lr_steps` > 0 (learned inner rates): `inner_lr` [lr_steps, adapted tensors], one rate per adapted
       tensor (column i: the i-th of adapted_names) per inner step, starting at `inner_lr_init`; steps beyond
       lr_steps reuse the last row.
+
+    `norm` (one of NORM_MODES) says which images' statistics normalise the query images (see the module
+    docstring); it adds no parameters, and maml.py reads it.
     """
 
     def __init__(self, n_way, channels=64, blocks=4, kernel=3, stride=1, padding=1, imgsize=28, in_channels=1,
-                 bn_stages=0, lr_steps=0, inner_lr_init=0.1):
+                 bn_stages=0, lr_steps=0, inner_lr_init=0.1, norm="transductive"):
         super().__init__()
-        self.n_way, self.blocks = n_way, blocks
+        if norm not in NORM_MODES:
+            raise ValueError(f"norm must be one of {NORM_MODES}, got {norm!r}")
+        self.n_way, self.blocks, self.norm = n_way, blocks, norm
         self.stride, self.padding = stride, padding
         self.bn_stages = bn_stages
         self.feature_size = feature_size(imgsize, blocks, kernel, stride, padding)
@@ -167,10 +182,18 @@ def mask_outputs(params, classes):
     return dict(params, fc_bias=fc_bias + mask)
 
 
-def task_logits(params, x, blocks=4, stride=1, padding=1):
+def task_logits(params, x, blocks=4, stride=1, padding=1, support=None):
     """Logits [T, n, n_way] for images x [T, n, C, H, W], task t using its own parameters (task-stacked,
-    {name: tensor}, see by_name)."""
+    {name: tensor}, see by_name).
+
+    Batch norm uses the statistics of x itself (transductive), or, given `support` [T, s, C, H, W], those of
+    each task's support images: they are forwarded together with x under the same parameters and only their
+    rows are counted in the moments, so each row of x gets logits that depend on it and the support set only."""
     params = by_name(params, blocks)
+    rows = None
+    if support is not None:
+        rows = support.shape[1]
+        x = paddle.concat([support, x], axis=1)
     tasks, n = x.shape[0], x.shape[1]
     h = x.transpose([1, 0, 2, 3, 4]).reshape([n, tasks * x.shape[2], x.shape[3], x.shape[4]])
     # Between the layers the activations stay in the channel-blocked layout of oneDNN's CPU code where it
@@ -179,15 +202,29 @@ def task_logits(params, x, blocks=4, stride=1, padding=1):
     for b in range(blocks):
         weight, gamma, beta = (params[name] for name in block_names(b))
         h = ops.conv2d(h, weight, stride=stride, padding=padding, groups=tasks, block=layout)
-        h = ops.batch_norm(h, gamma, beta)
+        h = ops.batch_norm(h, gamma, beta) if rows is None else batch_norm_by_rows(h, gamma, beta, rows)
         # ReLU after the pool instead of before: max commutes with a monotone function, so values and
         # gradients are the same, on a quarter of the elements.
         h = ops.max_pool2d_relu(h)
     features = ops.to_plain(h).reshape([n, tasks, -1]).transpose([1, 0, 2])
-    return paddle.matmul(features, params["fc_weight"]) + params["fc_bias"]
+    logits = paddle.matmul(features, params["fc_weight"]) + params["fc_bias"]
+    return logits if rows is None else logits[:, rows:]
 
 
-def task_losses(params, x, y, blocks=4, stride=1, padding=1):
-    """(mean cross-entropy per task [T], logits [T, n, n_way])."""
-    logits = task_logits(params, x, blocks, stride, padding)
+def batch_norm_by_rows(h, gamma, beta, rows, eps=1e-5):
+    """Batch norm of every image of h (plain [n, C, H, W] or channel-blocked [n, C/b, H, W, b]) with the
+    per-channel moments of its first `rows` images (biased variance and eps as ops.batch_norm, so those rows
+    come out as ops.batch_norm of them alone would give them). Plain Paddle ops, differentiable to any order;
+    only the query forward uses it, and its derivative there is first order."""
+    shape = [1, -1, 1, 1] + ([h.shape[4]] if len(h.shape) == 5 else [])  # a per-channel vector against h
+    counted = h[:rows]
+    mean = counted.mean(axis=[0, 2, 3], keepdim=True)
+    variance = ((counted - mean) ** 2).mean(axis=[0, 2, 3], keepdim=True)
+    scale = gamma.reshape(shape) * paddle.rsqrt(variance + eps)
+    return (h - mean) * scale + beta.reshape(shape)
+
+
+def task_losses(params, x, y, blocks=4, stride=1, padding=1, support=None):
+    """(mean cross-entropy per task [T], logits [T, n, n_way]); `support` as in task_logits."""
+    logits = task_logits(params, x, blocks, stride, padding, support)
     return ops.cross_entropy(logits, y).mean(axis=1), logits

@@ -1,0 +1,218 @@
+"""hyper_parameters.norm_mode: batch norm of the query images with the support set's statistics ("support").
+
+A query image's probabilities must not depend on the other query images in that mode (they do in the
+transductive one, which stays MAML's); the support set alone is normalised as before; the meta-gradient is
+exact to second order against float64 central differences of an objective written here plainly (its query
+forward with Paddle's own layers, independent of net.py); and the tools train, evaluate and predict in it."""
+import json
+import os
+import shutil
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+from tests import maml_modules
+from tests.maml_modules import central_difference, directional, float64, relative_error
+from tool_helpers import REPO_ROOT, assert_ok, assert_user_error, run_tool
+
+dygraph_model, net, maml, _ = maml_modules.load()
+Plugin = dygraph_model.DygraphModel
+MODE = "hyper_parameters.norm_mode"
+
+STEPS, LR, TASKS, WAYS = 2, 0.3, 3, 3
+CONFIG = {
+    "hyper_parameters.n_way": WAYS, "hyper_parameters.update_step": STEPS, "hyper_parameters.bn_channel": 4,
+    "hyper_parameters.imgsize": 16, "hyper_parameters.base_optimizer.learning_rate": LR, MODE: "support",
+}
+
+
+def _batch(seed=1, tasks=TASKS):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((tasks, WAYS, 1, 16, 16)), np.tile(np.arange(WAYS), (tasks, 1)),
+            rng.standard_normal((tasks, 2 * WAYS, 1, 16, 16)), np.tile(np.arange(WAYS).repeat(2), (tasks, 1))]
+
+
+def _model(config):
+    paddle.seed(0)
+    return Plugin().create_model(config)
+
+
+# ----- a query image classified alone or with others -----
+# 16 channels and 28 x 28 images: in float32 the activations then take oneDNN's blocked layout where it has one.
+SMALL_NET = {"hyper_parameters.n_way": 5, "hyper_parameters.bn_channel": 16, "hyper_parameters.imgsize": 28,
+             "hyper_parameters.update_step_test": 3, "hyper_parameters.base_optimizer.learning_rate": 0.4}
+
+
+def _images(rng, n):
+    return rng.uniform(-1.0, 1.0, (n, 1, 28, 28)).astype(np.float32)
+
+
+@pytest.mark.parametrize("blocked", ["1", "0"], ids=["blocked_layout", "plain_layout"])
+def test_query_probabilities_do_not_depend_on_the_other_queries(monkeypatch, blocked):
+    monkeypatch.setenv("MAML_ONEDNN_BLOCKED", blocked)
+    import few_shot  # the model folder is on sys.path once the plugin is loaded
+
+    rng = np.random.default_rng(5)
+    support, labels, queries = _images(rng, 10), np.arange(5).repeat(2), _images(rng, 51)
+    spread = {}
+    for mode in ("support", "transductive"):
+        config = dict(SMALL_NET, **{MODE: mode})
+        model = _model(config)
+        alone = few_shot.adapt_and_classify(model, config, support, labels, queries[:1])[0]
+        with_others = [few_shot.adapt_and_classify(model, config, support, labels, queries[:1 + others])[0]
+                       for others in (5, 50)]
+        assert alone.shape == (5,)
+        spread[mode] = max(np.abs(p - alone).max() for p in with_others)
+    assert spread["support"] < 1e-5, spread
+    assert spread["transductive"] > 1e-3, spread  # so the check above can tell the modes apart
+
+
+@pytest.mark.parametrize("blocked", ["1", "0"], ids=["blocked_layout", "plain_layout"])
+def test_support_statistics_normalise_the_support_set_as_before(monkeypatch, blocked):
+    """Query images that are the support images themselves get exactly what the support set gets alone with
+    its own batch statistics: the moments taken over the support rows are batch norm's."""
+    monkeypatch.setenv("MAML_ONEDNN_BLOCKED", blocked)
+    model = _model(dict(SMALL_NET, **{MODE: "support"}))
+    x = paddle.to_tensor(np.random.default_rng(2).uniform(-1, 1, (2, 6, 1, 28, 28)).astype(np.float32))
+    params = net.expand_to_tasks(model.adapted_parameters(), 2)
+    with paddle.no_grad():
+        own = net.task_logits(params, x).numpy()
+        by_support = net.task_logits(params, x, support=x).numpy()
+    assert by_support.shape == own.shape == (2, 6, 5)
+    np.testing.assert_allclose(by_support, own, rtol=1e-4, atol=1e-4)
+
+
+def test_transductive_mode_is_the_default_and_a_bad_mode_is_one_error():
+    config = {key: value for key, value in CONFIG.items() if key != MODE}
+    assert _model(config).norm == "transductive"
+    with pytest.raises(ValueError, match="hyper_parameters.norm_mode: must be one of 'transductive', 'support'"):
+        _model(dict(CONFIG, **{MODE: "supprt"}))
+
+
+# ----- the meta-gradient -----
+def _reference_query_logits(params, x_spt, x_qry):
+    """Query logits of one task, each query image on its own, normalised by the support set's moments: written
+    with Paddle's layers on the task-stacked parameters of one task (values only)."""
+    params = net.by_name(params)
+    logits = []
+    for image in x_qry:
+        support, query = x_spt, image[None]
+        for b in range(4):
+            weight, gamma, beta = (params[name] for name in net.block_names(b))
+            support, query = F.conv2d(support, weight, padding=1), F.conv2d(query, weight, padding=1)
+            mean = support.mean(axis=[0, 2, 3], keepdim=True)
+            std = paddle.sqrt(((support - mean) ** 2).mean(axis=[0, 2, 3], keepdim=True) + 1e-5)
+            support, query = [F.relu(F.max_pool2d((h - mean) / std * gamma.reshape([1, -1, 1, 1])
+                                                  + beta.reshape([1, -1, 1, 1]), 2))
+                              for h in (support, query)]
+        logits.append(paddle.matmul(query.reshape([1, -1]), params["fc_weight"][0]) + params["fc_bias"][0])
+    return paddle.concat(logits, axis=0)
+
+
+def _meta_objective(model, batch, values):
+    """The mean query loss after STEPS SGD steps on each task's support set, one task at a time. With per-step
+    batch norm, stage s (after s steps) uses the bn rows min(s, last), which the inner loop does not adapt."""
+    for p, v in zip(model.parameters(), values):
+        p.set_value(v)
+    named = dict(model.named_parameters())
+    names = net.layer_names(4)
+    total = 0.0
+    for t in range(TASKS):
+        ep = maml.MetaBatch(*[part[t:t + 1] for part in batch], dtype="float64")
+        fast = {name: named[name] for name in model.adapted_names}
+
+        def stage_params(stage):
+            return net.expand_to_tasks(
+                [fast[n] if n in fast else named[n][min(stage, named[n].shape[0] - 1)] for n in names], 1)
+
+        for step in range(STEPS):  # the support set is normalised with its own statistics, as in every mode
+            params = stage_params(step)
+            grads = dict(zip(names, paddle.grad(net.task_losses(params, ep.x_spt, ep.y_spt)[0].sum(), params)))
+            fast = {n: (fast[n] - LR * grads[n].reshape(fast[n].shape)).detach() for n in fast}
+            for p in fast.values():
+                p.stop_gradient = False
+        with paddle.no_grad():
+            logits = _reference_query_logits(stage_params(STEPS), ep.x_spt[0], ep.x_qry[0])
+            total += float(F.cross_entropy(logits, ep.y_qry[0].unsqueeze(-1)).mean())
+    return total / TASKS
+
+
+@pytest.mark.parametrize("extra", [{}, {"hyper_parameters.per_step_bn": True}], ids=["maml", "per_step_bn"])
+def test_second_order_meta_gradient_matches_central_differences(extra):
+    config = dict(CONFIG, **extra)
+    with float64():
+        model, batch = _model(config), _batch()
+        loss, grads = Plugin.meta_gradients(model, batch, config)
+        base = [p.numpy().copy() for p in model.parameters()]
+
+        def objective(values):
+            return _meta_objective(model, batch, values)
+
+        assert float(loss) == pytest.approx(objective(base), rel=1e-10)
+        for seed in range(3):
+            direction = [np.random.default_rng(seed).standard_normal(b.shape) for b in base]
+            # a small step: 1e-6 crossed a ReLU / max-pool kink here (error 1.5e-3 on a correct gradient)
+            fd = central_difference(objective, base, direction, eps=1e-7)
+            assert relative_error(directional([g.numpy() for g in grads], direction), fd) < 1e-6
+
+
+def test_second_order_differs_from_first_order():
+    with float64():
+        model, batch = _model(CONFIG), _batch()
+        _, second = Plugin.meta_gradients(model, batch, CONFIG)
+        _, first = Plugin.meta_gradients(model, batch, dict(CONFIG, **{"hyper_parameters.first_order": True}))
+        for g2, g1, p in zip(second, first, model.parameters()):
+            diff = np.linalg.norm(g2.numpy() - g1.numpy()) / np.linalg.norm(g2.numpy())
+            assert diff > 1e-3, f"second-order gradient of {p.name} equals the first-order one"
+
+
+def test_chunks_of_tasks_equal_the_whole_batch(monkeypatch):
+    with float64():
+        model, batch = _model(CONFIG), _batch(tasks=5)
+        loss, grads = Plugin.meta_gradients(model, batch, dict(CONFIG, **{"hyper_parameters.tasks_per_chunk": 5}))
+        chunked_loss, chunked = Plugin.meta_gradients(model, batch, dict(CONFIG, **{"hyper_parameters.tasks_per_chunk": 2}))
+        assert float(chunked_loss) == pytest.approx(float(loss), rel=1e-12)
+        for g, c in zip(grads, chunked):
+            np.testing.assert_allclose(c.numpy(), g.numpy(), rtol=1e-9, atol=1e-12)
+        episode = maml.MetaBatch(*batch, dtype="float64")
+        whole = maml.evaluate(model, episode, STEPS, LR).numpy()
+        monkeypatch.setattr(maml, "EVAL_QUERY_IMAGES_PER_CHUNK", 2 * (episode.x_qry.shape[1] + episode.x_spt.shape[1]))
+        np.testing.assert_allclose(maml.evaluate(model, episode, STEPS, LR).numpy(), whole, rtol=0, atol=1e-12)
+
+
+# ----- the tools, end to end on the shipped synthetic sample -----
+MAML_DIR = os.path.join(REPO_ROOT, "models", "multitask", "maml")
+SAMPLE_CLASS = os.path.join(MAML_DIR, "data", "test", "alphabet_05", "character01")
+TOOLS_SMALL = ["runner.train_batch_size=4", "runner.tasks_per_epoch=8", "runner.infer_batch_size=5",
+               "runner.infer_tasks=10", "hyper_parameters.k_query=3", "hyper_parameters.update_step=1",
+               "hyper_parameters.update_step_test=3", "hyper_parameters.bn_channel=8", "runner.print_interval=1",
+               "runner.epochs=1", "runner.infer_start_epoch=0", "runner.infer_end_epoch=1", f"{MODE}=support"]
+
+
+def test_train_infer_and_predict_in_support_mode(tmp_path):
+    config = os.path.join(MAML_DIR, "config.yaml")
+    overrides = [f"runner.model_save_path={tmp_path / 'out'}", f"runner.infer_load_path={tmp_path / 'out'}",
+                 *TOOLS_SMALL]
+    assert_ok(run_tool("trainer.py", "-m", config, "-o", *overrides))
+    inferred = run_tool("infer.py", "-m", config, "-o", *overrides)
+    assert_ok(inferred)
+    assert "batch norm support (" in inferred.stdout + inferred.stderr
+    drawings = sorted(os.listdir(SAMPLE_CLASS))
+    os.makedirs(tmp_path / "support" / "character01")
+    shutil.copy(os.path.join(SAMPLE_CLASS, drawings[0]), tmp_path / "support" / "character01")
+    predicted = run_tool("predict.py", "-m", config, "--support", tmp_path / "support",
+                         "--query", os.path.join(SAMPLE_CLASS, drawings[1]), "--json", tmp_path / "p.json",
+                         "-o", *overrides)
+    assert_ok(predicted)
+    with open(tmp_path / "p.json") as handle:
+        assert json.load(handle)["settings"]["norm_mode"] == "support"
+    assert "norm_mode: support" in predicted.stdout + predicted.stderr
+
+
+def test_a_bad_norm_mode_is_one_line_naming_the_key(tmp_path):
+    process = run_tool("trainer.py", "-m", os.path.join(MAML_DIR, "config.yaml"), "-o",
+                       f"runner.model_save_path={tmp_path / 'out'}", *TOOLS_SMALL, f"{MODE}=batch")
+    assert_user_error(process, "config.yaml", MODE, "'transductive', 'support'")
+    assert not os.path.exists(tmp_path / "out" / "0")
