@@ -198,7 +198,7 @@ def test_train_infer_and_predict_in_support_mode(tmp_path):
     assert_ok(run_tool("trainer.py", "-m", config, "-o", *overrides))
     inferred = run_tool("infer.py", "-m", config, "-o", *overrides)
     assert_ok(inferred)
-    assert "batch norm support (" in inferred.stdout + inferred.stderr
+    assert "query images batch normalised support (" in inferred.stdout + inferred.stderr
     drawings = sorted(os.listdir(SAMPLE_CLASS))
     os.makedirs(tmp_path / "support" / "character01")
     shutil.copy(os.path.join(SAMPLE_CLASS, drawings[0]), tmp_path / "support" / "character01")

@@ -48,9 +48,9 @@ CONFIG_DEFAULTS = {
 }
 
 # Printed once by infer and validation summaries: how these accuracies were measured ({key}: the run's value).
-EVALUATION_NOTE = ("query accuracy after update_step_test SGD steps on each task's support set, batch norm "
-                   "{hyper_parameters.norm_mode} (transductive: the query set's own batch statistics, as in MAML; "
-                   "support: the support set's); mean over all tasks, 95% CI")
+EVALUATION_NOTE = ("query accuracy after update_step_test SGD steps on each task's support set; query images batch "
+                   "normalised {hyper_parameters.norm_mode} (transductive: with their own batch statistics, as in "
+                   "MAML; support: with the support set's); mean over all tasks, 95% CI")
 
 # Named by the trainer when a loss or meta-gradient turns NaN or infinite: the usual culprits.
 NON_FINITE_KEYS = {"hyper_parameters.base_optimizer.learning_rate": "the inner learning rate",
