@@ -20,6 +20,7 @@ from tool_helpers import REPO_ROOT, assert_ok, assert_user_error, run_tool
 dygraph_model, net, maml, _ = maml_modules.load()
 Plugin = dygraph_model.DygraphModel
 MODE = "hyper_parameters.norm_mode"
+NEW_MODES = ["support", "tasknorm_i"]  # each query image on its own
 
 STEPS, LR, TASKS, WAYS = 2, 0.3, 3, 3
 CONFIG = {
@@ -57,7 +58,7 @@ def test_query_probabilities_do_not_depend_on_the_other_queries(monkeypatch, blo
     rng = np.random.default_rng(5)
     support, labels, queries = _images(rng, 10), np.arange(5).repeat(2), _images(rng, 51)
     spread = {}
-    for mode in ("support", "transductive"):
+    for mode in NEW_MODES + ["transductive"]:
         config = dict(SMALL_NET, **{MODE: mode})
         model = _model(config)
         alone = few_shot.adapt_and_classify(model, config, support, labels, queries[:1])[0]
@@ -65,7 +66,7 @@ def test_query_probabilities_do_not_depend_on_the_other_queries(monkeypatch, blo
                        for others in (5, 50)]
         assert alone.shape == (5,)
         spread[mode] = max(np.abs(p - alone).max() for p in with_others)
-    assert spread["support"] < 1e-5, spread
+    assert spread["support"] < 1e-5 and spread["tasknorm_i"] < 1e-5, spread
     assert spread["transductive"] > 1e-3, spread  # so the check above can tell the modes apart
 
 
@@ -87,63 +88,78 @@ def test_support_statistics_normalise_the_support_set_as_before(monkeypatch, blo
 def test_transductive_mode_is_the_default_and_a_bad_mode_is_one_error():
     config = {key: value for key, value in CONFIG.items() if key != MODE}
     assert _model(config).norm == "transductive"
-    with pytest.raises(ValueError, match="hyper_parameters.norm_mode: must be one of 'transductive', 'support'"):
+    with pytest.raises(ValueError, match=f"{MODE}: must be one of 'transductive', 'support', 'tasknorm_i'"):
         _model(dict(CONFIG, **{MODE: "supprt"}))
 
 
 # ----- the meta-gradient -----
-def _reference_query_logits(params, x_spt, x_qry):
-    """Query logits of one task, each query image on its own, normalised by the support set's moments: written
-    with Paddle's layers on the task-stacked parameters of one task (values only)."""
-    params = net.by_name(params)
+def _reference_logits(params, support, images, blend=None):
+    """Logits of one task's `images`, each on its own, written with Paddle's layers on plain parameters
+    {name: tensor}: every batch norm takes the moments of the `support` images under the same parameters, with
+    `blend` [blocks, 2] (TaskNorm-I) mixed with the image's own moments over H, W with weight
+    alpha = sigmoid(scale * support images + offset) on the support's."""
+    def norm(h, mean, variance, b):
+        if blend is not None:
+            alpha = F.sigmoid(blend[b, 0] * support.shape[0] + blend[b, 1])
+            own_mean = h.mean(axis=[2, 3], keepdim=True)
+            own_variance = ((h - own_mean) ** 2).mean(axis=[2, 3], keepdim=True)
+            mixed = alpha * mean + (1 - alpha) * own_mean
+            variance = alpha * (variance + (mean - mixed) ** 2) + (1 - alpha) * (own_variance + (own_mean - mixed) ** 2)
+            mean = mixed
+        gamma, beta = (params[name].reshape([1, -1, 1, 1]) for name in net.block_names(b)[1:])
+        return (h - mean) / paddle.sqrt(variance + 1e-5) * gamma + beta
+
     logits = []
-    for image in x_qry:
-        support, query = x_spt, image[None]
+    for image in images:
+        context, h = support, image[None]
         for b in range(4):
-            weight, gamma, beta = (params[name] for name in net.block_names(b))
-            support, query = F.conv2d(support, weight, padding=1), F.conv2d(query, weight, padding=1)
-            mean = support.mean(axis=[0, 2, 3], keepdim=True)
-            std = paddle.sqrt(((support - mean) ** 2).mean(axis=[0, 2, 3], keepdim=True) + 1e-5)
-            support, query = [F.relu(F.max_pool2d((h - mean) / std * gamma.reshape([1, -1, 1, 1])
-                                                  + beta.reshape([1, -1, 1, 1]), 2))
-                              for h in (support, query)]
-        logits.append(paddle.matmul(query.reshape([1, -1]), params["fc_weight"][0]) + params["fc_bias"][0])
+            weight = params[net.block_names(b).conv]
+            context, h = F.conv2d(context, weight, padding=1), F.conv2d(h, weight, padding=1)
+            mean = context.mean(axis=[0, 2, 3], keepdim=True)
+            variance = ((context - mean) ** 2).mean(axis=[0, 2, 3], keepdim=True)
+            context, h = [F.relu(F.max_pool2d(norm(x, mean, variance, b), 2)) for x in (context, h)]
+        logits.append(paddle.matmul(h.reshape([1, -1]), params["fc_weight"]) + params["fc_bias"])
     return paddle.concat(logits, axis=0)
 
 
 def _meta_objective(model, batch, values):
-    """The mean query loss after STEPS SGD steps on each task's support set, one task at a time. With per-step
-    batch norm, stage s (after s steps) uses the bn rows min(s, last), which the inner loop does not adapt."""
+    """The mean query loss after STEPS SGD steps on each task's support set, one task at a time, with
+    _reference_logits. The support set is normalised with its own moments (TaskNorm-I: blended, as the query
+    images). With per-step batch norm, stage s (after s steps) uses the bn rows min(s, last), not adapted."""
     for p, v in zip(model.parameters(), values):
         p.set_value(v)
     named = dict(model.named_parameters())
-    names = net.layer_names(4)
+    blend = named.get("tasknorm")
     total = 0.0
     for t in range(TASKS):
-        ep = maml.MetaBatch(*[part[t:t + 1] for part in batch], dtype="float64")
+        x_spt, y_spt, x_qry, y_qry = (paddle.to_tensor(part[t]) for part in batch)
+        x_spt, x_qry = x_spt.astype("float64"), x_qry.astype("float64")
         fast = {name: named[name] for name in model.adapted_names}
 
         def stage_params(stage):
-            return net.expand_to_tasks(
-                [fast[n] if n in fast else named[n][min(stage, named[n].shape[0] - 1)] for n in names], 1)
+            return {n: fast[n] if n in fast else named[n][min(stage, named[n].shape[0] - 1)]
+                    for n in net.layer_names(4)}
 
-        for step in range(STEPS):  # the support set is normalised with its own statistics, as in every mode
-            params = stage_params(step)
-            grads = dict(zip(names, paddle.grad(net.task_losses(params, ep.x_spt, ep.y_spt)[0].sum(), params)))
-            fast = {n: (fast[n] - LR * grads[n].reshape(fast[n].shape)).detach() for n in fast}
+        for step in range(STEPS):
+            loss = F.cross_entropy(_reference_logits(stage_params(step), x_spt, x_spt, blend), y_spt.unsqueeze(-1))
+            grads = paddle.grad(loss, list(fast.values()))
+            fast = {n: (p - LR * g).detach() for (n, p), g in zip(fast.items(), grads)}
             for p in fast.values():
                 p.stop_gradient = False
         with paddle.no_grad():
-            logits = _reference_query_logits(stage_params(STEPS), ep.x_spt[0], ep.x_qry[0])
-            total += float(F.cross_entropy(logits, ep.y_qry[0].unsqueeze(-1)).mean())
+            logits = _reference_logits(stage_params(STEPS), x_spt, x_qry, blend)
+            total += float(F.cross_entropy(logits, y_qry.unsqueeze(-1)))
     return total / TASKS
 
 
 @pytest.mark.parametrize("extra", [{}, {"hyper_parameters.per_step_bn": True}], ids=["maml", "per_step_bn"])
-def test_second_order_meta_gradient_matches_central_differences(extra):
-    config = dict(CONFIG, **extra)
+@pytest.mark.parametrize("mode", NEW_MODES)
+def test_second_order_meta_gradient_matches_central_differences(mode, extra):
+    config = dict(CONFIG, **{MODE: mode}, **extra)
     with float64():
         model, batch = _model(config), _batch()
+        if model.tasknorm is not None:  # blend weights other than 1/2, different per block
+            model.tasknorm.set_value(np.random.default_rng(4).uniform(-0.5, 0.5, model.tasknorm.shape))
         loss, grads = Plugin.meta_gradients(model, batch, config)
         base = [p.numpy().copy() for p in model.parameters()]
 
@@ -158,21 +174,26 @@ def test_second_order_meta_gradient_matches_central_differences(extra):
             assert relative_error(directional([g.numpy() for g in grads], direction), fd) < 1e-6
 
 
-def test_second_order_differs_from_first_order():
+@pytest.mark.parametrize("mode", NEW_MODES)
+def test_second_order_differs_from_first_order(mode):
+    config = dict(CONFIG, **{MODE: mode})
     with float64():
-        model, batch = _model(CONFIG), _batch()
-        _, second = Plugin.meta_gradients(model, batch, CONFIG)
-        _, first = Plugin.meta_gradients(model, batch, dict(CONFIG, **{"hyper_parameters.first_order": True}))
+        model, batch = _model(config), _batch()
+        _, second = Plugin.meta_gradients(model, batch, config)
+        _, first = Plugin.meta_gradients(model, batch, dict(config, **{"hyper_parameters.first_order": True}))
         for g2, g1, p in zip(second, first, model.parameters()):
             diff = np.linalg.norm(g2.numpy() - g1.numpy()) / np.linalg.norm(g2.numpy())
             assert diff > 1e-3, f"second-order gradient of {p.name} equals the first-order one"
 
 
-def test_chunks_of_tasks_equal_the_whole_batch(monkeypatch):
+@pytest.mark.parametrize("mode", NEW_MODES)
+def test_chunks_of_tasks_equal_the_whole_batch(monkeypatch, mode):
+    chunks = "hyper_parameters.tasks_per_chunk"
+    config = dict(CONFIG, **{MODE: mode})
     with float64():
-        model, batch = _model(CONFIG), _batch(tasks=5)
-        loss, grads = Plugin.meta_gradients(model, batch, dict(CONFIG, **{"hyper_parameters.tasks_per_chunk": 5}))
-        chunked_loss, chunked = Plugin.meta_gradients(model, batch, dict(CONFIG, **{"hyper_parameters.tasks_per_chunk": 2}))
+        model, batch = _model(config), _batch(tasks=5)
+        loss, grads = Plugin.meta_gradients(model, batch, dict(config, **{chunks: 5}))
+        chunked_loss, chunked = Plugin.meta_gradients(model, batch, dict(config, **{chunks: 2}))
         assert float(chunked_loss) == pytest.approx(float(loss), rel=1e-12)
         for g, c in zip(grads, chunked):
             np.testing.assert_allclose(c.numpy(), g.numpy(), rtol=1e-9, atol=1e-12)
@@ -188,17 +209,18 @@ SAMPLE_CLASS = os.path.join(MAML_DIR, "data", "test", "alphabet_05", "character0
 TOOLS_SMALL = ["runner.train_batch_size=4", "runner.tasks_per_epoch=8", "runner.infer_batch_size=5",
                "runner.infer_tasks=10", "hyper_parameters.k_query=3", "hyper_parameters.update_step=1",
                "hyper_parameters.update_step_test=3", "hyper_parameters.bn_channel=8", "runner.print_interval=1",
-               "runner.epochs=1", "runner.infer_start_epoch=0", "runner.infer_end_epoch=1", f"{MODE}=support"]
+               "runner.epochs=1", "runner.infer_start_epoch=0", "runner.infer_end_epoch=1"]
 
 
-def test_train_infer_and_predict_in_support_mode(tmp_path):
+@pytest.mark.parametrize("mode", NEW_MODES)
+def test_train_infer_and_predict_in_the_mode(tmp_path, mode):
     config = os.path.join(MAML_DIR, "config.yaml")
     overrides = [f"runner.model_save_path={tmp_path / 'out'}", f"runner.infer_load_path={tmp_path / 'out'}",
-                 *TOOLS_SMALL]
+                 *TOOLS_SMALL, f"{MODE}={mode}"]
     assert_ok(run_tool("trainer.py", "-m", config, "-o", *overrides))
     inferred = run_tool("infer.py", "-m", config, "-o", *overrides)
     assert_ok(inferred)
-    assert "query images batch normalised support (" in inferred.stdout + inferred.stderr
+    assert f"query images batch normalised {mode} (" in inferred.stdout + inferred.stderr
     drawings = sorted(os.listdir(SAMPLE_CLASS))
     os.makedirs(tmp_path / "support" / "character01")
     shutil.copy(os.path.join(SAMPLE_CLASS, drawings[0]), tmp_path / "support" / "character01")
@@ -207,12 +229,12 @@ def test_train_infer_and_predict_in_support_mode(tmp_path):
                          "-o", *overrides)
     assert_ok(predicted)
     with open(tmp_path / "p.json") as handle:
-        assert json.load(handle)["settings"]["norm_mode"] == "support"
-    assert "norm_mode: support" in predicted.stdout + predicted.stderr
+        assert json.load(handle)["settings"]["norm_mode"] == mode
+    assert f"norm_mode: {mode}" in predicted.stdout + predicted.stderr
 
 
 def test_a_bad_norm_mode_is_one_line_naming_the_key(tmp_path):
     process = run_tool("trainer.py", "-m", os.path.join(MAML_DIR, "config.yaml"), "-o",
                        f"runner.model_save_path={tmp_path / 'out'}", *TOOLS_SMALL, f"{MODE}=batch")
-    assert_user_error(process, "config.yaml", MODE, "'transductive', 'support'")
+    assert_user_error(process, "config.yaml", MODE, "'transductive', 'support', 'tasknorm_i'")
     assert not os.path.exists(tmp_path / "out" / "0")

@@ -43,14 +43,16 @@ CONFIG_DEFAULTS = {
     "hyper_parameters.first_order_epochs": 0,  # the first N epochs first-order, second-order after
     "hyper_parameters.tasks_per_chunk": maml.TASKS_PER_CHUNK,  # tasks per pass: memory against speed, same result
     # Batch norm of the query images, in meta-training and evaluation (net.NORM_MODES): "transductive" (MAML's, the
-    # query set's own statistics) or "support" (the support set's: a query image's class does not depend on the others).
+    # query set's own statistics), "support" (the support set's: a query image's class does not depend on the
+    # others) or "tasknorm_i" (the support set's blended with each image's own, a learned weight per block).
     "hyper_parameters.norm_mode": "transductive",
 }
 
 # Printed once by infer and validation summaries: how these accuracies were measured ({key}: the run's value).
 EVALUATION_NOTE = ("query accuracy after update_step_test SGD steps on each task's support set; query images batch "
                    "normalised {hyper_parameters.norm_mode} (transductive: with their own batch statistics, as in "
-                   "MAML; support: with the support set's); mean over all tasks, 95% CI")
+                   "MAML; support: with the support set's; tasknorm_i: with the support set's blended with each "
+                   "image's own); mean over all tasks, 95% CI")
 
 # Named by the trainer when a loss or meta-gradient turns NaN or infinite: the usual culprits.
 NON_FINITE_KEYS = {"hyper_parameters.base_optimizer.learning_rate": "the inner learning rate",

@@ -15,7 +15,9 @@ statistics, those of the support set while adapting; when classifying, it follow
 (model.norm, set by hyper_parameters.norm_mode of the config the model was made from): "transductive", those
 of all query images together, as in MAML's evaluation (a query image's probabilities then depend on the other
 query images it is classified with), or "support", those of the support set again (a query image's
-probabilities then depend only on it and the support set: classified alone or with others, the same). Images are decoded and scaled as the reader does (omniglot_reader.decode_image,
+probabilities then depend only on it and the support set: classified alone or with others, the same), or
+"tasknorm_i", those of the support set blended with each image's own, while adapting too (also independent of
+the other query images). Images are decoded and scaled as the reader does (omniglot_reader.decode_image,
 to_network_input). Nothing random is drawn: the same inputs give the same probabilities.
 
 The network has n_way outputs. A task with fewer classes uses the first `classes` of them and masks the
@@ -38,6 +40,8 @@ BATCH_NORM_NOTES = {
                     "classifying (transductive, as in MAML's evaluation)",
     "support": "batch statistics of the support set, while adapting and when classifying (each query image "
                "independently of the others)",
+    "tasknorm_i": "TaskNorm-I: the support set's batch statistics blended with each image's own, while adapting and "
+                  "when classifying (each query image independently of the others)",
 }
 
 
