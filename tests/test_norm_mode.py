@@ -1,9 +1,11 @@
-"""hyper_parameters.norm_mode: batch norm of the query images with the support set's statistics ("support").
+"""hyper_parameters.norm_mode's non-transductive modes: "support" (query images normalised with the support set's
+moments) and "tasknorm_i" (those blended with each image's own, support images included).
 
-A query image's probabilities must not depend on the other query images in that mode (they do in the
-transductive one, which stays MAML's); the support set alone is normalised as before; the meta-gradient is
-exact to second order against float64 central differences of an objective written here plainly (its query
-forward with Paddle's own layers, independent of net.py); and the tools train, evaluate and predict in it."""
+A query image's probabilities must not depend on the other query images in these modes (they do in the
+transductive one, which stays MAML's); "support" normalises the support set alone as before; the meta-gradient is
+exact to second order against float64 central differences of an objective written here plainly (its network
+with Paddle's own layers, one image at a time, independent of net.py); and the tools train, evaluate and
+predict in each mode."""
 import json
 import os
 import shutil
@@ -15,6 +17,8 @@ import pytest
 
 from tests import maml_modules
 from tests.maml_modules import central_difference, directional, float64, relative_error
+from tests.test_meta_gradient import CONFIG as META_GRADIENT_CONFIG
+from tests.test_meta_gradient import LR, STEPS, TASKS, _batch
 from tool_helpers import REPO_ROOT, assert_ok, assert_user_error, run_tool
 
 dygraph_model, net, maml, _ = maml_modules.load()
@@ -22,17 +26,8 @@ Plugin = dygraph_model.DygraphModel
 MODE = "hyper_parameters.norm_mode"
 NEW_MODES = ["support", "tasknorm_i"]  # each query image on its own
 
-STEPS, LR, TASKS, WAYS = 2, 0.3, 3, 3
-CONFIG = {
-    "hyper_parameters.n_way": WAYS, "hyper_parameters.update_step": STEPS, "hyper_parameters.bn_channel": 4,
-    "hyper_parameters.imgsize": 16, "hyper_parameters.base_optimizer.learning_rate": LR, MODE: "support",
-}
-
-
-def _batch(seed=1, tasks=TASKS):
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal((tasks, WAYS, 1, 16, 16)), np.tile(np.arange(WAYS), (tasks, 1)),
-            rng.standard_normal((tasks, 2 * WAYS, 1, 16, 16)), np.tile(np.arange(WAYS).repeat(2), (tasks, 1))]
+# test_meta_gradient's small network and meta-batch, in the first new mode
+CONFIG = dict(META_GRADIENT_CONFIG, **{MODE: NEW_MODES[0]})
 
 
 def _model(config):
