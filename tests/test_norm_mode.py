@@ -80,6 +80,42 @@ def test_support_statistics_normalise_the_support_set_as_before(monkeypatch, blo
     np.testing.assert_allclose(by_support, own, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["blocked", "plain"])
+def test_batch_norm_by_support_matches_its_definition(layout):
+    """The fused op of "support" mode against its definition in plain Paddle ops (net.batch_norm_by_rows):
+    outputs and first derivatives in x, gamma and beta, the support rows' share included."""
+    ops = dygraph_model.double_grad_ops
+    rng = np.random.default_rng(3)
+    dtype = "float32" if layout == "blocked" else "float64"  # oneDNN's blocked kernels are float32 ones
+
+    def tensor(shape, scale=1.0):
+        return paddle.to_tensor((rng.standard_normal(shape) * scale + (1.0 if len(shape) == 1 else 0.0)).astype(dtype),
+                                stop_gradient=False)
+
+    x, gamma, beta = tensor([9, 32, 6, 6], 2.0), tensor([32], 0.3), tensor([32], 0.3)
+    if layout == "blocked":
+        x = paddle.to_tensor(ops.onednn_layers.blocked(x, 16).numpy(), stop_gradient=False)
+    dy = paddle.to_tensor(rng.standard_normal(x.shape).astype(dtype))
+    results = []
+    for norm in (ops.batch_norm_by_support, net.batch_norm_by_rows):
+        out = norm(x, gamma, beta, 4)
+        results.append([out.numpy()] + [g.numpy() for g in paddle.grad((out * dy).sum(), [x, gamma, beta])])
+    tolerance = 2e-4 if dtype == "float32" else 1e-10
+    for got, expected in zip(*results):
+        np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_batch_norm_by_support_refuses_a_second_derivative():
+    ops = dygraph_model.double_grad_ops
+    x = paddle.to_tensor(np.random.default_rng(0).standard_normal([5, 4, 3, 3]), stop_gradient=False)
+    gamma = paddle.to_tensor(np.ones(4), stop_gradient=False)
+    # (every input asked for: Paddle's custom ops must not be asked for a gradient that leads nowhere)
+    _, dgamma = paddle.grad((ops.batch_norm_by_support(x, gamma, gamma * 0, 2) ** 2).sum(), [x, gamma],
+                            create_graph=True)
+    with pytest.raises(Exception, match="no second derivative"):
+        paddle.grad(dgamma.sum(), [x])
+
+
 def test_transductive_mode_is_the_default_and_a_bad_mode_is_one_error():
     config = {key: value for key, value in CONFIG.items() if key != MODE}
     assert _model(config).norm == "transductive"

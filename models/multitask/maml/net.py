@@ -223,8 +223,10 @@ def task_logits(params, x, blocks=4, stride=1, padding=1, support=None):
         h = ops.conv2d(h, weight, stride=stride, padding=padding, groups=tasks, block=layout)
         if rows is None:
             h = ops.batch_norm(h, gamma, beta)
+        elif blend is None:
+            h = ops.batch_norm_by_support(h, gamma, beta, rows)
         else:  # TaskNorm-I's weight of the support moments, from the support set's size
-            alpha = None if blend is None else paddle.nn.functional.sigmoid(blend[b, 0] * rows + blend[b, 1])
+            alpha = paddle.nn.functional.sigmoid(blend[b, 0] * rows + blend[b, 1])
             h = batch_norm_by_rows(h, gamma, beta, rows, alpha)
         # ReLU after the pool instead of before: max commutes with a monotone function, so values and
         # gradients are the same, on a quarter of the elements.
@@ -237,8 +239,9 @@ def task_logits(params, x, blocks=4, stride=1, padding=1, support=None):
 def batch_norm_by_rows(h, gamma, beta, rows, alpha=None, eps=1e-5):
     """Batch norm of every image of h (plain [n, C, H, W] or channel-blocked [n, C/b, H, W, b]) with the
     per-channel moments of its first `rows` images (biased variance and eps as ops.batch_norm, so those rows
-    come out as ops.batch_norm of them alone would give them). Plain Paddle ops, differentiable to any order
-    (the meta-gradient needs the second with TaskNorm-I, whose adaptation runs through them).
+    come out as ops.batch_norm of them alone would give them). Plain Paddle ops, differentiable to any order:
+    TaskNorm-I's adaptation needs the second. Without alpha it defines ops.batch_norm_by_support, the fused
+    first-order op that "support" mode runs (the tests hold one against the other).
 
     With `alpha` (TaskNorm-I), image i uses the moments of the mixture of the two distributions, weight alpha
     on the support rows' and 1 - alpha on its own over H, W: mean m = alpha m_s + (1 - alpha) m_i, variance
