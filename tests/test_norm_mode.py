@@ -103,6 +103,12 @@ def test_batch_norm_by_support_matches_its_definition(layout):
     tolerance = 2e-4 if dtype == "float32" else 1e-10
     for got, expected in zip(*results):
         np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance)
+    if layout == "blocked":  # TaskNorm-I's instance moments in the blocked layout: those of the plain one, blocked
+        alpha = paddle.to_tensor(0.3, dtype=dtype)
+        plain = ops.onednn_layers.plain(x.detach())
+        np.testing.assert_allclose(net.batch_norm_by_rows(x, gamma, beta, 4, alpha).numpy(),
+                                   ops.onednn_layers.blocked(net.batch_norm_by_rows(plain, gamma, beta, 4, alpha),
+                                                             16).numpy(), rtol=tolerance, atol=tolerance)
 
 
 def test_batch_norm_by_support_refuses_a_second_derivative():

@@ -79,8 +79,9 @@ def adapted_chunks(model, meta_batch, tasks_per_chunk, steps, lr, first_order):
 
 def norm_support(model, meta_batch, part):
     """The images whose batch statistics normalise the query images of the tasks in `part` (net.task_logits):
-    None for their own (transductive), else the support set (model.norm "support"). While adapting, the support
-    set is normalised with its own statistics in every mode."""
+    None for their own (model.norm "transductive"), else the support set ("support", "tasknorm_i"). While
+    adapting, the support set is normalised with its own statistics in every mode (with TaskNorm-I, blended
+    with each image's own)."""
     return None if model.norm == "transductive" else meta_batch.x_spt[part]
 
 
@@ -142,7 +143,7 @@ EVAL_QUERY_IMAGES_PER_CHUNK = 2000
 def query_logits(model, meta_batch, steps, lr):
     """Query logits [T, n, n_way] after `steps` adaptation steps on each task's support set (no
     meta-gradient needed); batch norm uses the batch statistics of the support set while adapting and, when
-    classifying, of the query set (model.norm "transductive") or of the support set again ("support").
+    classifying, of the query set (model.norm "transductive") or of the support set again (the other modes).
     What evaluation scores and what few_shot.py predicts with."""
     images = meta_batch.x_qry.shape[1] + (0 if model.norm == "transductive" else meta_batch.x_spt.shape[1])
     tasks_per_chunk = max(1, EVAL_QUERY_IMAGES_PER_CHUNK // images)

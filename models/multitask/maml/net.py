@@ -6,7 +6,7 @@ stacked on the channel axis, so every convolution is one grouped native convolut
 batch norm computes per-task statistics in one native call. Adapted parameters are plain tensors in that
 task-stacked layout, never copies of layers.
 
-Batch norm has two modes (NORM_MODES), a property of the network set by hyper_parameters.norm_mode:
+Batch norm has three modes (NORM_MODES), a property of the network set by hyper_parameters.norm_mode:
 - "transductive" (MAML's): the images of a forward pass are normalised with their own batch statistics, so a
   query image's logits depend on the other query images classified with it;
 - "support" (task normalisation from the support set, one of the candidates of Bronskill et al., "TaskNorm:
