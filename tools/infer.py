@@ -23,7 +23,7 @@ from tools.utils.distributed import setup_data_parallel  # noqa: E402
 from tools.utils.environment import seed_everything, select_device  # noqa: E402
 from tools.utils.evaluation import BEST_FILE, best_epochs_of, evaluate, evaluation_loader  # noqa: E402
 from tools.utils.metrics import MetricsLog, VisualLog  # noqa: E402
-from tools.utils.plugin import load_model_plugin, plugin_declaration  # noqa: E402
+from tools.utils.plugin import evaluation_note, load_model_plugin  # noqa: E402
 
 RANGE_KEYS = "runner.infer_start_epoch/runner.infer_end_epoch"
 
@@ -66,7 +66,7 @@ def checkpoint_folders(config):
 def infer(args):
     config, plugin_module = load_run_config(args.config, args.overrides, data_parallel=True)
     load_dir, folders, chosen = checkpoint_folders(config)
-    note = " ".join(plugin_declaration(plugin_module, "EVALUATION_NOTE").split())
+    note = evaluation_note(plugin_module, config)
     config.require("runner.print_interval", int, minimum=1)
     seed = config.require("runner.seed", int)
     device = select_device(config)

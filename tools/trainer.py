@@ -29,7 +29,7 @@ from tools.utils.environment import select_device  # noqa: E402
 from tools.utils.evaluation import BEST_FILE, MODES, ModelSelection, evaluate, evaluation_loader  # noqa: E402
 from tools.utils.evaluation import validation_config  # noqa: E402
 from tools.utils.metrics import MetricsLog, NumericGuard, VisualLog, likely_causes, scalar_dict  # noqa: E402
-from tools.utils.plugin import load_model_plugin, plugin_declaration  # noqa: E402
+from tools.utils.plugin import evaluation_note, load_model_plugin, plugin_declaration  # noqa: E402
 
 AUTO_RESUME = "auto"
 INTERVAL_SUMS = ("loss", "batches", "samples", "reader", "batch")  # summed over the batches since the last log line
@@ -96,7 +96,7 @@ class Trainer:
         self.batch_size = loader_batch_size(config, "train", parallel.world_size)
         self.validation = (Validation(config, self.save_dir, parallel.world_size)
                            if config.get("runner.valid_data_dir") else None)
-        self.note = " ".join(plugin_declaration(plugin_module, "EVALUATION_NOTE").split())
+        self.note = evaluation_note(plugin_module, config)
         causes = likely_causes(config, plugin_declaration(plugin_module, "NON_FINITE_KEYS"))
         self.numeric_guard = NumericGuard(causes, warn)  # stops the run at a NaN or infinite number
         seed_everything(self.seed)  # every rank alike: the same initial parameters

@@ -5,6 +5,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import re
 import sys
 
 from tools.utils.console import UserError
@@ -101,7 +102,7 @@ DECLARATIONS = {
     "NON_FINITE_KEYS": ("a dict of dotted-key strings to descriptions",
                         lambda value: _dict_of_str_keys(value) and all(isinstance(v, str) for v in value.values()),
                         {}),
-    # How the plugin evaluates, printed once by infer and validation summaries.
+    # How the plugin evaluates, printed once by infer and validation summaries ({dotted.key}: the run's value).
     "EVALUATION_NOTE": ("a string", lambda value: isinstance(value, str), ""),
     # The benchmark's variants (override dicts) and the names of its columns ({"samples": .., "kernels": ..}).
     "BENCHMARK_VARIANTS": ("a list of dicts of dotted-key strings to values",
@@ -120,3 +121,9 @@ def plugin_declaration(module, name):
     if not check(value):
         raise UserError(f"{module.__file__}: {name} must be {what}, got {type(value).__name__}")
     return value
+
+
+def evaluation_note(module, config):
+    """The plugin's EVALUATION_NOTE on one line, each {dotted.key} in it replaced by the run's value of the key."""
+    note = " ".join(plugin_declaration(module, "EVALUATION_NOTE").split())
+    return re.sub(r"\{([\w.]+)\}", lambda match: str(config.get(match.group(1))), note)

@@ -16,9 +16,11 @@ maml_kernels.prepare_cpu_process()  # before the first large tensor; see maml_ke
 # whole table, with types, ranges and meanings, is maml_settings.TABLE.
 CONFIG_DEFAULTS = settings.CONFIG_DEFAULTS
 
-# Printed once by infer and validation summaries: how these accuracies were measured.
-EVALUATION_NOTE = ("query accuracy after update_step_test SGD steps on each task's support set, batch norm with "
-                   "each task's own batch statistics (transductive, as in MAML); mean over all tasks, 95% CI")
+# Printed once by infer and validation summaries: how these accuracies were measured ({key}: the run's value).
+EVALUATION_NOTE = ("query accuracy after update_step_test SGD steps on each task's support set; query images batch "
+                   "normalised {hyper_parameters.norm_mode} (transductive: with their own batch statistics, as in "
+                   "MAML; support: with the support set's; tasknorm_i: with the support set's blended with each "
+                   "image's own); mean over all tasks, 95% CI")
 
 # Named by the trainer when a loss or meta-gradient turns NaN or infinite: the usual culprits.
 NON_FINITE_KEYS = {"hyper_parameters.base_optimizer.learning_rate": "the inner learning rate",
@@ -34,6 +36,11 @@ CONFIG_KEYS = [key for key in settings.TABLE if key not in CONFIG_DEFAULTS]
 BENCHMARK_VARIANTS = [{"hyper_parameters.first_order": True},
                       {"hyper_parameters.first_order": False, "hyper_parameters.first_order_epochs": 0}]
 BENCHMARK_LABELS = {"samples": "tasks", "kernels": "conv"}  # its columns: tasks/s, conv s, conv %
+def norm_mode(config):
+    """hyper_parameters.norm_mode, one of net.NORM_MODES."""
+    return settings.choice(config, "hyper_parameters.norm_mode", net.NORM_MODES)
+
+
 
 
 class TaskAccuracy(paddle.metric.Metric):
@@ -118,6 +125,7 @@ class DygraphModel:
                 bn_stages=steps + 1 if settings.boolean(config, "hyper_parameters.per_step_bn") else 0,
                 lr_steps=steps if learn_inner_lr else 0,
                 inner_lr_init=settings.positive_float(config, "hyper_parameters.base_optimizer.learning_rate"),
+                norm=norm_mode(config),
             )
         except net.ShapeError as e:
             raise settings.error(config, "hyper_parameters.imgsize", str(e)) from None
@@ -177,7 +185,7 @@ class DygraphModel:
 
     def infer_forward(self, dy_model, metrics_list, batch_data, config):
         """Query accuracy of every task in the batch after `update_step_test` adaptation steps,
-        with batch statistics in batch norm (transductive, as in MAML); of an ensemble (see ensemble()), by its
+        batch norm as the model's norm mode says (hyper_parameters.norm_mode); of an ensemble (see ensemble()), by its
         members' mean class probabilities. With n_way_test < n_way only the first n_way_test outputs take part."""
         steps, lr, _ = settings.inner_settings(config, training=False)
         first = dy_model.members[0] if isinstance(dy_model, maml.Ensemble) else dy_model

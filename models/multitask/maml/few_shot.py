@@ -10,10 +10,14 @@ On image files (what tools/predict.py calls, through DygraphModel.predict):
 
 The adaptation is evaluation's own: maml.query_logits, whose logits infer_forward scores. That is
 update_step_test SGD steps (at base_optimizer.learning_rate, or the learned inner rates) on the mean
-cross-entropy of the support set, then the query images through the adapted network; batch norm uses batch
-statistics, those of the support set while adapting and those of all query images together when classifying
-(transductive, as in MAML's evaluation: a query image's probabilities depend a little on the other query
-images it is classified with). Images are decoded and scaled as the reader does (omniglot_reader.decode_image,
+cross-entropy of the support set, then the query images through the adapted network. Batch norm uses batch
+statistics, those of the support set while adapting; when classifying, it follows the model's norm mode
+(model.norm, set by hyper_parameters.norm_mode of the config the model was made from): "transductive", those
+of all query images together, as in MAML's evaluation (a query image's probabilities then depend on the other
+query images it is classified with), or "support", those of the support set again (a query image's
+probabilities then depend only on it and the support set: classified alone or with others, the same), or
+"tasknorm_i", those of the support set blended with each image's own, while adapting too (also independent of
+the other query images). Images are decoded and scaled as the reader does (omniglot_reader.decode_image,
 to_network_input). Nothing random is drawn: the same inputs give the same probabilities.
 
 The network has n_way outputs. A task with fewer classes uses the first `classes` of them and masks the
@@ -29,8 +33,15 @@ import maml
 import maml_settings as settings
 import omniglot_reader
 
-BATCH_NORM_NOTE = ("batch statistics: of the support set while adapting, of all query images together when "
-                   "classifying (as in evaluation)")
+# How batch norm normalised the images, per norm mode (net.NORM_MODES).
+BATCH_NORM_NOTES = {
+    "transductive": "batch statistics: of the support set while adapting, of all query images together when "
+                    "classifying (transductive, as in MAML's evaluation)",
+    "support": "batch statistics of the support set, while adapting and when classifying (each query image "
+               "independently of the others)",
+    "tasknorm_i": "TaskNorm-I: the support set's batch statistics blended with each image's own, while adapting and "
+                  "when classifying (each query image independently of the others)",
+}
 
 
 def _images(name, images, size):
@@ -72,7 +83,8 @@ def adapt_and_classify(model, config, support_images, support_labels, query_imag
         omniglot_reader.to_network_input of decoded images (ink -1, paper 1).
     support_labels: int [n_support]: class ids 0 .. classes-1, each at least once; classes may have different
         numbers of images (the support loss is the mean over the images). classes <= n_way.
-    Column c of the result is class id c; each row sums to 1.
+    Column c of the result is class id c; each row sums to 1. Batch norm follows model.norm (see the module
+    docstring; BATCH_NORM_NOTES[model.norm] says it in words).
     """
     size = _imgsize(config)
     support_images = _images("support_images", support_images, size)
@@ -118,7 +130,8 @@ def predict_files(model, config, support, queries):
         "n_way": model.n_way,
         "outputs_used": len(support),
         "imgsize": _imgsize(config),
-        "batch_norm": BATCH_NORM_NOTE,
+        "norm_mode": model.norm,
+        "batch_norm": BATCH_NORM_NOTES[model.norm],
     }
     return {"classes": [name for name, _ in support], "probabilities": probabilities, "settings": used,
             "seconds": {"decode": decoded - start, "adapt+classify": done - decoded}}

@@ -74,6 +74,14 @@ def adapted_chunks(model, meta_batch, tasks_per_chunk, steps, lr, first_order):
         yield part, adapt(model, copies, meta_batch.x_spt[part], meta_batch.y_spt[part], steps, lr, first_order)
 
 
+def norm_support(model, meta_batch, part):
+    """The images whose batch statistics normalise the query images of the tasks in `part` (net.task_logits):
+    None for their own (model.norm "transductive"), else the support set ("support", "tasknorm_i"). While
+    adapting, the support set is normalised with its own statistics in every mode (with TaskNorm-I, blended
+    with each image's own)."""
+    return None if model.norm == "transductive" else meta_batch.x_spt[part]
+
+
 def _joined(pieces):
     return pieces[0] if len(pieces) == 1 else paddle.concat(pieces, axis=0)
 
@@ -86,7 +94,7 @@ def _query_gradients(model, stages, stage_weights, meta_batch, part):
     for stage, weight in sorted(stage_weights.items()):  # the last stage comes last
         inputs = model.layer_inputs(stages[stage], stage)
         losses, logits = net.task_losses(inputs, meta_batch.x_qry[part], meta_batch.y_qry[part], model.blocks,
-                                         model.stride, model.padding)
+                                         model.stride, model.padding, norm_support(model, meta_batch, part))
         query_loss = weight * losses.sum() / meta_batch.tasks
         output_grads += paddle.grad(query_loss, list(inputs.values()))
         outputs += inputs.values()
@@ -131,14 +139,17 @@ EVAL_QUERY_IMAGES_PER_CHUNK = 2000
 
 def query_logits(model, meta_batch, steps, lr):
     """Query logits [T, n, n_way] after `steps` adaptation steps on each task's support set (no
-    meta-gradient needed); batch norm uses the batch statistics of the support set while adapting and of
-    the query set when classifying. What evaluation scores and what few_shot.py predicts with."""
-    tasks_per_chunk = max(1, EVAL_QUERY_IMAGES_PER_CHUNK // meta_batch.x_qry.shape[1])
+    meta-gradient needed); batch norm uses the batch statistics of the support set while adapting and, when
+    classifying, of the query set (model.norm "transductive") or of the support set again (the other modes).
+    What evaluation scores and what few_shot.py predicts with."""
+    images = meta_batch.x_qry.shape[1] + (0 if model.norm == "transductive" else meta_batch.x_spt.shape[1])
+    tasks_per_chunk = max(1, EVAL_QUERY_IMAGES_PER_CHUNK // images)
     logits = []
     for part, stages in adapted_chunks(model, meta_batch, tasks_per_chunk, steps, lr, first_order=True):
         with paddle.no_grad():
             inputs = model.layer_inputs({name: p.detach() for name, p in stages[-1].items()}, steps)
-            logits.append(net.task_logits(inputs, meta_batch.x_qry[part], model.blocks, model.stride, model.padding))
+            logits.append(net.task_logits(inputs, meta_batch.x_qry[part], model.blocks, model.stride, model.padding,
+                                          norm_support(model, meta_batch, part)))
     return _joined(logits)
 
 

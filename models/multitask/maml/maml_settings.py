@@ -77,6 +77,11 @@ TABLE = {
     "hyper_parameters.first_order_epochs": Key(0, "int", 0, None, "the first N epochs first-order, second after"),
     # Tasks per pass: memory against speed, the same result (maml.py).
     "hyper_parameters.tasks_per_chunk": Key(4, "int", 1, None, "tasks per pass: memory against speed"),
+    # Batch norm of the query images, in meta-training and evaluation (net.NORM_MODES): "transductive" (MAML's, the
+    # query set's own statistics), "support" (the support set's: a query image's class does not depend on the
+    # others) or "tasknorm_i" (the support set's blended with each image's own, a learned weight per block).
+    "hyper_parameters.norm_mode": Key("transductive", "choice",
+                                      meaning="batch norm of the query images: transductive, support or tasknorm_i"),
 }
 
 # What the reader falls back to when no tools supply runner defaults (PaddleRec's tools have none).

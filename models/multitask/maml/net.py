@@ -5,6 +5,17 @@
 stacked on the channel axis, so every convolution is one grouped native convolution (groups = T) and every
 batch norm computes per-task statistics in one native call. Adapted parameters are plain tensors in that
 task-stacked layout, never copies of layers.
+
+Batch norm has three modes (NORM_MODES), a property of the network set by hyper_parameters.norm_mode:
+- "transductive" (MAML's): the images of a forward pass are normalised with their own batch statistics, so a
+  query image's logits depend on the other query images classified with it;
+- "support" (task normalisation from the support set, one of the candidates of Bronskill et al., "TaskNorm:
+  Rethinking Batch Normalization for Meta-Learning", ICML 2020): every image, support or query, is normalised
+  with the moments of its task's support images under the same parameters, so a query image's logits depend
+  only on it and the support set. The support set alone is normalised exactly as in transductive mode;
+- "tasknorm_i" (TaskNorm-I, from the same paper): as "support", but every image's moments are blended with its
+  own instance moments (over H and W) by a learned weight per block, alpha = sigmoid(scale * support images
+  + offset); the support set while adapting is normalised that way too.
 """
 import math
 from collections import namedtuple
@@ -15,6 +26,8 @@ import paddle.nn as nn
 
 import maml_kernels as ops
 
+
+NORM_MODES = ("transductive", "support", "tasknorm_i")
 
 BlockNames = namedtuple("BlockNames", "conv gamma beta")
 
@@ -62,12 +75,19 @@ class MAMLNet(nn.Layer):
     - `lr_steps` > 0 (learned inner rates): `inner_lr` [lr_steps, adapted tensors], one rate per adapted
       tensor (column i: the i-th of adapted_names) per inner step, starting at `inner_lr_init`; steps beyond
       lr_steps reuse the last row.
+
+    `norm` (one of NORM_MODES) says which images' statistics normalise the query images (see the module
+    docstring); maml.py reads it. "tasknorm_i" adds `tasknorm` [blocks, 2] (registered after the classifier,
+    before `inner_lr`): each block's (scale, offset) of its blend weight, both starting at 0 (alpha = 1/2),
+    learned by the outer loop only.
     """
 
     def __init__(self, n_way, channels=64, blocks=4, kernel=3, stride=1, padding=1, imgsize=28, in_channels=1,
-                 bn_stages=0, lr_steps=0, inner_lr_init=0.1):
+                 bn_stages=0, lr_steps=0, inner_lr_init=0.1, norm="transductive"):
         super().__init__()
-        self.n_way, self.blocks = n_way, blocks
+        if norm not in NORM_MODES:
+            raise ValueError(f"norm must be one of {NORM_MODES}, got {norm!r}")
+        self.n_way, self.blocks, self.norm = n_way, blocks, norm
         self.stride, self.padding = stride, padding
         self.bn_stages = bn_stages
         self.feature_size = feature_size(imgsize, blocks, kernel, stride, padding)
@@ -85,6 +105,10 @@ class MAMLNet(nn.Layer):
         fc_weight, fc_bias = CLASSIFIER_NAMES
         self._add(fc_weight, [features, n_way], dtype, nn.initializer.XavierUniform())
         self._add(fc_bias, [n_way], dtype, nn.initializer.Constant(0.0))
+        if norm == "tasknorm_i":
+            self._add("tasknorm", [blocks, 2], dtype, nn.initializer.Constant(0.0))
+        else:
+            self.tasknorm = None
         # Adapted by the inner loop: every layer parameter, except the per-stage bn rows with bn_stages.
         self.per_stage_names = ([name for b in range(blocks) for name in (block_names(b).gamma, block_names(b).beta)]
                                 if bn_stages else [])
@@ -104,13 +128,19 @@ class MAMLNet(nn.Layer):
     def layer_inputs(self, fast, stage):
         """{name: tensor} of every layer parameter, what `task_logits` takes at inner-loop `stage`, from the
         adapted tensors `fast` (task-stacked, see expand_to_tasks): with per-step batch norm, that stage's bn
-        rows are put in, one copy per task."""
-        if not self.bn_stages:
-            return fast
-        tasks = fast["fc_bias"].shape[0]  # [T, 1, n_way]
-        row = min(stage, self.bn_stages - 1)
-        return {name: paddle.tile(getattr(self, name)[row], [tasks]) if name in self.per_stage_names else fast[name]
-                for name in layer_names(self.blocks)}
+        rows are put in, one copy per task; with TaskNorm-I, its blend parameters (`tasknorm`, shared by the
+        tasks)."""
+        inputs = fast
+        if self.bn_stages:
+            tasks = fast["fc_bias"].shape[0]  # [T, 1, n_way]
+            row = min(stage, self.bn_stages - 1)
+            inputs = {name: paddle.tile(getattr(self, name)[row], [tasks]) if name in self.per_stage_names
+                      else fast[name] for name in layer_names(self.blocks)}
+        if self.tasknorm is not None:
+            # A copy, not the parameter itself: maml.py pushes gradients back from these inputs, and paddle.grad
+            # gives none to a leaf that is itself among the tensors it starts from.
+            inputs = dict(inputs, tasknorm=self.tasknorm.clone())
+        return inputs
 
     def inner_rates(self, step, lr):
         """{adapted name: step size} of inner `step`: the learned rates, or the fixed `lr`."""
@@ -167,10 +197,22 @@ def mask_outputs(params, classes):
     return dict(params, fc_bias=fc_bias + mask)
 
 
-def task_logits(params, x, blocks=4, stride=1, padding=1):
+def task_logits(params, x, blocks=4, stride=1, padding=1, support=None):
     """Logits [T, n, n_way] for images x [T, n, C, H, W], task t using its own parameters (task-stacked,
-    {name: tensor}, see by_name)."""
+    {name: tensor}, see by_name).
+
+    Batch norm uses the statistics of x itself (transductive), or, given `support` [T, s, C, H, W], those of
+    each task's support images: they are forwarded together with x under the same parameters and only their
+    rows are counted in the moments, so each row of x gets logits that depend on it and the support set only.
+    With params["tasknorm"] (TaskNorm-I) every image's moments are blended with its own instance moments;
+    without `support`, x is then the support set itself."""
     params = by_name(params, blocks)
+    blend, rows = params.get("tasknorm"), None
+    if support is not None:
+        rows = support.shape[1]
+        x = paddle.concat([support, x], axis=1)
+    elif blend is not None:
+        rows = x.shape[1]
     tasks, n = x.shape[0], x.shape[1]
     h = x.transpose([1, 0, 2, 3, 4]).reshape([n, tasks * x.shape[2], x.shape[3], x.shape[4]])
     # Between the layers the activations stay in the channel-blocked layout of oneDNN's CPU code where it
@@ -179,15 +221,46 @@ def task_logits(params, x, blocks=4, stride=1, padding=1):
     for b in range(blocks):
         weight, gamma, beta = (params[name] for name in block_names(b))
         h = ops.conv2d(h, weight, stride=stride, padding=padding, groups=tasks, block=layout)
-        h = ops.batch_norm(h, gamma, beta)
+        if rows is None:
+            h = ops.batch_norm(h, gamma, beta)
+        elif blend is None:
+            h = ops.batch_norm_by_support(h, gamma, beta, rows)
+        else:  # TaskNorm-I's weight of the support moments, from the support set's size
+            alpha = paddle.nn.functional.sigmoid(blend[b, 0] * rows + blend[b, 1])
+            h = batch_norm_by_rows(h, gamma, beta, rows, alpha)
         # ReLU after the pool instead of before: max commutes with a monotone function, so values and
         # gradients are the same, on a quarter of the elements.
         h = ops.max_pool2d_relu(h)
     features = ops.to_plain(h).reshape([n, tasks, -1]).transpose([1, 0, 2])
-    return paddle.matmul(features, params["fc_weight"]) + params["fc_bias"]
+    logits = paddle.matmul(features, params["fc_weight"]) + params["fc_bias"]
+    return logits if support is None else logits[:, rows:]
 
 
-def task_losses(params, x, y, blocks=4, stride=1, padding=1):
-    """(mean cross-entropy per task [T], logits [T, n, n_way])."""
-    logits = task_logits(params, x, blocks, stride, padding)
+def batch_norm_by_rows(h, gamma, beta, rows, alpha=None, eps=1e-5):
+    """Batch norm of every image of h (plain [n, C, H, W] or channel-blocked [n, C/b, H, W, b]) with the
+    per-channel moments of its first `rows` images (biased variance and eps as ops.batch_norm, so those rows
+    come out as ops.batch_norm of them alone would give them). Plain Paddle ops, differentiable to any order:
+    TaskNorm-I's adaptation needs the second. Without alpha it defines ops.batch_norm_by_support, the fused
+    first-order op that "support" mode runs (the tests hold one against the other).
+
+    With `alpha` (TaskNorm-I), image i uses the moments of the mixture of the two distributions, weight alpha
+    on the support rows' and 1 - alpha on its own over H, W: mean m = alpha m_s + (1 - alpha) m_i, variance
+    alpha (v_s + (m_s - m)^2) + (1 - alpha) (v_i + (m_i - m)^2)."""
+    shape = [1, -1, 1, 1] + ([h.shape[4]] if len(h.shape) == 5 else [])  # a per-channel vector against h
+    counted = h[:rows]
+    mean = counted.mean(axis=[0, 2, 3], keepdim=True)
+    variance = ((counted - mean) ** 2).mean(axis=[0, 2, 3], keepdim=True)
+    if alpha is not None:
+        own_mean = h.mean(axis=[2, 3], keepdim=True)
+        own_variance = ((h - own_mean) ** 2).mean(axis=[2, 3], keepdim=True)
+        mixed = alpha * mean + (1 - alpha) * own_mean
+        variance = alpha * (variance + (mean - mixed) ** 2) + (1 - alpha) * (own_variance + (own_mean - mixed) ** 2)
+        mean = mixed
+    scale = gamma.reshape(shape) * paddle.rsqrt(variance + eps)
+    return (h - mean) * scale + beta.reshape(shape)
+
+
+def task_losses(params, x, y, blocks=4, stride=1, padding=1, support=None):
+    """(mean cross-entropy per task [T], logits [T, n, n_way]); `support` as in task_logits."""
+    logits = task_logits(params, x, blocks, stride, padding, support)
     return ops.cross_entropy(logits, y).mean(axis=1), logits

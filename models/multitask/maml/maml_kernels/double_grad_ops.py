@@ -9,7 +9,8 @@ Why this module exists (measured on paddle 3.3.1, see doc/second_order.md):
 The recipe is the same for every layer: a `PyLayer` whose forward and backward call Paddle's fused native
 kernels, where the backward is itself a `PyLayer` whose own backward (the second derivative) is written,
 again, with native kernels. Each op here is exact to second order (what MAML needs); a third derivative is
-not supported. Layout is NCHW throughout.
+not supported. One exception, batch_norm_by_support, is exact to first order and refuses a second: its one user,
+the query forward of norm_mode "support", is differentiated once. Layout is NCHW throughout.
 
 Beside this module: native_kernels.py wraps the native calls (one named function per kernel);
 cpu_schedule.py runs a convolution or a large max-pool on a CPU as two halves on two threads;
@@ -27,8 +28,8 @@ from . import native_kernels as kernels
 from . import onednn_conv
 from . import onednn_layers
 
-__all__ = ["conv2d", "batch_norm", "max_pool2d", "max_pool2d_relu", "cross_entropy", "activation_block",
-           "to_plain"]
+__all__ = ["conv2d", "batch_norm", "batch_norm_by_support", "max_pool2d", "max_pool2d_relu", "cross_entropy",
+           "activation_block", "to_plain"]
 
 
 def _needed(inputs, grads):
@@ -366,6 +367,57 @@ def batch_norm(x, gamma, beta, eps=1e-5):
     """Batch norm with batch statistics (training mode, as MAML uses at train and test time), exact to
     second order in x, gamma and beta. No running statistics are kept."""
     return _BatchNorm.apply(x, gamma, beta, eps)
+
+
+class _SupportBatchNorm(PyLayer):
+    """Batch norm of every image with the statistics of the first `rows` images (the support set): the moments
+    of those rows, then one affine pass over all of them with those moments given."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, rows, eps):
+        _, mean, inv_std, variance = _bn_forward(x[:rows], gamma, beta, eps)
+        ctx.stats = _BNStats(mean, inv_std, beta.detach(), eps, rows * x.shape[2] * x.shape[3], variance)
+        ctx.rows = rows
+        ctx.save_for_backward(x, gamma, beta)
+        return _bn_affine(x, gamma, beta, ctx.stats)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, gamma, beta = ctx.saved_tensor()
+        return _needed((x, gamma, beta), _SupportBatchNormGrad.apply(x, gamma, dy, ctx.stats, ctx.rows))
+
+
+class _SupportBatchNormGrad(PyLayer):
+    """(dx, dgamma, dbeta) of _SupportBatchNorm. Per channel, with r = 1/std and x_hat of the support moments,
+    G = sum(dy) and Q = sum(dy x_hat) over ALL images, m the support rows' element count:
+        dx = gamma r dy, less gamma r (G + x_hat Q) / m on the support rows (their moments' share);
+        dgamma = Q, dbeta = G.
+    First order only: the query forward, its one user, is differentiated once (maml._query_gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, dy, stats, rows):
+        _, q, g = _bn_backward(x, gamma, dy, stats)  # its dx (normalised over all the rows) is not this one
+        scaled = _bn_affine(dy, gamma * stats.inv_std, _constant("zeros", gamma.shape[0], dy.dtype), _unit(gamma, dy))
+        share = -gamma * stats.inv_std / stats.count
+        support = scaled[:rows] + _bn_affine(x[:rows], share * q, share * g, stats)
+        return paddle.concat([support, scaled[rows:]], axis=0), q, g
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("batch_norm_by_support has no second derivative (only its first is used)")
+
+
+def _unit(gamma, like):
+    """Statistics (mean 0, variance 1, eps 0) that make _bn_affine(t, s, b, these) exactly s t + b."""
+    channels = gamma.shape[0]
+    zeros, ones = _constant("zeros", channels, like.dtype), _constant("ones", channels, like.dtype)
+    return _BNStats(zeros, ones, zeros, 0.0, 1, variance=ones)
+
+
+def batch_norm_by_support(x, gamma, beta, rows, eps=1e-5):
+    """Batch norm of every image of x with the batch statistics of its first `rows` images (the support set;
+    those rows come out as batch_norm of them alone). Exact to FIRST order only: a second derivative raises."""
+    return _SupportBatchNorm.apply(x, gamma, beta, rows, eps)
 
 
 # ------------------------------------------------------------------------------------------- max-pool
