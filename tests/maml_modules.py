@@ -1,6 +1,5 @@
 """The MAML model folder's modules, imported the way the tools import a plugin, and float64 helpers."""
 import contextlib
-import importlib
 import os
 
 import numpy as np
@@ -14,13 +13,14 @@ MODEL_DIR = os.path.join(REPO_ROOT, "models", "multitask", "maml")
 def load():
     """(dygraph_model, net, maml, maml_kernels) modules of models/multitask/maml."""
     plugin = import_file(os.path.join(MODEL_DIR, "dygraph_model.py"))
-    return plugin, plugin.net, plugin.maml, importlib.import_module("maml_kernels")
+    # The plugin's own engine: sys.modules may hold another copy by now, imported after a test loaded another
+    # model folder (the plugin loader forgets the modules of the folder loaded before).
+    return plugin, plugin.net, plugin.maml, plugin.maml_kernels
 
 
 def settings():
     """The model's settings module (maml_settings.py: the table of keys and the settings derived from them)."""
-    load()
-    return importlib.import_module("maml_settings")
+    return load()[0].settings
 
 
 @contextlib.contextmanager
