@@ -21,8 +21,8 @@ import time
 if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
-from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa: E402
-from tools.utils.console import UserError  # noqa: E402
+from tools.utils.console import UserError, config_arg_parser, run_tool  # noqa: E402
+from tools.utils.environment import load_run_config  # noqa: E402
 from tools.utils.distributed import single_process  # noqa: E402
 from tools.utils.plugin import plugin_declaration  # noqa: E402
 

@@ -15,12 +15,12 @@ import time
 if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
-# None of these import paddle at import time: cli.load_run_config prepares the environment first.
+# None of these import paddle at import time: environment.load_run_config prepares the environment first.
 from tools.utils.checkpoint import PARAMS_FILE, check_output_file, load_checkpoint  # noqa: E402
-from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa: E402
-from tools.utils.console import UserError, format_number, format_results, log  # noqa: E402
+from tools.utils.console import (UserError, config_arg_parser, format_number, format_results, log,  # noqa: E402
+                                 run_tool)
 from tools.utils.distributed import setup_data_parallel  # noqa: E402
-from tools.utils.environment import seed_everything, select_device  # noqa: E402
+from tools.utils.environment import load_run_config, seed_everything, select_device  # noqa: E402
 from tools.utils.evaluation import BEST_FILE, best_epochs_of, evaluate, evaluation_loader  # noqa: E402
 from tools.utils.metrics import MetricsLog, VisualLog  # noqa: E402
 from tools.utils.plugin import evaluation_note, load_model_plugin  # noqa: E402

@@ -15,17 +15,17 @@ import time
 if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
-# None of these import paddle at import time: cli.load_run_config prepares the environment first.
+# None of these import paddle at import time: environment.load_run_config prepares the environment first.
 from tools.utils.checkpoint import (check_epoch_folders, check_output_file, file_in_the_way,  # noqa: E402
                                     latest_checkpoint, load_checkpoint, lock_run_folder, read_checkpoint_meta,
                                     replace_old_run, save_checkpoint)
-from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa: E402
-from tools.utils.console import UserError, format_results, format_values, log, progress_bar, warn  # noqa: E402
+from tools.utils.console import (UserError, config_arg_parser, format_results, format_values, log,  # noqa: E402
+                                 progress_bar, run_tool, warn)
 from tools.utils.data import batches_then_none, count_samples, create_data_loader, expected_batches  # noqa: E402
 from tools.utils.data import loader_batch_size  # noqa: E402
 from tools.utils.distributed import setup_data_parallel  # noqa: E402
 from tools.utils.environment import cpu_thread_count, environment_snapshot, epoch_seed, seed_everything  # noqa: E402
-from tools.utils.environment import select_device  # noqa: E402
+from tools.utils.environment import load_run_config, select_device  # noqa: E402
 from tools.utils.evaluation import BEST_FILE, MODES, ModelSelection, evaluate, evaluation_loader  # noqa: E402
 from tools.utils.evaluation import validation_config  # noqa: E402
 from tools.utils.metrics import MetricsLog, NumericGuard, VisualLog, likely_causes, scalar_dict  # noqa: E402
