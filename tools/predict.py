@@ -13,12 +13,12 @@ if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
 # None of these import paddle at import time: environment.load_run_config prepares the environment first.
-from tools.infer import RANGE_KEYS, checkpoint_folders  # noqa: E402
 from tools.utils.checkpoint import check_output_file, is_json_object_with, load_checkpoint  # noqa: E402
 from tools.utils.checkpoint import write_json_atomically  # noqa: E402
 from tools.utils.console import UserError, config_arg_parser, format_values, log, run_tool, warn  # noqa: E402
 from tools.utils.distributed import single_process  # noqa: E402
 from tools.utils.environment import load_run_config, select_device  # noqa: E402
+from tools.utils.evaluation import RANGE_KEYS, checkpoint_folders  # noqa: E402
 from tools.utils.plugin import load_model_plugin  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")

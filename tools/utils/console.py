@@ -61,7 +61,7 @@ def exit_code(signum) -> int:
 
 def _interrupt(signum):
     global _holding
-    _holding = True  # the tool is ending now: Paddle's launcher sends SIGTERM up to 3 times, 0.2 s apart
+    _holding = True  # the tool is ending now: Paddle's launcher sends SIGTERM up to 3 times in a row
     _native_errors_only()
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 

@@ -85,39 +85,50 @@ def load_model_plugin(config):
     return module.DygraphModel()
 
 
-def _dict_of_str_keys(value):
-    return isinstance(value, dict) and all(isinstance(key, str) for key in value)
+def _keyed(value, values=object) -> bool:
+    """A dict of (dotted-key) strings to `values`."""
+    return isinstance(value, dict) and all(isinstance(key, str) and isinstance(item, values)
+                                           for key, item in value.items())
 
 
-# What a plugin module may declare to shape the tools, which know no model: name -> (what it must be, check,
-# the value when it declares nothing).
-DECLARATIONS = {
-    # {dotted key: default}: keys -o may set and their types (cli.load_run_config).
-    "CONFIG_DEFAULTS": ("a dict of dotted-key strings to defaults", _dict_of_str_keys, {}),
+class ModelPlugin:
+    """The module-level declarations of a model plugin (dygraph_model.py next to the config, doc/tools.md "Plugin
+    contract"), which shape the tools, since they know no model. A plugin module declares those it needs; the
+    others are these defaults. It need not subclass anything (a model folder imports nothing from tools/, so
+    PaddleRec's tools load it as it is): plugin_declaration() reads each, checked against CHECKS."""
+
+    # {dotted key: default}: keys -o may set and their types (environment.load_run_config).
+    CONFIG_DEFAULTS = {}
     # [dotted key]: keys the plugin reads without a default (required ones). With CONFIG_DEFAULTS and the runner
     # table they are all the keys there are: a YAML key outside them gets a warning (config.warn_unknown_keys).
-    "CONFIG_KEYS": ("a list of dotted-key strings",
-                    lambda value: isinstance(value, (list, tuple)) and all(isinstance(key, str) for key in value), []),
+    CONFIG_KEYS = []
     # {dotted key: what it is}: the settings to blame when training turns NaN or infinite (metrics.NumericGuard).
-    "NON_FINITE_KEYS": ("a dict of dotted-key strings to descriptions",
-                        lambda value: _dict_of_str_keys(value) and all(isinstance(v, str) for v in value.values()),
-                        {}),
+    NON_FINITE_KEYS = {}
     # How the plugin evaluates, printed once by infer and validation summaries ({dotted.key}: the run's value).
-    "EVALUATION_NOTE": ("a string", lambda value: isinstance(value, str), ""),
+    EVALUATION_NOTE = ""
     # The benchmark's variants (override dicts) and the names of its columns ({"samples": .., "kernels": ..}).
-    "BENCHMARK_VARIANTS": ("a list of dicts of dotted-key strings to values",
-                           lambda value: isinstance(value, list) and value and all(map(_dict_of_str_keys, value)),
-                           [{}]),
-    "BENCHMARK_LABELS": ("a dict of strings", _dict_of_str_keys, {}),
-}
+    BENCHMARK_VARIANTS = [{}]
+    BENCHMARK_LABELS = {}
+
+    # What each declaration must be: (the words of the error, the check).
+    CHECKS = {
+        "CONFIG_DEFAULTS": ("a dict of dotted-key strings to defaults", _keyed),
+        "CONFIG_KEYS": ("a list of dotted-key strings",
+                        lambda value: isinstance(value, (list, tuple)) and all(isinstance(key, str) for key in value)),
+        "NON_FINITE_KEYS": ("a dict of dotted-key strings to descriptions", lambda value: _keyed(value, str)),
+        "EVALUATION_NOTE": ("a string", lambda value: isinstance(value, str)),
+        "BENCHMARK_VARIANTS": ("a list of dicts of dotted-key strings to values",
+                               lambda value: isinstance(value, list) and value and all(map(_keyed, value))),
+        "BENCHMARK_LABELS": ("a dict of strings", _keyed),
+    }
 
 
 def plugin_declaration(module, name):
-    """The plugin's declaration `name` (see DECLARATIONS) checked, or its default; a UserError naming the file."""
-    what, check, default = DECLARATIONS[name]
+    """The plugin module's declaration `name` checked, or ModelPlugin's default; a UserError naming the file."""
     value = getattr(module, name, None)
     if value is None:
-        return default
+        return getattr(ModelPlugin, name)
+    what, check = ModelPlugin.CHECKS[name]
     if not check(value):
         raise UserError(f"{module.__file__}: {name} must be {what}, got {type(value).__name__}")
     return value
