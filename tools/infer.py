@@ -10,7 +10,6 @@ as one ensemble) with the validation's loop, appending to infer_metrics.jsonl.
 import contextlib
 import os
 import sys
-import time
 
 if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
@@ -61,16 +60,14 @@ def infer(args):
             if index > 0:  # every checkpoint is evaluated on the same data with the same seed
                 loader = evaluation_loader(config, "infer", parallel, seed)
             label = epochs[0] if len(epochs) == 1 else "+".join(map(str, epochs))
-            start = time.perf_counter()
-            values, batches, samples = evaluate(
+            values, counts = evaluate(
                 model_obj, model_obj.ensemble(members, config) if ensemble else model, config, label, loader, parallel,
                 on_interval=lambda batch_id, shown: visual.add(shown, steps_before + batch_id))
-            steps_before += batches
+            steps_before += counts["batches"]
             log(f"epoch {label}: {format_results(values)}")
             which = ({"epochs": epochs, "checkpoints": paths, "ensemble": len(epochs)} if ensemble else
                      {"epoch": epochs[0], "checkpoint": paths[0]})
-            results_log.write("infer", {**which, **({"best": True} if best else {})}, {
-                **values, "batches": batches, "samples": samples, "seconds": round(time.perf_counter() - start, 3)})
+            results_log.write("infer", {**which, **({"best": True} if best else {})}, {**values, **counts})
     log(f"infer done: {len(folders)} checkpoint(s) from {load_dir}; results appended to {results_path}")
     if note:
         log(f"evaluation: {note}")

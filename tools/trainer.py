@@ -255,9 +255,9 @@ class Trainer:
 
     def validate(self, epoch, folder):
         """Evaluate the model after `epoch` on the validation data; log, record, and keep the best."""
-        start, view, selection = time.perf_counter(), self.validation.config, self.validation.selection
+        view, selection = self.validation.config, self.validation.selection
         loader = evaluation_loader(view, "valid", self.parallel, self.seed)
-        values, batches, samples = evaluate(self.model_obj, self.model, view, epoch, loader, self.parallel, "valid")
+        values, counts = evaluate(self.model_obj, self.model, view, epoch, loader, self.parallel, "valid")
         self.optimizer.clear_grad()  # evaluation may leave gradients (a model may adapt with them)
         if selection.add(epoch, folder, values):
             verdict = "new best"
@@ -268,8 +268,7 @@ class Trainer:
             verdict = f"no best yet (no finite {selection.metric})"
         log(f"valid epoch {epoch}: {format_results(values)}; {verdict}")
         self.metrics_log.write("valid", {"epoch": epoch, "step": self.step, "checkpoint": folder}, {
-            **values, "batches": batches, "samples": samples, "seconds": round(time.perf_counter() - start, 3),
-            "best_epoch": selection.best and selection.best["epoch"]})
+            **values, **counts, "best_epoch": selection.best and selection.best["epoch"]})
         if selection.metric not in values:
             raise self.config.error("runner.valid_metric", f"{selection.metric!r} is not among the validation "
                                     f"results ({', '.join(values) or 'none'}); the checkpoint of epoch {epoch} is "

@@ -44,19 +44,15 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-# Exit codes shared by every tool (documented in doc/tools.md); 143 = 128 + SIGTERM, as shells report it.
-EXIT_OK, EXIT_USER_ERROR, EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 2, 3, 130, 143
+# Exit codes shared by every tool (documented in doc/tools.md); a signal that ends a tool gives 128 + its number
+# (SIGTERM: 143), as shells report a process the signal ended.
+EXIT_OK, EXIT_USER_ERROR, EXIT_DISTRIBUTED, EXIT_INTERRUPTED = 0, 2, 3, 130
 # The signals that end a tool (each like Ctrl-C: one line, the lock released, no partial checkpoint), and those
 # it ignores with a warning rather than dying by their default action without a word.
 ENDING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 _rank, _world_size = 0, 1
 signals_received, _holding = [], False  # while _holding, the ending signals are only recorded
-
-
-def exit_code(signum) -> int:
-    """128 + the signal's number, as shells report a process the signal ended (SIGINT: EXIT_INTERRUPTED)."""
-    return 128 + int(signum)
 
 
 def _interrupt(signum):
@@ -162,7 +158,7 @@ def run_tool(body, args) -> int:
         else:
             raise
         message, code = (("interrupted", EXIT_INTERRUPTED) if signum == signal.SIGINT else
-                         (f"terminated ({signal.Signals(signum).name})", exit_code(signum)))
+                         (f"terminated ({signal.Signals(signum).name})", 128 + int(signum)))
     sys.stdout.flush()
     print(f"{rank_prefix()}error: {message}", file=sys.stderr, flush=True)
     return code

@@ -3,6 +3,7 @@ validation, kept in <runner.model_save_path>/best.json (doc/tools.md); and the c
 read (checkpoint_folders)."""
 import math
 import os
+import time
 
 from tools.utils.checkpoint import PARAMS_FILE, check_fields, is_count, read_json_object, write_json_atomically
 from tools.utils.config import is_number
@@ -35,10 +36,11 @@ def evaluation_loader(config, mode, parallel, seed):
 
 
 def evaluate(model_obj, model, config, epoch, loader, parallel, name="infer", on_interval=None):
-    """The plugin's infer_forward over the loader: (metric values, batches, samples) of all ranks, which go in step
-    (a sum per batch says how many still have one). No model.eval() or paddle.no_grad(): the plugin chooses (a
-    model may adapt with gradients). on_interval(batch_id, values) gets each logged line's values."""
-    prefix = "" if name == "infer" else f"{name} "
+    """The plugin's infer_forward over the loader: (metric values, counts) of all ranks, which go in step (a sum per
+    batch says how many still have one); counts holds the batches, samples and seconds, as the records give them.
+    No model.eval() or paddle.no_grad(): the plugin chooses (a model may adapt with gradients).
+    on_interval(batch_id, values) gets each logged line's values."""
+    prefix, start = "" if name == "infer" else f"{name} ", time.perf_counter()
     parallel.barrier(f"{name} epoch {epoch}: start")  # ranks may arrive far apart (loading, data building)
     metrics, names = model_obj.create_metrics()
     batches = samples = 0
@@ -62,12 +64,13 @@ def evaluate(model_obj, model, config, epoch, loader, parallel, name="infer", on
                 on_interval(batch_id, {**shown, **metric_values})
         bar.update(1)
     bar.close()
+    counts = {"batches": batches, "samples": samples, "seconds": round(time.perf_counter() - start, 3)}
     if batches == 0:
         warn(f"{prefix}epoch {epoch}: the evaluation loader gave no batches")
-        return {}, 0, 0
+        return {}, counts
     _, metric_values = parallel.merged_results(metrics, names, model_obj.create_metrics,
                                                f"{name} epoch {epoch}: merging metrics")
-    return metric_values, batches, samples
+    return metric_values, counts
 
 
 def _finite(value) -> bool:
