@@ -67,7 +67,7 @@ def measure(args):
             times.append(time.perf_counter() - start)
     result = {"seconds": statistics.median(times), "all_seconds": times, "device": device,
               "samples": int(config.get("runner.train_batch_size")), "threads": cpu_thread_count(config)}
-    if hasattr(plugin, "kernel_seconds"):
+    if plugin.kernel_seconds is not None:
         result["kernel_seconds"], result["kernel_calls"] = plugin.kernel_seconds(model, batch, config)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("BENCHMARK " + json.dumps(result))

@@ -34,7 +34,7 @@ def infer(args):
     seed_everything(seed)
     model_obj = load_model_plugin(config)
     ensemble = config["runner.infer_ensemble"] > 1
-    if ensemble and not callable(getattr(model_obj, "ensemble", None)):
+    if ensemble and not callable(model_obj.ensemble):
         raise UserError(f"{config.config_dir}: runner.infer_ensemble: the model plugin's DygraphModel has no "
                         "ensemble() method (how models combine is up to the model)")
     model = model_obj.create_model(config)

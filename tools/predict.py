@@ -105,7 +105,7 @@ def predict(args):
     config, _ = load_run_config(args.config, args.overrides)
     single_process("predict.py", config)
     model_obj = load_model_plugin(config)
-    if not callable(getattr(model_obj, "predict", None)):
+    if not callable(model_obj.predict):
         raise UserError(f"{config.config_dir}: the model plugin's DygraphModel has no predict() method "
                         "(few-shot prediction is up to the model)")
     _, folders, chosen = checkpoint_folders(config)  # the last epoch infer.py would evaluate

@@ -205,8 +205,7 @@ class Trainer:
         model_obj, model, optimizer, parallel = self.model_obj, self.model, self.optimizer, self.parallel
         parallel.barrier(f"epoch {epoch}: start")  # ranks may arrive far apart (data building, rank 0 saving)
         model.train()
-        if hasattr(model_obj, "set_epoch"):  # optional plugin hook, for training that changes with the epoch
-            model_obj.set_epoch(epoch)
+        model_obj.set_epoch(epoch)
         metrics, names = model_obj.create_metrics()
         scheduler = learning_rate_scheduler(optimizer)
         totals, sums = {"loss": 0.0, "batches": 0, "samples": 0}, dict.fromkeys(INTERVAL_SUMS, 0.0)

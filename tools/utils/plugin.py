@@ -78,13 +78,6 @@ def import_plugin_module(config):
     return import_file(path)
 
 
-def load_model_plugin(config):
-    module = import_plugin_module(config)
-    if getattr(module, "DygraphModel", None) is None:
-        raise UserError(f"{module.__file__}: no class DygraphModel defined")
-    return module.DygraphModel()
-
-
 def _keyed(value, values=object) -> bool:
     """A dict of (dotted-key) strings to `values`."""
     return isinstance(value, dict) and all(isinstance(key, str) and isinstance(item, values)
@@ -92,10 +85,12 @@ def _keyed(value, values=object) -> bool:
 
 
 class ModelPlugin:
-    """The module-level declarations of a model plugin (dygraph_model.py next to the config, doc/tools.md "Plugin
-    contract"), which shape the tools, since they know no model. A plugin module declares those it needs; the
-    others are these defaults. It need not subclass anything (a model folder imports nothing from tools/, so
-    PaddleRec's tools load it as it is): plugin_declaration() reads each, checked against CHECKS."""
+    """The contract of a model plugin (dygraph_model.py next to the config, doc/tools.md "Plugin contract") with
+    the defaults of what a plugin may leave out: the module-level declarations, which shape the tools since they
+    know no model, and the optional methods of its DygraphModel (create_model, create_optimizer, create_metrics,
+    train_forward and infer_forward have none). A plugin need not subclass it (a model folder imports nothing
+    from tools/, so PaddleRec's tools load it as it is): plugin_declaration() reads each declaration, checked
+    against CHECKS, and load_model_plugin() puts this class behind the plugin's DygraphModel."""
 
     # {dotted key: default}: keys -o may set and their types (environment.load_run_config).
     CONFIG_DEFAULTS = {}
@@ -122,6 +117,13 @@ class ModelPlugin:
         "BENCHMARK_LABELS": ("a dict of strings", _keyed),
     }
 
+    def set_epoch(self, epoch):
+        """Called before each training epoch, for training that changes with the epoch; by default nothing."""
+
+    # Optional abilities, None when the plugin has none: ensemble(models, config) (runner.infer_ensemble),
+    # predict(model, config, support, queries) (predict.py), kernel_seconds(model, batch, config) (benchmark.py).
+    ensemble = predict = kernel_seconds = None
+
 
 def plugin_declaration(module, name):
     """The plugin module's declaration `name` checked, or ModelPlugin's default; a UserError naming the file."""
@@ -132,6 +134,15 @@ def plugin_declaration(module, name):
     if not check(value):
         raise UserError(f"{module.__file__}: {name} must be {what}, got {type(value).__name__}")
     return value
+
+
+def load_model_plugin(config):
+    """The DygraphModel of the config's plugin, with ModelPlugin's defaults behind its own methods."""
+    module = import_plugin_module(config)
+    plugin_class = getattr(module, "DygraphModel", None)
+    if plugin_class is None:
+        raise UserError(f"{module.__file__}: no class DygraphModel defined")
+    return type(plugin_class.__name__, (plugin_class, ModelPlugin), {"__module__": plugin_class.__module__})()
 
 
 def evaluation_note(module, config):
