@@ -5,7 +5,7 @@ import textwrap
 import pytest
 
 import tool_helpers  # noqa: F401  (puts the repository root on sys.path)
-from tools.utils.cli import config_arg_parser
+from tools.utils.console import config_arg_parser
 from tools.utils.config import RUNNER_DEFAULTS, load_config
 from tools.utils.console import UserError
 

@@ -158,8 +158,7 @@ def test_a_sigterm_during_a_failing_collective_does_not_hide_its_error():
     fails meanwhile must still end with the collective's error line, not "terminated" or a traceback."""
     script = """if 1:
         import os, signal, sys
-        from tools.utils.cli import run_tool
-        from tools.utils.console import on_signal
+        from tools.utils.console import on_signal, run_tool
         from tools.utils.distributed import Ranks
 
         def failing_all_reduce():

@@ -116,7 +116,8 @@ def _comments_and_docstrings(path):
 
 
 CODE = sorted(glob.glob(os.path.join(REPO_ROOT, "models", "**", "*.py"), recursive=True)
-              + glob.glob(os.path.join(REPO_ROOT, "datasets", "**", "*.py"), recursive=True))
+              + glob.glob(os.path.join(REPO_ROOT, "datasets", "**", "*.py"), recursive=True)
+              + glob.glob(os.path.join(REPO_ROOT, "tools", "**", "*.py"), recursive=True))
 
 
 TESTS = sorted(glob.glob(os.path.join(REPO_ROOT, "tests", "**", "*.py"), recursive=True))

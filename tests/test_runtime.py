@@ -12,7 +12,7 @@ from tools.utils.environment import epoch_seed, prepare_environment
 def test_tool_modules_do_not_import_paddle_at_import_time():
     # The environment must be prepared before Paddle starts, so the entry
     # points may only import paddle after loading the config.
-    code = ("import sys; import tools.trainer, tools.infer, tools.plot_metrics, tools.utils.cli; "
+    code = ("import sys; import tools.trainer, tools.infer, tools.plot_metrics, tools.utils.environment; "
             "print('paddle' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -21,8 +21,8 @@ import time
 if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
-from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa: E402
-from tools.utils.console import UserError  # noqa: E402
+from tools.utils.console import UserError, config_arg_parser, run_tool  # noqa: E402
+from tools.utils.environment import load_run_config  # noqa: E402
 from tools.utils.distributed import single_process  # noqa: E402
 from tools.utils.plugin import plugin_declaration  # noqa: E402
 
@@ -67,7 +67,7 @@ def measure(args):
             times.append(time.perf_counter() - start)
     result = {"seconds": statistics.median(times), "all_seconds": times, "device": device,
               "samples": int(config.get("runner.train_batch_size")), "threads": cpu_thread_count(config)}
-    if hasattr(plugin, "kernel_seconds"):
+    if plugin.kernel_seconds is not None:
         result["kernel_seconds"], result["kernel_calls"] = plugin.kernel_seconds(model, batch, config)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("BENCHMARK " + json.dumps(result))

@@ -10,58 +10,18 @@ as one ensemble) with the validation's loop, appending to infer_metrics.jsonl.
 import contextlib
 import os
 import sys
-import time
 
 if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
-# None of these import paddle at import time: cli.load_run_config prepares the environment first.
-from tools.utils.checkpoint import PARAMS_FILE, check_output_file, load_checkpoint  # noqa: E402
-from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa: E402
-from tools.utils.console import UserError, format_number, format_results, log  # noqa: E402
+# None of these import paddle at import time: environment.load_run_config prepares the environment first.
+from tools.utils.checkpoint import check_output_file, load_checkpoint  # noqa: E402
+from tools.utils.console import UserError, config_arg_parser, format_results, log, run_tool  # noqa: E402
 from tools.utils.distributed import setup_data_parallel  # noqa: E402
-from tools.utils.environment import seed_everything, select_device  # noqa: E402
-from tools.utils.evaluation import BEST_FILE, best_epochs_of, evaluate, evaluation_loader  # noqa: E402
+from tools.utils.environment import load_run_config, seed_everything, select_device  # noqa: E402
+from tools.utils.evaluation import BEST_FILE, checkpoint_folders, evaluate, evaluation_loader  # noqa: E402
 from tools.utils.metrics import MetricsLog, VisualLog  # noqa: E402
 from tools.utils.plugin import evaluation_note, load_model_plugin  # noqa: E402
-
-RANGE_KEYS = "runner.infer_start_epoch/runner.infer_end_epoch"
-
-
-def checkpoint_folders(config):
-    """(load folder, {epoch: folder}, why: with runner.infer_best the line saying which epoch best.json names,
-    else None) for the requested epochs, all checked before any work."""
-    load_dir = (config.resolve_path("runner.infer_load_path", required=False)
-                or config.resolve_path("runner.model_save_path"))
-    ensemble = config.require("runner.infer_ensemble", int, minimum=1)
-    if config.require("runner.infer_best", bool):
-        best_path = os.path.join(load_dir, BEST_FILE)
-        epochs, best = best_epochs_of(best_path, ensemble)
-        folders = {}
-        for epoch in epochs:
-            params = os.path.join(load_dir, str(epoch), PARAMS_FILE)
-            if not os.path.isfile(params):
-                raise UserError(f"{best_path}: names epoch {epoch}, but there is no checkpoint {params}")
-            folders[epoch] = os.path.dirname(params)
-        which = (f"epoch {epochs[0]}, the best" if ensemble == 1 else
-                 f"the ensemble of epochs {', '.join(map(str, epochs))}, the {ensemble} best")
-        return load_dir, folders, (f"runner.infer_best: evaluating {which} by validation {best.get('metric')} "
-                                   f"({best.get('mode')}, {format_number(best.get('value'))}) in {best_path}")
-    if ensemble > 1:
-        raise config.error("runner.infer_ensemble", f"{ensemble} needs runner.infer_best: True (an ensemble is made "
-                           "of the best validated epochs)")
-    start = config.require("runner.infer_start_epoch", int)
-    end = config.require("runner.epochs" if config.get("runner.infer_end_epoch") is None else "runner.infer_end_epoch",
-                         int)
-    if end <= start:
-        raise config.error(RANGE_KEYS, f"empty epoch range [{start}, {end})")
-    folders = {epoch: os.path.join(load_dir, str(epoch)) for epoch in range(start, end)}
-    for epoch, folder in folders.items():
-        if not os.path.isfile(os.path.join(folder, PARAMS_FILE)):
-            raise config.error(RANGE_KEYS, f"no checkpoint {os.path.join(folder, PARAMS_FILE)} "
-                               f"for epoch {epoch} of [{start}, {end})")
-    return load_dir, folders, None
-
 
 def infer(args):
     config, plugin_module = load_run_config(args.config, args.overrides, data_parallel=True)
@@ -74,7 +34,7 @@ def infer(args):
     seed_everything(seed)
     model_obj = load_model_plugin(config)
     ensemble = config["runner.infer_ensemble"] > 1
-    if ensemble and not callable(getattr(model_obj, "ensemble", None)):
+    if ensemble and not callable(model_obj.ensemble):
         raise UserError(f"{config.config_dir}: runner.infer_ensemble: the model plugin's DygraphModel has no "
                         "ensemble() method (how models combine is up to the model)")
     model = model_obj.create_model(config)
@@ -100,16 +60,14 @@ def infer(args):
             if index > 0:  # every checkpoint is evaluated on the same data with the same seed
                 loader = evaluation_loader(config, "infer", parallel, seed)
             label = epochs[0] if len(epochs) == 1 else "+".join(map(str, epochs))
-            start = time.perf_counter()
-            values, batches, samples = evaluate(
+            values, counts = evaluate(
                 model_obj, model_obj.ensemble(members, config) if ensemble else model, config, label, loader, parallel,
                 on_interval=lambda batch_id, shown: visual.add(shown, steps_before + batch_id))
-            steps_before += batches
+            steps_before += counts["batches"]
             log(f"epoch {label}: {format_results(values)}")
             which = ({"epochs": epochs, "checkpoints": paths, "ensemble": len(epochs)} if ensemble else
                      {"epoch": epochs[0], "checkpoint": paths[0]})
-            results_log.write("infer", {**which, **({"best": True} if best else {})}, {
-                **values, "batches": batches, "samples": samples, "seconds": round(time.perf_counter() - start, 3)})
+            results_log.write("infer", {**which, **({"best": True} if best else {})}, {**values, **counts})
     log(f"infer done: {len(folders)} checkpoint(s) from {load_dir}; results appended to {results_path}")
     if note:
         log(f"evaluation: {note}")

@@ -13,9 +13,8 @@ if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
 from tools.utils.checkpoint import check_output_file  # noqa: E402
-from tools.utils.cli import run_tool  # noqa: E402
 from tools.utils.config import is_number  # noqa: E402
-from tools.utils.console import UserError, log, warn  # noqa: E402
+from tools.utils.console import UserError, log, run_tool, warn  # noqa: E402
 from tools.utils.metrics import read_metrics  # noqa: E402
 
 EVALUATION_EVENTS = ("infer", "eval", "valid")

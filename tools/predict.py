@@ -12,14 +12,13 @@ import time
 if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
-# None of these import paddle at import time: cli.load_run_config prepares the environment first.
-from tools.infer import RANGE_KEYS, checkpoint_folders  # noqa: E402
+# None of these import paddle at import time: environment.load_run_config prepares the environment first.
 from tools.utils.checkpoint import check_output_file, is_json_object_with, load_checkpoint  # noqa: E402
 from tools.utils.checkpoint import write_json_atomically  # noqa: E402
-from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa: E402
-from tools.utils.console import UserError, format_values, log, warn  # noqa: E402
+from tools.utils.console import UserError, config_arg_parser, format_values, log, run_tool, warn  # noqa: E402
 from tools.utils.distributed import single_process  # noqa: E402
-from tools.utils.environment import select_device  # noqa: E402
+from tools.utils.environment import load_run_config, select_device  # noqa: E402
+from tools.utils.evaluation import RANGE_KEYS, checkpoint_folders  # noqa: E402
 from tools.utils.plugin import load_model_plugin  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -106,7 +105,7 @@ def predict(args):
     config, _ = load_run_config(args.config, args.overrides)
     single_process("predict.py", config)
     model_obj = load_model_plugin(config)
-    if not callable(getattr(model_obj, "predict", None)):
+    if not callable(model_obj.predict):
         raise UserError(f"{config.config_dir}: the model plugin's DygraphModel has no predict() method "
                         "(few-shot prediction is up to the model)")
     _, folders, chosen = checkpoint_folders(config)  # the last epoch infer.py would evaluate

@@ -15,17 +15,17 @@ import time
 if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
-# None of these import paddle at import time: cli.load_run_config prepares the environment first.
+# None of these import paddle at import time: environment.load_run_config prepares the environment first.
 from tools.utils.checkpoint import (check_epoch_folders, check_output_file, file_in_the_way,  # noqa: E402
                                     latest_checkpoint, load_checkpoint, lock_run_folder, read_checkpoint_meta,
                                     replace_old_run, save_checkpoint)
-from tools.utils.cli import config_arg_parser, load_run_config, run_tool  # noqa: E402
-from tools.utils.console import UserError, format_results, format_values, log, progress_bar, warn  # noqa: E402
+from tools.utils.console import (UserError, config_arg_parser, format_results, format_values, log,  # noqa: E402
+                                 progress_bar, run_tool, warn)
 from tools.utils.data import batches_then_none, count_samples, create_data_loader, expected_batches  # noqa: E402
 from tools.utils.data import loader_batch_size  # noqa: E402
 from tools.utils.distributed import setup_data_parallel  # noqa: E402
 from tools.utils.environment import cpu_thread_count, environment_snapshot, epoch_seed, seed_everything  # noqa: E402
-from tools.utils.environment import select_device  # noqa: E402
+from tools.utils.environment import load_run_config, select_device  # noqa: E402
 from tools.utils.evaluation import BEST_FILE, MODES, ModelSelection, evaluate, evaluation_loader  # noqa: E402
 from tools.utils.evaluation import validation_config  # noqa: E402
 from tools.utils.metrics import MetricsLog, NumericGuard, VisualLog, likely_causes, scalar_dict  # noqa: E402
@@ -205,8 +205,7 @@ class Trainer:
         model_obj, model, optimizer, parallel = self.model_obj, self.model, self.optimizer, self.parallel
         parallel.barrier(f"epoch {epoch}: start")  # ranks may arrive far apart (data building, rank 0 saving)
         model.train()
-        if hasattr(model_obj, "set_epoch"):  # optional plugin hook, for training that changes with the epoch
-            model_obj.set_epoch(epoch)
+        model_obj.set_epoch(epoch)
         metrics, names = model_obj.create_metrics()
         scheduler = learning_rate_scheduler(optimizer)
         totals, sums = {"loss": 0.0, "batches": 0, "samples": 0}, dict.fromkeys(INTERVAL_SUMS, 0.0)
@@ -255,9 +254,9 @@ class Trainer:
 
     def validate(self, epoch, folder):
         """Evaluate the model after `epoch` on the validation data; log, record, and keep the best."""
-        start, view, selection = time.perf_counter(), self.validation.config, self.validation.selection
+        view, selection = self.validation.config, self.validation.selection
         loader = evaluation_loader(view, "valid", self.parallel, self.seed)
-        values, batches, samples = evaluate(self.model_obj, self.model, view, epoch, loader, self.parallel, "valid")
+        values, counts = evaluate(self.model_obj, self.model, view, epoch, loader, self.parallel, "valid")
         self.optimizer.clear_grad()  # evaluation may leave gradients (a model may adapt with them)
         if selection.add(epoch, folder, values):
             verdict = "new best"
@@ -268,8 +267,7 @@ class Trainer:
             verdict = f"no best yet (no finite {selection.metric})"
         log(f"valid epoch {epoch}: {format_results(values)}; {verdict}")
         self.metrics_log.write("valid", {"epoch": epoch, "step": self.step, "checkpoint": folder}, {
-            **values, "batches": batches, "samples": samples, "seconds": round(time.perf_counter() - start, 3),
-            "best_epoch": selection.best and selection.best["epoch"]})
+            **values, **counts, "best_epoch": selection.best and selection.best["epoch"]})
         if selection.metric not in values:
             raise self.config.error("runner.valid_metric", f"{selection.metric!r} is not among the validation "
                                     f"results ({', '.join(values) or 'none'}); the checkpoint of epoch {epoch} is "

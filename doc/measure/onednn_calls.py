@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "models" / "multitask" / "maml"))
 
 from tools.benchmark import training_step_on_one_batch  # noqa: E402
-from tools.utils.cli import load_run_config, run_tool  # noqa: E402
-from tools.utils.environment import seed_everything, select_device  # noqa: E402
+from tools.utils.console import run_tool  # noqa: E402
+from tools.utils.environment import load_run_config, seed_everything, select_device  # noqa: E402
 
 
 def primitive_names(onednn_conv, onednn_layers):

@@ -1,8 +1,10 @@
-"""What the user sees: PaddleRec-style log lines and warnings, progress bars, and the errors that end a tool.
+"""The process every tool runs as: its arguments, the errors that end it (one `error:` line) and their exit codes,
+the signals it ends or goes on by, and what the user sees: PaddleRec-style log lines, warnings, progress bars.
 
 Lines go through `logging` in PaddleRec's format with tqdm.write, so a progress bar (stderr, terminals only) is
 redrawn below them, not torn. Data-parallel: lines start with `[rank R/N] `; only rank 0 logs and draws bars.
 """
+import argparse
 import contextlib
 import ctypes
 import logging
@@ -42,8 +44,9 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-# Exit codes shared by every tool (documented in doc/tools.md); 143 = 128 + SIGTERM, as shells report it.
-EXIT_OK, EXIT_USER_ERROR, EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 2, 3, 130, 143
+# Exit codes shared by every tool (documented in doc/tools.md); a signal that ends a tool gives 128 + its number
+# (SIGTERM: 143), as shells report a process the signal ended.
+EXIT_OK, EXIT_USER_ERROR, EXIT_DISTRIBUTED, EXIT_INTERRUPTED = 0, 2, 3, 130
 # The signals that end a tool (each like Ctrl-C: one line, the lock released, no partial checkpoint), and those
 # it ignores with a warning rather than dying by their default action without a word.
 ENDING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -52,14 +55,9 @@ _rank, _world_size = 0, 1
 signals_received, _holding = [], False  # while _holding, the ending signals are only recorded
 
 
-def exit_code(signum) -> int:
-    """128 + the signal's number, as shells report a process the signal ended (SIGINT: EXIT_INTERRUPTED)."""
-    return 128 + int(signum)
-
-
 def _interrupt(signum):
     global _holding
-    _holding = True  # the tool is ending now: Paddle's launcher sends SIGTERM up to 3 times, 0.2 s apart
+    _holding = True  # the tool is ending now: Paddle's launcher sends SIGTERM up to 3 times in a row
     _native_errors_only()
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
@@ -89,7 +87,7 @@ def _native_errors_only():
 
 
 def on_signal(signum, frame):
-    """The tools' handler of ENDING_SIGNALS (cli.handle_signals): the first ends the tool like Ctrl-C."""
+    """The tools' handler of ENDING_SIGNALS (handle_signals): the first ends the tool like Ctrl-C."""
     signals_received.append(signum)
     if not _holding:
         _interrupt(signum)
@@ -117,6 +115,53 @@ def signals_held():
     _holding = False
     if len(signals_received) > count:
         _interrupt(signals_received[-1])
+
+
+def handle_signals():
+    """Make SIGTERM and SIGHUP end the tool like Ctrl-C (one line, exit 128 + the signal), remember which signal
+    arrived, and ignore SIGUSR1/SIGUSR2 with a warning. Call after `import paddle`, whose own SIGTERM handler,
+    installed at import, prints a C++ stack dump and dies mid-write."""
+    import paddle  # noqa: F401  (installs Paddle's handler now, if the plugin has not imported it yet)
+
+    for signum in ENDING_SIGNALS:
+        signal.signal(signum, on_signal)
+    for signum in IGNORED_SIGNALS:
+        signal.signal(signum, on_ignored_signal)
+
+
+def config_arg_parser(description) -> argparse.ArgumentParser:
+    """PaddleRec's `-m config.yaml` and repeatable `-o key=value`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("-m", "--config", required=True, help="path of the model's config.yaml")
+    parser.add_argument("-o", "--opt", dest="overrides", action="extend", nargs="+", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a config key, e.g. -o runner.epochs=3 runner.seed=1 (repeatable)")
+    return parser
+
+
+def run_tool(body, args) -> int:
+    """Run body(args); end a UserError with one `error:` line and exit code 2 (DistributedError: 3; Ctrl-C: 130;
+    SIGTERM: 143, SIGHUP: 129). In a data-parallel run the line starts with the rank, e.g. `[rank 1/2] error: ...`."""
+    try:
+        body(args)
+        return EXIT_OK
+    except (UserError, DistributedError) as error:
+        hold_signals()  # a SIGTERM now must not cut this line short
+        message, code = str(error), EXIT_USER_ERROR if isinstance(error, UserError) else EXIT_DISTRIBUTED
+    except BaseException as error:
+        # Paddle re-raises an exception from Python code it calls (a PyLayer's backward) as its own OSError, so
+        # the exception may not say which signal it comes from: the signal received does.
+        if isinstance(error, KeyboardInterrupt):
+            signum = error.signum if isinstance(error, Terminated) else signal.SIGINT
+        elif isinstance(error, Exception) and signals_received:
+            signum = signals_received[-1]
+        else:
+            raise
+        message, code = (("interrupted", EXIT_INTERRUPTED) if signum == signal.SIGINT else
+                         (f"terminated ({signal.Signals(signum).name})", 128 + int(signum)))
+    sys.stdout.flush()
+    print(f"{rank_prefix()}error: {message}", file=sys.stderr, flush=True)
+    return code
 
 
 class _TqdmHandler(logging.Handler):

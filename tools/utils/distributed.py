@@ -29,7 +29,7 @@ class Ranks:
 
     def barrier(self, label):
         """Wait up to runner.sync_timeout until every rank gets here, or fail naming those that did not. Where ranks
-        may drift far apart (data building, rank 0 saving) gloo's fixed 30 s is too short: this polls counters in
+        may drift far apart (data building, rank 0 saving) gloo's fixed timeout is too short: this polls counters in
         the launcher's store instead."""
         if not self.enabled:
             return
@@ -61,8 +61,8 @@ class Ranks:
                                    "died (see workerlog.<rank> in the launcher's --log_dir)") from None
 
     def sum(self, numbers, label):
-        """The element-wise sum of `numbers` over the ranks (float64 numpy); no barrier, as at every batch a store
-        round trip (~45 ms here) would cost too much."""
+        """The element-wise sum of `numbers` over the ranks (float64 numpy); no barrier, as a store round trip at
+        every batch would cost too much."""
         import numpy as np
 
         totals = np.asarray(numbers, dtype="float64")

@@ -1,5 +1,6 @@
-"""The process a tool runs in: environment variables Paddle reads at start, the device, CPU threads, seeds.
-Paddle reads its FLAGS_* once, at import: prepare_environment() runs first, and paddle is imported in functions.
+"""The process a tool runs in: its start-up order (load_run_config), environment variables Paddle reads at start,
+the device, CPU threads, seeds. Paddle reads its FLAGS_* once, at import: prepare_environment() runs first, and
+paddle is imported in functions.
 """
 import os
 import random
@@ -7,8 +8,10 @@ import sys
 import warnings
 from collections import namedtuple
 
-from tools.utils.config import THREADS, Bounds
-from tools.utils.console import UserError, warn
+from tools.utils.config import RUNNER_DEFAULTS, THREADS, Bounds, keys_without_effect, load_config
+from tools.utils.console import UserError, handle_signals, warn
+from tools.utils.distributed import launched_rank
+from tools.utils.plugin import import_plugin_module, plugin_declaration
 
 # Variables that change how Paddle computes (set here, by the user or by the model plugin), recorded in the
 # metrics file's start record so a run shows what its process really ran with.
@@ -75,6 +78,26 @@ def prepare_environment(deterministic: bool):
     warnings.filterwarnings("ignore", message=r"No ccache found")
 
 
+def load_run_config(config_path, overrides=(), data_parallel=False):
+    """(config, plugin_module): the environment variables checked, the YAML and runner.* overrides read without
+    Paddle (with `data_parallel`, the launcher's ranks checked against them), the environment prepared (Paddle
+    reads it at import), the plugin imported, and the config read again with the plugin's defaults so every -o is
+    checked; then our SIGTERM handler replaces the one Paddle installs at import."""
+    check_environment()  # Paddle and the model read some of these at import, where a bad value is a traceback
+    early = load_config(config_path, [item for item in overrides
+                                      if "=" not in item or item.split("=", 1)[0].strip() in RUNNER_DEFAULTS])
+    if data_parallel:
+        launched_rank(early)
+    prepare_environment(early.require("runner.deterministic", bool))
+    plugin_module = import_plugin_module(early)
+    config = load_config(config_path, overrides, plugin_declaration(plugin_module, "CONFIG_DEFAULTS"),
+                         plugin_declaration(plugin_module, "CONFIG_KEYS"))
+    handle_signals()
+    for key, why in keys_without_effect(config):  # PaddleRec keys are never unknown; those idle here say so
+        warn(f"{key} = {config[key]!r} has no effect here: {why}")
+    return config, plugin_module
+
+
 def environment_snapshot() -> dict:
     return {name: os.environ.get(name) for name in ENVIRONMENT_VARIABLES}
 
@@ -96,8 +119,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def cpu_thread_count(config) -> int:
-    """runner.num_threads, 0 meaning all cores shared evenly by the data-parallel ranks of this host (two ranks
-    with two threads each on two cores run slower than with one each: 3.5 vs 2.5 s per MAML meta-iteration)."""
+    """runner.num_threads, 0 meaning all cores shared evenly by the data-parallel ranks of this host (ranks that
+    together ask for more threads than there are cores run slower than with their share each)."""
     requested = config.require("runner.num_threads", int, minimum=0)
     ranks = os.environ.get("PADDLE_LOCAL_SIZE", "1") if config.get("runner.use_fleet") else "1"
     return requested or max(1, (os.cpu_count() or 1) // max(1, int(ranks) if ranks.isdigit() else 1))

@@ -1,11 +1,13 @@
-"""Evaluation, shared by infer.py and validation so both compute their figures alike, and the best epoch by
-validation, kept in <runner.model_save_path>/best.json (doc/tools.md)."""
+"""Evaluation, shared by infer.py and validation so both compute their figures alike; the best epoch by
+validation, kept in <runner.model_save_path>/best.json (doc/tools.md); and the checkpoints infer.py and predict.py
+read (checkpoint_folders)."""
 import math
 import os
+import time
 
-from tools.utils.checkpoint import check_fields, is_count, read_json_object, write_json_atomically
+from tools.utils.checkpoint import PARAMS_FILE, check_fields, is_count, read_json_object, write_json_atomically
 from tools.utils.config import is_number
-from tools.utils.console import UserError, format_values, log, progress_bar, warn
+from tools.utils.console import UserError, format_number, format_values, log, progress_bar, warn
 from tools.utils.data import batches_then_none, count_samples, create_data_loader, expected_batches
 from tools.utils.environment import seed_everything
 from tools.utils.metrics import scalar_dict
@@ -34,10 +36,11 @@ def evaluation_loader(config, mode, parallel, seed):
 
 
 def evaluate(model_obj, model, config, epoch, loader, parallel, name="infer", on_interval=None):
-    """The plugin's infer_forward over the loader: (metric values, batches, samples) of all ranks, which go in step
-    (a sum per batch says how many still have one). No model.eval() or paddle.no_grad(): the plugin chooses (a
-    model may adapt with gradients). on_interval(batch_id, values) gets each logged line's values."""
-    prefix = "" if name == "infer" else f"{name} "
+    """The plugin's infer_forward over the loader: (metric values, counts) of all ranks, which go in step (a sum per
+    batch says how many still have one); counts holds the batches, samples and seconds, as the records give them.
+    No model.eval() or paddle.no_grad(): the plugin chooses (a model may adapt with gradients).
+    on_interval(batch_id, values) gets each logged line's values."""
+    prefix, start = "" if name == "infer" else f"{name} ", time.perf_counter()
     parallel.barrier(f"{name} epoch {epoch}: start")  # ranks may arrive far apart (loading, data building)
     metrics, names = model_obj.create_metrics()
     batches = samples = 0
@@ -61,12 +64,13 @@ def evaluate(model_obj, model, config, epoch, loader, parallel, name="infer", on
                 on_interval(batch_id, {**shown, **metric_values})
         bar.update(1)
     bar.close()
+    counts = {"batches": batches, "samples": samples, "seconds": round(time.perf_counter() - start, 3)}
     if batches == 0:
         warn(f"{prefix}epoch {epoch}: the evaluation loader gave no batches")
-        return {}, 0, 0
+        return {}, counts
     _, metric_values = parallel.merged_results(metrics, names, model_obj.create_metrics,
                                                f"{name} epoch {epoch}: merging metrics")
-    return metric_values, batches, samples
+    return metric_values, counts
 
 
 def _finite(value) -> bool:
@@ -177,3 +181,41 @@ class ModelSelection:
                  f"{', '.join(f'runner.{key}' for key in changed)} "
                  f"({', '.join(repr(data[key]) for key in changed)}); their values are compared as they are")
         return cls(path, metric, mode, settings, kept), bool(dropped) or reselected
+
+
+RANGE_KEYS = "runner.infer_start_epoch/runner.infer_end_epoch"
+
+
+def checkpoint_folders(config):
+    """(load folder, {epoch: folder}, why: with runner.infer_best the line saying which epoch best.json names,
+    else None) for the requested epochs, all checked before any work."""
+    load_dir = (config.resolve_path("runner.infer_load_path", required=False)
+                or config.resolve_path("runner.model_save_path"))
+    ensemble = config.require("runner.infer_ensemble", int, minimum=1)
+    if config.require("runner.infer_best", bool):
+        best_path = os.path.join(load_dir, BEST_FILE)
+        epochs, best = best_epochs_of(best_path, ensemble)
+        folders = {}
+        for epoch in epochs:
+            params = os.path.join(load_dir, str(epoch), PARAMS_FILE)
+            if not os.path.isfile(params):
+                raise UserError(f"{best_path}: names epoch {epoch}, but there is no checkpoint {params}")
+            folders[epoch] = os.path.dirname(params)
+        which = (f"epoch {epochs[0]}, the best" if ensemble == 1 else
+                 f"the ensemble of epochs {', '.join(map(str, epochs))}, the {ensemble} best")
+        return load_dir, folders, (f"runner.infer_best: evaluating {which} by validation {best.get('metric')} "
+                                   f"({best.get('mode')}, {format_number(best.get('value'))}) in {best_path}")
+    if ensemble > 1:
+        raise config.error("runner.infer_ensemble", f"{ensemble} needs runner.infer_best: True (an ensemble is made "
+                           "of the best validated epochs)")
+    start = config.require("runner.infer_start_epoch", int)
+    end = config.require("runner.epochs" if config.get("runner.infer_end_epoch") is None else "runner.infer_end_epoch",
+                         int)
+    if end <= start:
+        raise config.error(RANGE_KEYS, f"empty epoch range [{start}, {end})")
+    folders = {epoch: os.path.join(load_dir, str(epoch)) for epoch in range(start, end)}
+    for epoch, folder in folders.items():
+        if not os.path.isfile(os.path.join(folder, PARAMS_FILE)):
+            raise config.error(RANGE_KEYS, f"no checkpoint {os.path.join(folder, PARAMS_FILE)} "
+                               f"for epoch {epoch} of [{start}, {end})")
+    return load_dir, folders, None

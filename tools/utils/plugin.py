@@ -78,49 +78,71 @@ def import_plugin_module(config):
     return import_file(path)
 
 
-def load_model_plugin(config):
-    module = import_plugin_module(config)
-    if getattr(module, "DygraphModel", None) is None:
-        raise UserError(f"{module.__file__}: no class DygraphModel defined")
-    return module.DygraphModel()
+def _keyed(value, values=object) -> bool:
+    """A dict of (dotted-key) strings to `values`."""
+    return isinstance(value, dict) and all(isinstance(key, str) and isinstance(item, values)
+                                           for key, item in value.items())
 
 
-def _dict_of_str_keys(value):
-    return isinstance(value, dict) and all(isinstance(key, str) for key in value)
+class ModelPlugin:
+    """The contract of a model plugin (dygraph_model.py next to the config, doc/tools.md "Plugin contract") with
+    the defaults of what a plugin may leave out: the module-level declarations, which shape the tools since they
+    know no model, and the optional methods of its DygraphModel (create_model, create_optimizer, create_metrics,
+    train_forward and infer_forward have none). A plugin need not subclass it (a model folder imports nothing
+    from tools/, so PaddleRec's tools load it as it is): plugin_declaration() reads each declaration, checked
+    against CHECKS, and load_model_plugin() puts this class behind the plugin's DygraphModel."""
 
-
-# What a plugin module may declare to shape the tools, which know no model: name -> (what it must be, check,
-# the value when it declares nothing).
-DECLARATIONS = {
-    # {dotted key: default}: keys -o may set and their types (cli.load_run_config).
-    "CONFIG_DEFAULTS": ("a dict of dotted-key strings to defaults", _dict_of_str_keys, {}),
+    # {dotted key: default}: keys -o may set and their types (environment.load_run_config).
+    CONFIG_DEFAULTS = {}
     # [dotted key]: keys the plugin reads without a default (required ones). With CONFIG_DEFAULTS and the runner
     # table they are all the keys there are: a YAML key outside them gets a warning (config.warn_unknown_keys).
-    "CONFIG_KEYS": ("a list of dotted-key strings",
-                    lambda value: isinstance(value, (list, tuple)) and all(isinstance(key, str) for key in value), []),
+    CONFIG_KEYS = []
     # {dotted key: what it is}: the settings to blame when training turns NaN or infinite (metrics.NumericGuard).
-    "NON_FINITE_KEYS": ("a dict of dotted-key strings to descriptions",
-                        lambda value: _dict_of_str_keys(value) and all(isinstance(v, str) for v in value.values()),
-                        {}),
+    NON_FINITE_KEYS = {}
     # How the plugin evaluates, printed once by infer and validation summaries ({dotted.key}: the run's value).
-    "EVALUATION_NOTE": ("a string", lambda value: isinstance(value, str), ""),
+    EVALUATION_NOTE = ""
     # The benchmark's variants (override dicts) and the names of its columns ({"samples": .., "kernels": ..}).
-    "BENCHMARK_VARIANTS": ("a list of dicts of dotted-key strings to values",
-                           lambda value: isinstance(value, list) and value and all(map(_dict_of_str_keys, value)),
-                           [{}]),
-    "BENCHMARK_LABELS": ("a dict of strings", _dict_of_str_keys, {}),
-}
+    BENCHMARK_VARIANTS = [{}]
+    BENCHMARK_LABELS = {}
+
+    # What each declaration must be: (the words of the error, the check).
+    CHECKS = {
+        "CONFIG_DEFAULTS": ("a dict of dotted-key strings to defaults", _keyed),
+        "CONFIG_KEYS": ("a list of dotted-key strings",
+                        lambda value: isinstance(value, (list, tuple)) and all(isinstance(key, str) for key in value)),
+        "NON_FINITE_KEYS": ("a dict of dotted-key strings to descriptions", lambda value: _keyed(value, str)),
+        "EVALUATION_NOTE": ("a string", lambda value: isinstance(value, str)),
+        "BENCHMARK_VARIANTS": ("a list of dicts of dotted-key strings to values",
+                               lambda value: isinstance(value, list) and value and all(map(_keyed, value))),
+        "BENCHMARK_LABELS": ("a dict of strings", _keyed),
+    }
+
+    def set_epoch(self, epoch):
+        """Called before each training epoch, for training that changes with the epoch; by default nothing."""
+
+    # Optional abilities, None when the plugin has none: ensemble(models, config) (runner.infer_ensemble),
+    # predict(model, config, support, queries) (predict.py), kernel_seconds(model, batch, config) (benchmark.py).
+    ensemble = predict = kernel_seconds = None
 
 
 def plugin_declaration(module, name):
-    """The plugin's declaration `name` (see DECLARATIONS) checked, or its default; a UserError naming the file."""
-    what, check, default = DECLARATIONS[name]
+    """The plugin module's declaration `name` checked, or ModelPlugin's default; a UserError naming the file."""
     value = getattr(module, name, None)
     if value is None:
-        return default
+        return getattr(ModelPlugin, name)
+    what, check = ModelPlugin.CHECKS[name]
     if not check(value):
         raise UserError(f"{module.__file__}: {name} must be {what}, got {type(value).__name__}")
     return value
+
+
+def load_model_plugin(config):
+    """The DygraphModel of the config's plugin, with ModelPlugin's defaults behind its own methods."""
+    module = import_plugin_module(config)
+    plugin_class = getattr(module, "DygraphModel", None)
+    if plugin_class is None:
+        raise UserError(f"{module.__file__}: no class DygraphModel defined")
+    return type(plugin_class.__name__, (plugin_class, ModelPlugin), {"__module__": plugin_class.__module__})()
 
 
 def evaluation_note(module, config):
