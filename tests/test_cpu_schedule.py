@@ -14,8 +14,8 @@ from tests import maml_modules
 from tests.conftest import REPO_ROOT
 
 plugin, net, maml, ops = maml_modules.load()
-from maml_kernels import cpu_schedule, kernel_replay  # noqa: E402  (the folder is on sys.path now)
-from maml_kernels import native_kernels as kernels  # noqa: E402
+# The engine's modules of the plugin itself: a fresh import could be another copy (see maml_modules.load).
+cpu_schedule, kernel_replay, kernels = ops.cpu_schedule, ops.kernel_replay, ops.native_kernels
 
 
 class _Place:

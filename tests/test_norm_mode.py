@@ -22,7 +22,7 @@ from tests.test_meta_gradient import LR, STEPS, TASKS, _batch
 from tool_helpers import REPO_ROOT, assert_ok, assert_user_error, run_tool
 
 dygraph_model, net, maml, ops = maml_modules.load()
-from maml_kernels import onednn_layers  # noqa: E402  (the model folder is on sys.path now)
+onednn_layers = ops.onednn_layers  # the plugin's own (see maml_modules.load)
 Plugin = dygraph_model.DygraphModel
 MODE = "hyper_parameters.norm_mode"
 NEW_MODES = ["support", "tasknorm_i"]  # each query image on its own
@@ -49,7 +49,7 @@ def _images(rng, n):
 @pytest.mark.parametrize("blocked", ["1", "0"], ids=["blocked_layout", "plain_layout"])
 def test_query_probabilities_do_not_depend_on_the_other_queries(monkeypatch, blocked):
     monkeypatch.setenv("MAML_ONEDNN_BLOCKED", blocked)
-    import few_shot  # the model folder is on sys.path once the plugin is loaded
+    few_shot = dygraph_model.few_shot  # the plugin's own: a plain import could find another folder's net
 
     rng = np.random.default_rng(5)
     support, labels, queries = _images(rng, 10), np.arange(5).repeat(2), _images(rng, 51)

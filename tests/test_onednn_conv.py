@@ -15,9 +15,9 @@ from paddle import _C_ops
 from tests import maml_modules
 from tests.conftest import REPO_ROOT
 
-dygraph_model, net, maml, _ = maml_modules.load()
-from maml_kernels import native_kernels as kernels  # noqa: E402  (the model folder is on sys.path now)
-from maml_kernels import cpu_schedule, onednn_conv  # noqa: E402
+dygraph_model, net, maml, ops = maml_modules.load()
+# The engine's modules of the plugin itself: a fresh import could be another copy (see maml_modules.load).
+kernels, cpu_schedule, onednn_conv = ops.native_kernels, ops.cpu_schedule, ops.onednn_conv
 
 needs_onednn = pytest.mark.skipif(onednn_conv._libs is None, reason="this Paddle has no loadable libdnnl.so.3")
 

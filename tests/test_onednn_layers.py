@@ -9,8 +9,9 @@ import pytest
 from tests import maml_modules
 
 dygraph_model, net, maml, ops = maml_modules.load()
-from maml_kernels import native_kernels as kernels  # noqa: E402  (the model folder is on sys.path now)
-from maml_kernels import cpu_schedule, onednn_conv, onednn_layers  # noqa: E402
+# The engine's modules of the plugin itself: a fresh import could be another copy (see maml_modules.load).
+kernels, cpu_schedule = ops.native_kernels, ops.cpu_schedule
+onednn_conv, onednn_layers = ops.onednn_conv, ops.onednn_layers
 
 needs_onednn = pytest.mark.skipif(onednn_conv._libs is None, reason="this Paddle has no loadable libdnnl.so.3")
 BLOCKS = [16, 8]
