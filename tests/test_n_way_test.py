@@ -1,6 +1,5 @@
 """hyper_parameters.n_way_test: training tasks with n_way classes, validation and test tasks with fewer, which use
 the first n_way_test outputs of the head (the rest are masked out of adaptation and prediction)."""
-import os
 
 import numpy as np
 import paddle
