@@ -121,9 +121,11 @@ def test_batch_norm_by_support_refuses_a_second_derivative():
         paddle.grad(dgamma.sum(), [x])
 
 
-def test_transductive_mode_is_the_default_and_a_bad_mode_is_one_error():
+def test_support_mode_is_the_default_and_a_bad_mode_is_one_error():
+    # The default is what predict uses for a config that does not say: a prediction that does not depend on the
+    # other query images.
     config = {key: value for key, value in CONFIG.items() if key != MODE}
-    assert _model(config).norm == "transductive"
+    assert _model(config).norm == "support"
     with pytest.raises(ValueError, match=f"{MODE}: must be one of 'transductive', 'support', 'tasknorm_i'"):
         _model(dict(CONFIG, **{MODE: "supprt"}))
 

@@ -77,10 +77,11 @@ TABLE = {
     "hyper_parameters.first_order_epochs": Key(0, "int", 0, None, "the first N epochs first-order, second after"),
     # Tasks per pass: memory against speed, the same result (maml.py).
     "hyper_parameters.tasks_per_chunk": Key(4, "int", 1, None, "tasks per pass: memory against speed"),
-    # Batch norm of the query images, in meta-training and evaluation (net.NORM_MODES): "transductive" (MAML's, the
-    # query set's own statistics), "support" (the support set's: a query image's class does not depend on the
-    # others) or "tasknorm_i" (the support set's blended with each image's own, a learned weight per block).
-    "hyper_parameters.norm_mode": Key("transductive", "choice",
+    # Batch norm of the query images, in meta-training and evaluation (net.NORM_MODES): "support" (the support set's
+    # statistics: a query image's class does not depend on the others, so a prediction is the same alone or in a
+    # batch), "transductive" (MAML's, the query set's own statistics; the published protocols use it) or
+    # "tasknorm_i" (the support set's blended with each image's own, a learned weight per block).
+    "hyper_parameters.norm_mode": Key("support", "choice",
                                       meaning="batch norm of the query images: transductive, support or tasknorm_i"),
 }
 
