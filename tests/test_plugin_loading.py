@@ -56,7 +56,7 @@ def test_missing_plugin_names_the_folder(tmp_path):
     ("runner.train_batch_size=null", "runner.train_batch_size: missing required key"),
 ])
 def test_data_loader_errors_name_the_key(override, fragment):
-    from tools.utils.data import create_data_loader
+    from tools.utils.plugin import create_data_loader
 
     config = load_config(TOY_CONFIG, [override])
     with pytest.raises(UserError) as caught:

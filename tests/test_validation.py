@@ -199,7 +199,7 @@ def test_validation_reader_mode_and_config_view():
     """The MAML reader declares mode "valid" (its own task stream); the toy reader does not and gets "infer".
     Both see runner.valid_tasks as runner.infer_tasks; a bad value is reported under runner.valid_tasks."""
     from tools.utils.config import load_config
-    from tools.utils.data import create_dataset
+    from tools.utils.plugin import create_dataset
     from tools.utils.console import UserError
     from tools.utils.evaluation import validation_config
 

@@ -21,6 +21,7 @@ import time
 if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
+from tools.utils.checkpoint import read_json_object  # noqa: E402
 from tools.utils.console import UserError, config_arg_parser, run_tool  # noqa: E402
 from tools.utils.environment import load_run_config  # noqa: E402
 from tools.utils.distributed import single_process  # noqa: E402
@@ -31,8 +32,7 @@ def training_step_on_one_batch(config):
     """(plugin, model, batch, step) for a loaded config, its device selected and seeded: the plugin, its model,
     the first training batch, and step() running the trainer's step (forward, backward, optimizer) on that batch.
     The measurement scripts of doc/measure/ use it too."""
-    from tools.utils.data import create_data_loader
-    from tools.utils.plugin import load_model_plugin
+    from tools.utils.plugin import create_data_loader, load_model_plugin
 
     plugin = load_model_plugin(config)
     model = plugin.create_model(config)
@@ -67,7 +67,7 @@ def measure(args):
             times.append(time.perf_counter() - start)
     result = {"seconds": statistics.median(times), "all_seconds": times, "device": device,
               "samples": int(config.get("runner.train_batch_size")), "threads": cpu_thread_count(config)}
-    if plugin.kernel_seconds is not None:
+    if plugin.has("kernel_seconds"):
         result["kernel_seconds"], result["kernel_calls"] = plugin.kernel_seconds(model, batch, config)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("BENCHMARK " + json.dumps(result))
@@ -94,21 +94,14 @@ PEER_FILE = "benchmark_peer.json"
 
 
 def load_peer(config):
-    """The peer described by benchmark_peer.json in the config's folder: {"label", "config" (the config file whose
-    workload it mirrors), "seconds" (a regex whose group is seconds per iteration), "commands" (one argument list
-    per variant, run in the peer's folder; "{iterations}" is replaced)}; a UserError naming the file."""
+    """benchmark_peer.json in the config's folder (doc/tools.md), checked."""
     path = os.path.join(config.config_dir, PEER_FILE)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            peer = json.load(handle)
-    except FileNotFoundError:
-        raise UserError(f"{config.path}: --peer given, but there is no {PEER_FILE} next to the config") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read the peer description ({exc})") from None
-    if not (isinstance(peer, dict) and {"label", "config", "seconds", "commands"} <= set(peer)
-            and isinstance(peer["commands"], list) and all(isinstance(c, list) for c in peer["commands"])):
-        raise UserError(f"{path}: must be an object with label, config, seconds and commands (argument lists)")
-    return peer
+    if not os.path.isfile(path):
+        raise UserError(f"{config.path}: --peer given, but there is no {PEER_FILE} next to the config")
+    return read_json_object(path, "peer description", [
+        *((key, lambda value: isinstance(value, str), "a string") for key in ("label", "config", "seconds")),
+        ("commands", lambda value: isinstance(value, list) and all(isinstance(c, list) for c in value),
+         "a list of argument lists")])
 
 
 def run_peer(args, peer, variant_index):
@@ -163,7 +156,7 @@ def main():
     parser = config_arg_parser(__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
-    parser.add_argument("--peer", metavar="DIR", help=f"also time the commands of {PEER_FILE} next to the config, run in DIR")
+    parser.add_argument("--peer", metavar="DIR", help=f"also time the commands of {PEER_FILE} by the config, in DIR")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.iterations < 1 or args.warmup < 0:

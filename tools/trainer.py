@@ -19,17 +19,15 @@ if not __package__:  # run as a script, not imported as tools.<name>
 from tools.utils.checkpoint import (check_epoch_folders, check_output_file, file_in_the_way,  # noqa: E402
                                     latest_checkpoint, load_checkpoint, lock_run_folder, read_checkpoint_meta,
                                     replace_old_run, save_checkpoint)
-from tools.utils.console import (UserError, config_arg_parser, format_results, format_values, log,  # noqa: E402
-                                 progress_bar, run_tool, warn)
-from tools.utils.data import batches_then_none, count_samples, create_data_loader, expected_batches  # noqa: E402
-from tools.utils.data import loader_batch_size  # noqa: E402
+from tools.utils.console import UserError, config_arg_parser, format_results, format_values, log, progress_bar  # noqa
+from tools.utils.console import run_tool, warn  # noqa: E402
 from tools.utils.distributed import setup_data_parallel  # noqa: E402
 from tools.utils.environment import cpu_thread_count, environment_snapshot, epoch_seed, seed_everything  # noqa: E402
 from tools.utils.environment import load_run_config, select_device  # noqa: E402
-from tools.utils.evaluation import BEST_FILE, MODES, ModelSelection, evaluate, evaluation_loader  # noqa: E402
-from tools.utils.evaluation import validation_config  # noqa: E402
+from tools.utils.evaluation import BEST_FILE, ModelSelection, evaluate, evaluation_loader, validation_config  # noqa
 from tools.utils.metrics import MetricsLog, NumericGuard, VisualLog, likely_causes, scalar_dict  # noqa: E402
-from tools.utils.plugin import evaluation_note, load_model_plugin, plugin_declaration  # noqa: E402
+from tools.utils.plugin import (batches_then_none, count_samples, create_data_loader, evaluation_note,  # noqa: E402
+                                expected_batches, load_model_plugin, loader_batch_size, plugin_declaration)
 
 AUTO_RESUME = "auto"
 INTERVAL_SUMS = ("loss", "batches", "samples", "reader", "batch")  # summed over the batches since the last log line
@@ -55,12 +53,10 @@ class Validation:
 
     def __init__(self, config, save_dir, world_size):
         self.config = validation_config(config)  # the view the reader and the plugin see
-        self.interval = config.require("runner.valid_interval", int, minimum=1)
-        metric, mode = config.require("runner.valid_metric", str), config.require("runner.valid_mode", str)
+        self.interval, metric, mode = (config[key] for key in ("runner.valid_interval", "runner.valid_metric",
+                                                               "runner.valid_mode"))
         if not metric:
             raise config.error("runner.valid_metric", "must name a validation result, e.g. acc")
-        if mode not in MODES:
-            raise config.error("runner.valid_mode", f"expected one of {', '.join(MODES)}, got {mode!r}")
         loader_batch_size(self.config, "valid", world_size)  # checked before training
         settings = {"valid_data_dir": config.resolve_path("runner.valid_data_dir"),
                     "valid_tasks": self.config.get("runner.infer_tasks")}
@@ -79,15 +75,14 @@ class Trainer:
     def __init__(self, args):
         config, plugin_module = load_run_config(args.config, args.overrides, data_parallel=True)
         self.config, self.overrides = config, list(args.overrides)
-        self.epochs = config.require("runner.epochs", int, minimum=1)
-        config.require("runner.print_interval", int, minimum=1)
+        self.epochs = config["runner.epochs"]
         self.save_dir = config.resolve_path("runner.model_save_path")
         self.metrics_path = (config.resolve_path("runner.metrics_path", required=False)
                              or os.path.join(self.save_dir, "metrics.jsonl"))
-        self.seed = config.require("runner.seed", int)
+        self.seed = config["runner.seed"]
         self.device = select_device(config)
         self.parallel = parallel = setup_data_parallel(config, self.device)
-        overwrite = config.require("runner.overwrite", bool)
+        overwrite = config["runner.overwrite"]
         in_the_way = file_in_the_way(self.save_dir)
         if in_the_way:
             raise config.error("runner.model_save_path", f"{in_the_way} is a file, not a folder")
