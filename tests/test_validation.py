@@ -236,7 +236,8 @@ def test_selection_rules(tmp_path, capsys):
     assert data["history"][0]["values"]["acc"] is None  # NaN written as null
     assert math.isclose(data["history"][1]["values"]["acc"], 0.5)
     capsys.readouterr()
-    resumed, changed = ModelSelection.resume(str(tmp_path / "best.json"), "acc", "min", {}, before_epoch=3)
+    path = str(tmp_path / "best.json")
+    resumed, changed = ModelSelection.resume(path, ModelSelection(path, "acc", "min"), before_epoch=3)
     assert resumed.best["epoch"] == 1 and [entry["epoch"] for entry in resumed.history] == [0, 1, 2]
     notes = capsys.readouterr().out
     assert changed and "dropped the validation results of epoch(s) [3, 4]" in notes and "now by acc (min)" in notes

@@ -23,17 +23,14 @@ if not __package__:  # run as a script, not imported as tools.<name>
 
 from tools.utils.checkpoint import read_json_object  # noqa: E402
 from tools.utils.console import UserError, config_arg_parser, run_tool  # noqa: E402
-from tools.utils.environment import load_run_config  # noqa: E402
 from tools.utils.distributed import single_process  # noqa: E402
-from tools.utils.plugin import plugin_declaration  # noqa: E402
+from tools.utils.environment import cpu_thread_count, load_run_config, seed_everything, select_device  # noqa: E402
+from tools.utils.plugin import create_data_loader, load_model_plugin, plugin_declaration  # noqa: E402
 
 
 def training_step_on_one_batch(config):
-    """(plugin, model, batch, step) for a loaded config, its device selected and seeded: the plugin, its model,
-    the first training batch, and step() running the trainer's step (forward, backward, optimizer) on that batch.
-    The measurement scripts of doc/measure/ use it too."""
-    from tools.utils.plugin import create_data_loader, load_model_plugin
-
+    """(plugin, model, the first training batch, step()) for a loaded config, its device selected and seeded:
+    step() is the trainer's step (forward, backward, optimizer) on that batch. doc/measure/ uses it too."""
     plugin = load_model_plugin(config)
     model = plugin.create_model(config)
     optimizer = plugin.create_optimizer(model, config)
@@ -54,10 +51,8 @@ def measure(args):
     """Child process: time one variant and print one JSON line."""
     config, _ = load_run_config(args.config, args.overrides)
     single_process("benchmark.py", config)
-    from tools.utils.environment import cpu_thread_count, seed_everything, select_device
-
     device = select_device(config)
-    seed_everything(config.require("runner.seed", int))
+    seed_everything(config["runner.seed"])
     plugin, model, batch, step = training_step_on_one_batch(config)
     times = []
     for iteration in range(args.warmup + args.iterations):
@@ -73,21 +68,29 @@ def measure(args):
     print("BENCHMARK " + json.dumps(result))
 
 
+def run(command, shown, where, what, pattern, cwd=None):
+    """The last match of `pattern` in what `command` prints; a UserError naming `where` when it fails."""
+    print(f"running {shown} ...", flush=True)
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    except OSError as exc:
+        raise UserError(f"{where}: cannot run {what} ({exc})") from None
+    found = re.findall(pattern, done.stdout)
+    if done.returncode != 0 or not found:
+        sys.stderr.write(done.stderr[-3000:])
+        raise UserError(f"{where}: the {what} failed (exit {done.returncode}) or printed no time")
+    return found[-1]
+
+
 def run_variant(args, variant):
     """(label, the child's result) of one variant of the config."""
     extra = [f"{key}={value}" for key, value in variant.items()]
     command = [sys.executable, os.path.abspath(__file__), "--child", "-m", args.config,
                "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
-    if args.overrides or extra:
-        command += ["-o", *args.overrides, *extra]
     label = " ".join(extra) or "(config as is)"
-    print(f"running {label} ...", flush=True)
-    done = subprocess.run(command, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCHMARK ")]
-    if done.returncode != 0 or not lines:
-        sys.stderr.write(done.stderr)
-        raise UserError(f"{args.config}: benchmark of {label} failed (exit {done.returncode})")
-    return label, json.loads(lines[-1][len("BENCHMARK "):])
+    found = run(command + (["-o", *args.overrides, *extra] if args.overrides or extra else []), label, args.config,
+                f"benchmark of {label}", r"(?m)^BENCHMARK (.*)$")
+    return label, json.loads(found)
 
 
 PEER_FILE = "benchmark_peer.json"
@@ -102,21 +105,6 @@ def load_peer(config):
         *((key, lambda value: isinstance(value, str), "a string") for key in ("label", "config", "seconds")),
         ("commands", lambda value: isinstance(value, list) and all(isinstance(c, list) for c in value),
          "a list of argument lists")])
-
-
-def run_peer(args, peer, variant_index):
-    """Seconds per iteration of the peer's command for one variant (benchmark_peer.json), run in args.peer."""
-    command = [part.format(iterations=args.iterations) for part in peer["commands"][variant_index]]
-    print(f"running peer: {' '.join(command)} ...", flush=True)
-    try:
-        done = subprocess.run(command, cwd=args.peer, capture_output=True, text=True)
-    except OSError as exc:
-        raise UserError(f"{args.peer}: cannot run the peer ({exc})")
-    found = re.findall(peer["seconds"], done.stdout)
-    if done.returncode != 0 or not found:
-        sys.stderr.write(done.stderr[-3000:])
-        raise UserError(f"{args.peer}: the peer command failed (exit {done.returncode}) or printed no time")
-    return float(found[-1])
 
 
 def compare(args):
@@ -135,7 +123,9 @@ def compare(args):
     for index, variant in enumerate(variants):
         rows.append(run_variant(args, variant))
         if peer:  # right after our run of the same variant: the machine's speed drifts over minutes
-            rows[-1][1]["peer_seconds"] = run_peer(args, peer, index)
+            command = [part.format(iterations=args.iterations) for part in peer["commands"][index]]
+            rows[-1][1]["peer_seconds"] = float(run(command, f"peer: {' '.join(command)}", args.peer, "peer command",
+                                                    peer["seconds"], args.peer))
     base, first = rows[0][1]["seconds"], rows[0][1]
     print(f"\nmedian of {args.iterations} iterations after {args.warmup} warm-up, device {first['device']}, "
           f"{first['threads']} CPU threads")

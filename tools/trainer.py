@@ -41,13 +41,6 @@ def learning_rate_scheduler(optimizer):
     return learning_rate if isinstance(learning_rate, paddle.optimizer.lr.LRScheduler) else None
 
 
-def remove_file(path):
-    try:
-        os.remove(path)
-    except OSError as reason:
-        raise UserError(f"{path}: cannot remove: {reason.strerror}") from None
-
-
 class Validation:
     """runner.valid_*: which epochs are validated, on what, and the best epoch so far (best.json)."""
 
@@ -61,12 +54,6 @@ class Validation:
         settings = {"valid_data_dir": config.resolve_path("runner.valid_data_dir"),
                     "valid_tasks": self.config.get("runner.infer_tasks")}
         self.selection = ModelSelection(os.path.join(save_dir, BEST_FILE), metric, mode, settings)
-
-    def best_text(self) -> str:
-        best, metric = self.selection.best, self.selection.metric
-        if best is None:
-            return f"none (no finite validation {metric})"
-        return f"{best['epoch']} by validation {metric} ({self.selection.mode}): {format_results(best['values'])}"
 
 
 class Trainer:
@@ -162,17 +149,18 @@ class Trainer:
         path, validation = os.path.join(self.save_dir, BEST_FILE), self.validation
         if not self.parallel.is_main or not os.path.isfile(path):
             return
-        if self.resumed_from is None:
-            remove_file(path)
-            log(f"removed {path} of an earlier run (a fresh start overwrites its checkpoints)")
-            return
-        old = validation and validation.selection
-        selection, changed = ModelSelection.resume(path, old and old.metric, old and old.mode, old and old.settings,
-                                                   self.start_epoch)
-        if changed and selection.history:  # results of epochs trained again were dropped, or selected again
+        selection, changed = (ModelSelection.resume(path, validation and validation.selection, self.start_epoch)
+                              if self.resumed_from else (None, True))
+        if changed and selection and selection.history:  # results of epochs trained again dropped, or reselected
             selection.save()
         elif changed:
-            remove_file(path)
+            try:
+                os.remove(path)
+            except OSError as reason:
+                raise UserError(f"{path}: cannot remove: {reason.strerror}") from None
+            if selection is None:
+                log(f"removed {path} of an earlier run (a fresh start overwrites its checkpoints)")
+                return
         if selection.best is not None:
             log(f"best epoch so far (from {path}): {selection.best['epoch']}, "
                 f"{format_results({selection.metric: selection.best_value})}")
@@ -326,7 +314,11 @@ class Trainer:
             f"{time.perf_counter() - run_start:.1f} s on {self.device}")
         log(f"last epoch: {format_values(summary)}")
         if validation is not None:
-            log(f"best epoch: {validation.best_text()}; {validation.selection.path}")
+            selection = validation.selection
+            best = (f"{selection.best['epoch']} by validation {selection.metric} ({selection.mode}): "
+                    f"{format_results(selection.best['values'])}" if selection.best else
+                    f"none (no finite validation {selection.metric})")
+            log(f"best epoch: {best}; {selection.path}")
             if self.note:
                 log(f"evaluation: {self.note}")
         log(f"checkpoints: {os.path.join(save_dir, '<epoch>')} (rec.pdparams, rec.pdopt); metrics: {self.metrics_path}")

@@ -1,7 +1,6 @@
 """Data-parallel runs under `python -m paddle.distributed.launch` (doc/distributed.md): fleet's collective group
 (gloo between CPU processes, NCCL between GPUs), its parameter broadcast and fused gradient all-reduce, and a
-barrier with runner.sync_timeout. A dead or hung rank ends every other rank with a DistributedError (exit 3).
-"""
+barrier with runner.sync_timeout. A dead or hung rank ends every other rank with a DistributedError (exit 3)."""
 import hashlib
 import os
 import pickle
@@ -152,7 +151,6 @@ class Ranks:
                 warn(f"metric {name!r} has no state()/merge_states(); reporting rank 0's share of the samples only")
             combined.append(metric)
         return values, metric_results(combined, names)
-
 
 
 def launched_rank(config):

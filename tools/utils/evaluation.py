@@ -153,15 +153,15 @@ class ModelSelection:
             "history": self.history})
 
     @classmethod
-    def resume(cls, path, metric, mode, settings, before_epoch):
+    def resume(cls, path, current, before_epoch):
         """(selection, changed) of a run resumed at `before_epoch` from best.json: later epochs are dropped (trained
-        again), the best chosen again by `metric` and `mode` (None: the file's own), with a log line each."""
-        if not os.path.isfile(path):
-            return cls(path, metric or "acc", mode or "max", settings), False
+        again), the best chosen again as the `current` selection does (None: as the file's), with a log line each."""
         data = read_best_file(path)
-        if metric is None or mode is None:
+        if current is None:
             metric, mode = data.get("metric") or "acc", data.get("mode") or "max"
             settings = {key: data[key] for key in SETTING_KEYS if key in data}
+        else:
+            metric, mode, settings = current.metric, current.mode, current.settings
         history = data.get("history") or []
         kept = [{key: entry.get(key) for key in ("epoch", "checkpoint", "values")}
                 for entry in history if entry["epoch"] < before_epoch]
