@@ -1,6 +1,5 @@
 """What a run keeps on disk: per-epoch checkpoints in PaddleRec's layout, small JSON files, and the run folder
-(doc/tools.md, doc/reliability.md). Everything is written atomically (staged()); nothing read back is trusted.
-"""
+(doc/tools.md, doc/reliability.md). Everything is written atomically (staged()); nothing read back is trusted."""
 import atexit
 import collections
 import contextlib
@@ -84,8 +83,8 @@ def optional(check):
 
 @contextlib.contextmanager
 def staged(path, folder=False, what=""):
-    """Yield a hidden temporary sibling of `path` (a file, or with `folder` a folder) to write, then rename it into
-    place (an old folder is renamed aside first): readers see the old or the new `path`, never half of one."""
+    """Yield a hidden temporary sibling of `path` (a file, or a folder) to write, then rename it into place (an old
+    folder aside first): readers see the old or the new `path`, never half of one."""
     parent, name = os.path.split(os.path.abspath(path))
     temporary, mask = None, os.umask(0)
     os.umask(mask)
@@ -183,7 +182,7 @@ def _load_state(path):
 
 
 def save_checkpoint(model, optimizer, save_dir, epoch, extra=None) -> str:
-    """Write <save_dir>/<epoch>/ atomically (it replaces an older folder of that epoch); return its path."""
+    """Write <save_dir>/<epoch>/ atomically, replacing an older folder of that epoch; return its path."""
     import paddle
 
     final = os.path.join(save_dir, str(epoch))
@@ -206,7 +205,7 @@ def _epoch_of(path):
 
 
 def read_checkpoint_meta(path) -> dict:
-    """meta.json of a checkpoint folder, checked ({} when it has none)."""
+    """meta.json of a checkpoint folder, checked; {} without one."""
     meta_path = os.path.join(path, META_FILE)
     if not os.path.isfile(meta_path):
         return {}
@@ -224,7 +223,7 @@ def read_checkpoint_meta(path) -> dict:
 
 def load_checkpoint(path, model, optimizer=None):
     """Load an epoch folder into `model` (and `optimizer`); return its epoch (the folder's name when it is a number,
-    else meta.json's, else None). Every problem is a UserError naming the file."""
+    else meta.json's, else None)."""
     if not os.path.isdir(path):
         raise UserError(f"{path}: checkpoint folder not found")
     meta = read_checkpoint_meta(path)
@@ -304,9 +303,8 @@ def is_run_file(path, field=None) -> bool:
 
 
 def check_output_file(path, what, key=None, owned=is_run_file):
-    """Refuse, in one line naming `path`, to write `what` (e.g. "metrics") over a file the tools did not write: a
-    checkpoint, a config, anything else. Absent files, character devices (/dev/null) and the files `owned`
-    recognises as the tools' own pass."""
+    """Refuse to write `what` (e.g. "metrics") over a file the tools did not write; absent files, character devices
+    (/dev/null) and the files `owned` recognises as the tools' own pass."""
     where = f" ({key})" if key else ""
     if not os.path.lexists(path):
         in_the_way = file_in_the_way(os.path.dirname(os.path.abspath(path)))
@@ -326,8 +324,7 @@ def check_output_file(path, what, key=None, owned=is_run_file):
 
 
 def check_epoch_folders(save_dir, epochs, key="runner.model_save_path"):
-    """Refuse, naming the folder, a run that would write its checkpoint of one of `epochs` where a folder or file
-    that is not a checkpoint stands (saving replaces the old epoch folder as a whole)."""
+    """Refuse a run that would save one of `epochs` where a folder or file that is not a checkpoint stands."""
     for epoch in epochs:
         path = os.path.join(save_dir, str(epoch))
         if os.path.lexists(path) and not is_checkpoint_folder(path):
@@ -342,8 +339,8 @@ def _holder(descriptor) -> str:
 
 def lock_run_folder(folder):
     """Hold an exclusive flock on <folder>/.trainer.lock for the life of this process, then remove what interrupted
-    saves left. The file names the holder for a second trainer's error; the kernel drops a dead holder's lock, so
-    its file is taken over (a warning). A clean exit removes it, and the folders made here if they stayed empty."""
+    saves left. The file names the holder for a second trainer's error; a dead holder's lock is taken over (the
+    kernel dropped it). A clean exit removes it, and the folders made here if they stayed empty."""
     path, created, parent = os.path.join(folder, LOCK_FILE), [], folder
     while parent and not os.path.exists(parent):
         created.append(parent)
@@ -399,8 +396,7 @@ def _release(path, descriptor, created):
 
 def replace_old_run(folder, overwrite, key="runner.overwrite"):
     """Before a fresh start: refuse a folder that holds checkpoints, or with `overwrite` remove the old run (its
-    checkpoint folders and RUN_FILES, each recognised by its contents) as a whole: moved into one hidden folder
-    first, so no part of it stays in use."""
+    checkpoint folders and RUN_FILES) as a whole, moved into one hidden folder first."""
     epochs = checkpoint_epochs(folder)
     if not epochs:
         return

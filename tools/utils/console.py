@@ -1,9 +1,6 @@
 """The process every tool runs as: its arguments, the errors that end it (one `error:` line) and their exit codes,
-the signals it ends or goes on by, and what the user sees: PaddleRec-style log lines, warnings, progress bars.
-
-Lines go through `logging` in PaddleRec's format with tqdm.write, so a progress bar (stderr, terminals only) is
-redrawn below them, not torn. Data-parallel: lines start with `[rank R/N] `; only rank 0 logs and draws bars.
-"""
+the signals it ends or goes on by, and what the user sees: PaddleRec-style log lines, warnings, progress bars
+(doc/tools.md). Data-parallel: lines start with `[rank R/N] `; only rank 0 logs and draws bars."""
 import argparse
 import contextlib
 import ctypes
@@ -57,14 +54,13 @@ def _interrupt(signum):
 
 
 def on_signal(signum, frame):
-    """The handler of ENDING_SIGNALS: the first ends the tool like Ctrl-C."""
+    """The handler of ENDING_SIGNALS (the first ends the tool like Ctrl-C) and IGNORED_SIGNALS."""
+    if signum in IGNORED_SIGNALS:
+        warn(f"{signal.Signals(signum).name} received and ignored (the tools end on SIGTERM, SIGINT or SIGHUP)")
+        return
     signals_received.append(signum)
     if not _holding:
         _interrupt(signum)
-
-
-def on_ignored_signal(signum, frame):
-    warn(f"{signal.Signals(signum).name} received and ignored (the tools end on SIGTERM, SIGINT or SIGHUP)")
 
 
 @contextlib.contextmanager
@@ -83,12 +79,12 @@ def signals_held():
 
 
 def handle_signals():
-    """Install on_signal and on_ignored_signal. Call after `import paddle`, whose own SIGTERM handler, installed at
-    import, prints a C++ stack dump and dies mid-write."""
+    """Install on_signal over the handler `import paddle` installs, which prints a C++ stack dump and dies
+    mid-write."""
     import paddle  # noqa: F401
 
     for signum in ENDING_SIGNALS + IGNORED_SIGNALS:
-        signal.signal(signum, on_signal if signum in ENDING_SIGNALS else on_ignored_signal)
+        signal.signal(signum, on_signal)
 
 
 def config_arg_parser(description) -> argparse.ArgumentParser:
@@ -127,7 +123,8 @@ def run_tool(body, args) -> int:
 
 
 class _TqdmHandler(logging.Handler):
-    """Writes records with tqdm.write: INFO to stdout, WARNING and above to stderr (looked up per record)."""
+    """Writes with tqdm.write, so a progress bar is redrawn below the line, not torn: INFO to stdout, WARNING and
+    above to stderr (looked up per record)."""
 
     def emit(self, record):
         try:
@@ -180,8 +177,7 @@ def format_values(values: dict) -> str:
 
 
 def format_results(values: dict) -> str:
-    """'acc 0.9712 ± 0.0040 (95% CI, 1000 tasks)': a key X with a companion X_ci95 is shown with its interval,
-    and a "tasks" (or "samples") count goes into that parenthesis; 'no results' when there is nothing."""
+    """'acc 0.9712 ± 0.0040 (95% CI, 1000 tasks)': X with its X_ci95, and the "tasks" or "samples" count."""
     count_key = next((key for key in ("tasks", "samples") if key in values), None)
     with_interval = any(f"{key}_ci95" in values for key in values)
     parts = []

@@ -19,8 +19,8 @@ def _first_line(error) -> str:
 
 
 class Ranks:
-    """This process's place among the data-parallel ranks and the collectives the tools use; with world_size 1
-    every collective is a local no-op, so the tools run the same code with and without a launcher."""
+    """This process's place among the ranks and the collectives the tools use; with one rank every collective is a
+    local no-op, so the tools run the same code with and without a launcher."""
 
     def __init__(self, rank=0, world_size=1, timeout=1800.0, store=None):
         self.rank, self.world_size, self.timeout, self._store, self._sync_points = rank, world_size, timeout, store, 0
@@ -101,9 +101,8 @@ class Ranks:
             self._collective(label, lambda: sync_params_buffers(model, src_rank=0))
 
     def sync_gradients(self, parameters, samples, loss, label):
-        """Make each trainable parameter's .grad the mean over the ranks weighted by their `samples` (0, and loss
-        None, for a rank without a batch; a missing gradient counts as zero), so one step on N ranks is one step on
-        the union of their samples. Returns (ranks that had a batch, total samples, weighted mean loss)."""
+        """(ranks that had a batch, total samples, weighted mean loss), each .grad made the mean over the ranks
+        weighted by their `samples` (a missing one counts as zero): one step on N ranks is one on all their samples."""
         import paddle
 
         if not self.enabled:

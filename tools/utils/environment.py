@@ -109,8 +109,7 @@ def cpu_thread_count(config) -> int:
 
 
 def select_device(config) -> str:
-    """Set Paddle's device from runner.use_gpu and the CPU threads; return the device. A GPU this Paddle build or
-    machine cannot provide is no error (configs travel between machines): one warning line, then the CPU."""
+    """Paddle's device (and CPU threads) set; a GPU the build or machine lacks is a warning: configs travel."""
     import paddle
 
     device = "cpu"
@@ -122,11 +121,8 @@ def select_device(config) -> str:
         else:
             device = "gpu"
     paddle.set_device(device)
-    core = getattr(getattr(paddle, "base", None), "core", None)
-    if hasattr(core, "set_num_threads"):
-        core.set_num_threads(cpu_thread_count(config))
-    else:
-        warn("this Paddle build cannot set the CPU thread count; runner.num_threads ignored")
+    from paddle.base import core
+    core.set_num_threads(cpu_thread_count(config))
     return device
 
 

@@ -1,7 +1,5 @@
 """Evaluation, shared by infer.py and validation so both compute their figures alike; the best epoch by
-validation, kept in <runner.model_save_path>/best.json (doc/tools.md); and the checkpoints infer.py and predict.py
-load (checkpoint_folders, load_models).
-"""
+validation, kept in <runner.model_save_path>/best.json; the checkpoints infer.py and predict.py load."""
 import math
 import os
 import time
@@ -22,12 +20,9 @@ SETTING_KEYS = ("valid_data_dir", "valid_tasks")  # what validation values were 
 def validation_config(config):
     """The config validation runs with: runner.test_data_dir and runner.infer_tasks, which readers and plugins read,
     hold runner.valid_data_dir and runner.valid_tasks (if set); errors name those."""
-    replacements = {"runner.test_data_dir": config.get("runner.valid_data_dir")}
-    aliases = {"runner.test_data_dir": "runner.valid_data_dir"}
-    if config.get("runner.valid_tasks") is not None:
-        replacements["runner.infer_tasks"] = config.get("runner.valid_tasks")
-        aliases["runner.infer_tasks"] = "runner.valid_tasks"
-    return config.view(replacements, aliases)
+    aliases = {"runner.test_data_dir": "runner.valid_data_dir", "runner.infer_tasks": "runner.valid_tasks"}
+    aliases = {key: alias for key, alias in aliases.items() if config.get(alias) is not None}
+    return config.view({key: config[alias] for key, alias in aliases.items()}, aliases)
 
 
 def evaluation_loader(config, mode, parallel, seed):
@@ -37,7 +32,7 @@ def evaluation_loader(config, mode, parallel, seed):
     return create_data_loader(config, mode, parallel.rank, parallel.world_size, epoch=0)
 
 
-def evaluate(model_obj, model, config, epoch, loader, parallel, name="infer", on_interval=None):
+def evaluate(model_obj, model, config, epoch, loader, parallel, name="infer", on_interval=lambda *_: None):
     """The plugin's infer_forward over the loader: (metric values, {batches, samples, seconds}) of all ranks, which
     go in step (a sum per batch says how many still have one); on_interval(batch_id, values) gets each log line's."""
     prefix, start = "" if name == "infer" else f"{name} ", time.perf_counter()
@@ -57,11 +52,10 @@ def evaluate(model_obj, model, config, epoch, loader, parallel, name="infer", on
         batches, samples = batches + 1, samples + int(batch_samples)
         if batch_id % config["runner.print_interval"] == 0:
             shown, metric_values = parallel.merged_results(
-                metrics, names, model_obj.create_metrics, f"{name} epoch {epoch}, batch {batch_id}: merging metrics",
-                scalar_dict(print_dict), own_samples)
+                metrics, names, model_obj.create_metrics, f"{label}: merging metrics", scalar_dict(print_dict),
+                own_samples)
             log(f"{prefix}epoch: {epoch}, batch_id: {batch_id}, {format_values({**shown, **metric_values})}")
-            if on_interval is not None:
-                on_interval(batch_id, {**shown, **metric_values})
+            on_interval(batch_id, {**shown, **metric_values})
         bar.update(1)
     bar.close()
     counts = {"batches": batches, "samples": samples, "seconds": round(time.perf_counter() - start, 3)}
@@ -100,7 +94,7 @@ def read_best_file(path) -> dict:
 
 def best_epochs_of(path, count=1):
     """(the `count` best validated epochs, best first; best.json contents) for runner.infer_best and
-    runner.infer_ensemble; UserError when the file names no epoch or has fewer validated epochs."""
+    runner.infer_ensemble."""
     data = read_best_file(path)
     metric = data.get("metric") or "acc"  # what ModelSelection.resume takes a file without one to be ranked by
     if data.get("epoch") is None:
@@ -131,8 +125,7 @@ class ModelSelection:
 
     @property
     def best(self):
-        ranked = self.ranked
-        return ranked[0] if ranked else None
+        return (self.ranked or [None])[0]
 
     @property
     def best_value(self):

@@ -219,8 +219,7 @@ def list_data_files(config, dir_key):
 
 
 def create_dataset(config, mode, rank=0, world_size=1, epoch=0):
-    """RecDataset(file_list, config[, mode=]) ("valid" only if it lists it in MODES, else "infer"), with its optional
-    hooks set_epoch(epoch) and shard(rank, world_size) (which data-parallel runs need) applied."""
+    """RecDataset(file_list, config[, mode=]) with its optional hooks set_epoch and shard applied (doc/tools.md)."""
     dir_key, _, reader_key = MODE_KEYS[mode]
     file_list = list_data_files(config, dir_key)
     reader = import_reader(config, reader_key)
@@ -315,13 +314,13 @@ def _guarded_loader_class():
 
 
 def batches_then_none(loader):
-    """The loader's batches, then None for ever: data-parallel ranks keep stepping together after their own
-    batches run out, and a finished paddle DataLoader iterator must not be asked again (std::future_error)."""
+    """The loader's batches, then None for ever: ranks keep stepping together after their own batches run out, and
+    a finished paddle DataLoader iterator must not be asked again (std::future_error)."""
     return itertools.chain(loader, itertools.repeat(None))
 
 
 def expected_batches(loader):
-    """Batches the loader will give (the reader's `num_batches` hint, else from len(dataset)), or None."""
+    """Batches the loader will give (the reader's `num_batches`, else from len(dataset)), or None."""
     hint = getattr(loader.dataset, "num_batches", None)
     hint = hint() if callable(hint) else hint
     if isinstance(hint, int):
