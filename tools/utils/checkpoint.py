@@ -222,8 +222,7 @@ def read_checkpoint_meta(path) -> dict:
 
 
 def load_checkpoint(path, model, optimizer=None):
-    """Load an epoch folder into `model` (and `optimizer`); return its epoch (the folder's name when it is a number,
-    else meta.json's, else None)."""
+    """Load an epoch folder into `model` (and `optimizer`); its epoch: the folder's name if a number, else meta's."""
     if not os.path.isdir(path):
         raise UserError(f"{path}: checkpoint folder not found")
     meta = read_checkpoint_meta(path)
@@ -254,8 +253,7 @@ def load_checkpoint(path, model, optimizer=None):
 
 
 def is_checkpoint_folder(path, strict=True) -> bool:
-    """Whether `path` is an epoch folder as save_checkpoint writes it: a real folder holding rec.pdparams and
-    (`strict`) nothing but checkpoint files: a folder named by a number holding anything else is the user's."""
+    """A real folder with rec.pdparams and (`strict`) only checkpoint files; one holding more is the user's."""
     try:
         entries = set(os.listdir(path)) if not (strict and os.path.islink(path)) else set()
     except OSError:
@@ -272,8 +270,7 @@ def checkpoint_epochs(folder, strict=True):
 
 
 def latest_checkpoint(save_dir):
-    """The newest epoch folder <save_dir>/<epoch> with rec.pdparams (saves are atomic), or None. Only read from, so
-    a checkpoint folder the user added a file to still resumes."""
+    """The newest epoch folder with rec.pdparams (saves are atomic), or None; read only, so not `strict`."""
     epochs = checkpoint_epochs(save_dir, strict=False)
     return os.path.join(save_dir, str(epochs[-1])) if epochs else None
 
@@ -287,8 +284,8 @@ def file_in_the_way(folder):
 
 
 def is_run_file(path, field=None) -> bool:
-    """Whether `path` is a regular file the tools write under its name: empty, a JSON object with `field` (best.json:
-    "history"), or else a metrics file, whose first line is a JSON object with an "event"."""
+    """Whether `path` is a regular file the tools write: empty, a JSON object with `field` (best.json's: "history"),
+    or else a metrics file, whose first line is a JSON object with an "event"."""
     if os.path.islink(path) or not os.path.isfile(path):
         return False
     field = field or ("history" if os.path.basename(path) == "best.json" else None)
@@ -323,14 +320,14 @@ def check_output_file(path, what, key=None, owned=is_run_file):
                         f"it{where}: choose another path or move the file")
 
 
-def check_epoch_folders(save_dir, epochs, key="runner.model_save_path"):
+def check_epoch_folders(save_dir, epochs):
     """Refuse a run that would save one of `epochs` where a folder or file that is not a checkpoint stands."""
     for epoch in epochs:
         path = os.path.join(save_dir, str(epoch))
         if os.path.lexists(path) and not is_checkpoint_folder(path):
             kind = "folder" if os.path.isdir(path) and not os.path.islink(path) else "file"
             raise UserError(f"{path}: a {kind} that is not a checkpoint of this trainer stands where the checkpoint "
-                            f"of epoch {epoch} goes; move it or choose another {key}")
+                            f"of epoch {epoch} goes; move it or choose another runner.model_save_path")
 
 
 def _holder(descriptor) -> str:
@@ -394,7 +391,7 @@ def _release(path, descriptor, created):
             break
 
 
-def replace_old_run(folder, overwrite, key="runner.overwrite"):
+def replace_old_run(folder, overwrite):
     """Before a fresh start: refuse a folder that holds checkpoints, or with `overwrite` remove the old run (its
     checkpoint folders and RUN_FILES) as a whole, moved into one hidden folder first."""
     epochs = checkpoint_epochs(folder)
@@ -402,7 +399,7 @@ def replace_old_run(folder, overwrite, key="runner.overwrite"):
         return
     if not overwrite:
         raise UserError(f"{folder}: holds the checkpoints of another run (epochs {', '.join(map(str, epochs))}); "
-                        f"resume it with runner.resume_path=auto, or replace it with {key}=True")
+                        "resume it with runner.resume_path=auto, or replace it with runner.overwrite=True")
     entries = sorted([str(epoch) for epoch in epochs] + [name for name in RUN_FILES
                                                          if is_run_file(os.path.join(folder, name))])
     moved = []
@@ -418,4 +415,4 @@ def replace_old_run(folder, overwrite, key="runner.overwrite"):
             raise UserError(f"{folder}: cannot move the old run aside: {reason.strerror}") from None
         raise
     shutil.rmtree(aside, ignore_errors=True)  # an interrupted removal is finished by the next lock
-    log(f"{folder}: removed the old run ({', '.join(entries)}) as {key}=True asks")
+    log(f"{folder}: removed the old run ({', '.join(entries)}) as runner.overwrite=True asks")

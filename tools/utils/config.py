@@ -1,7 +1,5 @@
-"""The run's settings: a PaddleRec YAML config as a flat dict of dotted keys, `-o key=value` overrides typed like
-the value they replace, and the runner.* key table (`python -m tools.utils.config` prints it for doc/tools.md).
-Imports no paddle: the config is read before Paddle starts.
-"""
+"""The run's settings, read before Paddle starts: a PaddleRec YAML config as a flat dict of dotted keys, `-o` overrides
+typed like the value they replace, and the runner.* key table (`python -m tools.utils.config` prints it)."""
 import difflib
 import math
 import numbers
@@ -135,8 +133,7 @@ def check_type(value, type_):
 
 
 def convert_value(text: str, type_, none_allowed=False):
-    """Override text read as YAML and checked like a YAML value; a str key takes the text as it is, a bool key 1/0
-    too, a float key what float() reads (YAML 1.1 reads 1e-3 as text)."""
+    """Override text as a YAML value of `type_`; a bool also 1/0, a float as float() reads it (YAML: 1e-3 is text)."""
     if none_allowed and text.strip().lower() in ("null", "none", "~"):
         return None
     if type_ is str:
@@ -178,9 +175,8 @@ def flatten(mapping, prefix=""):
 
 
 class Config(dict):
-    """Flat dotted-key config that knows its file (for errors) and the type each -o value must have. In a view
-    (validation's runner.test_data_dir holds runner.valid_data_dir) `aliases` make errors name the key the user set.
-    """
+    """Flat dotted-key config that knows its file and the type of each key; in a view, errors name the key the user
+    set through `aliases` (validation's runner.test_data_dir is runner.valid_data_dir)."""
 
     def __init__(self, values, path, key_types=None, aliases=None):
         super().__init__(values)
@@ -262,9 +258,8 @@ def _type_of(value):
 
 
 def load_config(path, overrides=(), plugin_defaults=None, plugin_keys=()) -> Config:
-    """The config: plugin CONFIG_DEFAULTS, runner defaults, the YAML, then `-o key=value` overrides, each over the
-    last; every runner.* value checked against its RUNNER_DEFAULTS row. With the plugin's defaults (and CONFIG_KEYS,
-    the keys it reads without a default), a YAML key none of them declares is warned about."""
+    """Plugin CONFIG_DEFAULTS, runner defaults, the YAML, then `-o` overrides, each over the last, the runner.* values
+    checked; with the plugin's keys, a YAML key none of them declares gets a warning."""
     yaml_values = flatten(read_yaml_mapping(path))
     yaml_values.pop("config_abs_dir", None)  # computed, never read
     with_plugin, plugin_defaults = plugin_defaults is not None, plugin_defaults or {}

@@ -12,15 +12,18 @@ import sys
 from tqdm import tqdm
 
 
-class UserError(ValueError):
-    """A mistake the user can fix: one line naming the file and key or path at fault, exit 2 (other errors are bugs
-    and keep their traceback)."""
+class ToolError(Exception):
+    """An error that ends a tool with one `error:` line (other errors are bugs and keep their traceback)."""
 
     def __init__(self, message):
         super().__init__(" ".join(line.strip() for line in str(message).splitlines() if line.strip()))
 
 
-class DistributedError(UserError):
+class UserError(ToolError, ValueError):
+    """A mistake the user can fix, named by file and key or path: exit 2."""
+
+
+class DistributedError(ToolError):
     """A data-parallel run cannot go on (a peer rank died, hung or disagrees): exit 3."""
 
 
@@ -103,7 +106,7 @@ def run_tool(body, args) -> int:
     try:
         body(args)
         return EXIT_OK
-    except UserError as error:
+    except ToolError as error:
         _holding = True  # a SIGTERM now must not cut this line short
         message, code = str(error), EXIT_DISTRIBUTED if isinstance(error, DistributedError) else EXIT_USER_ERROR
     except BaseException as error:

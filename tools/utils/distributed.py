@@ -7,6 +7,8 @@ import pickle
 import socket
 import time
 
+import numpy as np
+
 from tools.utils.console import DistributedError, UserError, log, set_rank, signals_held, warn
 
 LAUNCH_HINT = ("python -m paddle.distributed.launch --nproc_per_node N tools/<tool>.py -m <config> "
@@ -59,10 +61,7 @@ class Ranks:
                                    "died (see workerlog.<rank> in the launcher's --log_dir)") from None
 
     def sum(self, numbers, label):
-        """The element-wise sum of `numbers` over the ranks (float64 numpy); no barrier, which would cost a store
-        round trip per batch."""
-        import numpy as np
-
+        """The element-wise sum of `numbers` over the ranks (float64); no barrier: a store round trip per batch."""
         totals = np.asarray(numbers, dtype="float64")
         if self.enabled:
             import paddle
@@ -188,9 +187,9 @@ def setup_data_parallel(config, device) -> Ranks:
         if config["runner.use_fleet"]:
             warn("runner.use_fleet is True but the launcher started a single process; training single-process")
         return Ranks()
-    timeout = config["runner.sync_timeout"]
-    if device == "cpu":
-        os.environ["PADDLE_DISTRI_BACKEND"] = "gloo"  # on a CUDA build Paddle would pick NCCL
+    backend = "gloo" if device == "cpu" else "nccl"
+    if backend == "gloo":
+        os.environ["PADDLE_DISTRI_BACKEND"] = backend  # on a CUDA build Paddle would pick NCCL
     import warnings
 
     from paddle.base import core
@@ -203,12 +202,11 @@ def setup_data_parallel(config, device) -> Ranks:
         store = core.create_or_get_global_tcp_store()
     except (RuntimeError, ValueError, AssertionError) as error:
         raise DistributedError(f"joining the process group failed: {_first_line(error)}") from None
-    parallel = Ranks(rank, world_size, float(timeout), store)
+    parallel = Ranks(rank, world_size, float(config["runner.sync_timeout"]), store)
     # Every rank must run the same settings (config_abs_dir may differ between hosts).
     items = sorted((key, repr(value)) for key, value in config.items() if key != "config_abs_dir")
     digest = hashlib.sha256(pickle.dumps(items)).hexdigest()[:16]
     parallel.check_same(digest, "the config (config file and -o overrides)")
     hosts = parallel.all_gather_object(socket.gethostname(), "listing the ranks")
-    backend = "gloo" if device == "cpu" else "nccl"
     log(f"data-parallel: {world_size} ranks ({backend}) on {', '.join(sorted(set(hosts)))}")
     return parallel

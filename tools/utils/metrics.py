@@ -43,8 +43,7 @@ def metric_results(metrics, names) -> dict:
 
 
 class MetricsLog:
-    """Appends event records to a JSON-lines file, one write each, so it stays readable while a run goes on; with
-    path None (ranks other than 0) nothing."""
+    """Event records appended in one write each, so the file stays readable while a run goes on; None: nothing."""
 
     def __init__(self, path, append=False):
         self.path, self._handle = path, None
@@ -146,8 +145,7 @@ def likely_causes(config, keys) -> str:
 
 
 class NumericGuard:
-    """Stops training at its first non-finite number, before an update spreads it into every parameter and the
-    checkpoint; `causes` (likely_causes) ends every error line."""
+    """Stops training at its first non-finite number, before an update spreads it into parameters and checkpoint."""
 
     GROWTH_WARNING = 1e4  # a loss this many times its first is still finite, but diverging: one warning
 

@@ -1,7 +1,6 @@
-"""What a model folder gives the tools (doc/tools.md, "Plugin contract" and "Reader contract"): dygraph_model.py, whose
-contract and defaults are ModelPlugin, and the readers' RecDataset, read through a guarded DataLoader. Each file is
-imported under a unique name, its folder first on sys.path: the plugin's `import net` finds its own.
-"""
+"""What a model folder gives the tools (doc/tools.md): dygraph_model.py, whose contract and defaults are ModelPlugin,
+and the readers' RecDataset, read through a guarded DataLoader. Each file is imported under a unique name, its
+folder first on sys.path: the plugin's `import net` finds its own."""
 import functools
 import hashlib
 import importlib
@@ -185,8 +184,7 @@ MODE_KEYS = {
 
 
 def import_reader(config, key: str):
-    """The module config[key] names: a path relative to the config's folder (".py" optional), else an importable
-    module name (PaddleRec's "importlib format")."""
+    """config[key]: a module file relative to the config's folder (".py" optional), else PaddleRec's importlib name."""
     value = str(config.require(key, str))
     path = os.path.normpath(os.path.join(config.config_dir, value if value.endswith(".py") else value + ".py"))
     if os.path.isfile(path):
@@ -252,8 +250,7 @@ def loader_batch_size(config, mode, world_size=1) -> int:
 
 
 def create_data_loader(config, mode, rank=0, world_size=1, epoch=0):
-    """A guarded DataLoader over this rank's share of the RecDataset for `mode`; no worker processes, which would
-    make the order of the seeded samples depend on scheduling."""
+    """A guarded DataLoader over this rank's share; no workers, whose scheduling would reorder the seeded samples."""
     batch_size = loader_batch_size(config, mode, world_size)
     dataset = create_dataset(config, mode, rank, world_size, epoch)
     return _guarded_loader_class()(dataset, f"{config.path}: {MODE_KEYS[mode][2]}", batch_size=batch_size,
@@ -262,9 +259,8 @@ def create_data_loader(config, mode, rank=0, world_size=1, epoch=0):
 
 @functools.lru_cache(maxsize=None)
 def _guarded_loader_class():
-    """Paddle reads an IterableDataset in a thread, where an exception (a reader bug, a bad file) ends only that
-    thread and leaves the main one waiting for ever: the guard keeps it and ends the stream, and the loader raises
-    it as one UserError. Built on first use: importing this module must not import paddle."""
+    """Paddle reads an IterableDataset in a thread, where an exception ends only that thread and leaves the main one
+    waiting for ever: the guard keeps it for the loader to raise. Built on first use, so no paddle at import."""
     import paddle
     from paddle.io.dataloader.collate import default_collate_fn
 
