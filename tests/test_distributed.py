@@ -202,7 +202,7 @@ def test_launched_ranks_without_use_fleet_are_refused(tmp_path):
 
 def test_batch_size_must_split_over_the_ranks():
     from tools.utils.config import load_config
-    from tools.utils.data import loader_batch_size
+    from tools.utils.plugin import loader_batch_size
     from tools.utils.console import UserError
 
     config = load_config(TOY_CONFIG, ["runner.train_batch_size=6"])

@@ -443,7 +443,7 @@ def test_an_unreadable_folder_in_the_data_tree_is_one_error_naming_it(part, tmp_
 
 def test_an_unreadable_data_folder_is_one_user_error(tmp_path, monkeypatch):
     from tools.utils.config import load_config
-    from tools.utils.data import list_data_files
+    from tools.utils.plugin import list_data_files
 
     root = tmp_path / "train"
     _tree(root)

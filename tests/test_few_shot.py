@@ -68,7 +68,7 @@ def loaded(checkpoint):
 
 
 def test_reader_tasks_get_exactly_infer_forwards_accuracies(loaded):
-    from tools.utils.data import create_dataset
+    from tools.utils.plugin import create_dataset
 
     config, plugin, model, few_shot = loaded
     dataset = create_dataset(config, "infer")

@@ -1,4 +1,6 @@
-"""tools/utils/plugin.py and data.py: importing plugins/readers from config folders."""
+"""tools/utils/plugin.py: importing plugins and readers from config folders."""
+import re
+
 import pytest
 
 from tool_helpers import TOY_CONFIG
@@ -41,6 +43,20 @@ def test_two_model_folders_in_one_process_keep_their_own_net(tmp_path):
     assert import_plugin_module(first).__name__ != import_plugin_module(second).__name__
 
 
+def test_a_plugin_that_leaves_methods_out_gets_the_base_class_defaults(tmp_path):
+    """What a DygraphModel leaves out is ModelPlugin's: a no-op or no metrics, else one line naming the folder."""
+    config = load_config(make_model_folder(tmp_path, "partial", 3))
+    plugin = load_model_plugin(config)
+    assert plugin.create_model(config) == ("model", 3) and plugin.create_metrics() == ([], [])
+    assert plugin.set_epoch(1) is None and plugin.has("create_model") and not plugin.has("predict")
+    for call, method in [(lambda: plugin.train_forward(None, [], [], config), "train_forward"),
+                         (lambda: plugin.create_optimizer(None, config), "create_optimizer"),
+                         (lambda: plugin.require("ensemble", config.config_dir), "ensemble")]:
+        with pytest.raises(UserError, match=f"^{re.escape(config.config_dir)}: the model plugin's DygraphModel has "
+                                            f"no {method}\\(\\) method"):
+            call()
+
+
 def test_missing_plugin_names_the_folder(tmp_path):
     (tmp_path / "config.yaml").write_text("runner:\n  epochs: 1\n")
     config = load_config(str(tmp_path / "config.yaml"))
@@ -56,7 +72,7 @@ def test_missing_plugin_names_the_folder(tmp_path):
     ("runner.train_batch_size=null", "runner.train_batch_size: missing required key"),
 ])
 def test_data_loader_errors_name_the_key(override, fragment):
-    from tools.utils.data import create_data_loader
+    from tools.utils.plugin import create_data_loader
 
     config = load_config(TOY_CONFIG, [override])
     with pytest.raises(UserError) as caught:

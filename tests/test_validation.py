@@ -199,7 +199,7 @@ def test_validation_reader_mode_and_config_view():
     """The MAML reader declares mode "valid" (its own task stream); the toy reader does not and gets "infer".
     Both see runner.valid_tasks as runner.infer_tasks; a bad value is reported under runner.valid_tasks."""
     from tools.utils.config import load_config
-    from tools.utils.data import create_dataset
+    from tools.utils.plugin import create_dataset
     from tools.utils.console import UserError
     from tools.utils.evaluation import validation_config
 
@@ -236,7 +236,8 @@ def test_selection_rules(tmp_path, capsys):
     assert data["history"][0]["values"]["acc"] is None  # NaN written as null
     assert math.isclose(data["history"][1]["values"]["acc"], 0.5)
     capsys.readouterr()
-    resumed, changed = ModelSelection.resume(str(tmp_path / "best.json"), "acc", "min", {}, before_epoch=3)
+    path = str(tmp_path / "best.json")
+    resumed, changed = ModelSelection.resume(path, ModelSelection(path, "acc", "min"), before_epoch=3)
     assert resumed.best["epoch"] == 1 and [entry["epoch"] for entry in resumed.history] == [0, 1, 2]
     notes = capsys.readouterr().out
     assert changed and "dropped the validation results of epoch(s) [3, 4]" in notes and "now by acc (min)" in notes

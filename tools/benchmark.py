@@ -21,19 +21,16 @@ import time
 if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
+from tools.utils.checkpoint import read_json_object  # noqa: E402
 from tools.utils.console import UserError, config_arg_parser, run_tool  # noqa: E402
-from tools.utils.environment import load_run_config  # noqa: E402
 from tools.utils.distributed import single_process  # noqa: E402
-from tools.utils.plugin import plugin_declaration  # noqa: E402
+from tools.utils.environment import cpu_thread_count, load_run_config, seed_everything, select_device  # noqa: E402
+from tools.utils.plugin import create_data_loader, load_model_plugin, plugin_declaration  # noqa: E402
 
 
 def training_step_on_one_batch(config):
-    """(plugin, model, batch, step) for a loaded config, its device selected and seeded: the plugin, its model,
-    the first training batch, and step() running the trainer's step (forward, backward, optimizer) on that batch.
-    The measurement scripts of doc/measure/ use it too."""
-    from tools.utils.data import create_data_loader
-    from tools.utils.plugin import load_model_plugin
-
+    """(plugin, model, the first training batch, step()) for a loaded config, its device selected and seeded:
+    step() is the trainer's step (forward, backward, optimizer) on that batch. doc/measure/ uses it too."""
     plugin = load_model_plugin(config)
     model = plugin.create_model(config)
     optimizer = plugin.create_optimizer(model, config)
@@ -54,10 +51,8 @@ def measure(args):
     """Child process: time one variant and print one JSON line."""
     config, _ = load_run_config(args.config, args.overrides)
     single_process("benchmark.py", config)
-    from tools.utils.environment import cpu_thread_count, seed_everything, select_device
-
     device = select_device(config)
-    seed_everything(config.require("runner.seed", int))
+    seed_everything(config["runner.seed"])
     plugin, model, batch, step = training_step_on_one_batch(config)
     times = []
     for iteration in range(args.warmup + args.iterations):
@@ -67,10 +62,24 @@ def measure(args):
             times.append(time.perf_counter() - start)
     result = {"seconds": statistics.median(times), "all_seconds": times, "device": device,
               "samples": int(config.get("runner.train_batch_size")), "threads": cpu_thread_count(config)}
-    if plugin.kernel_seconds is not None:
+    if plugin.has("kernel_seconds"):
         result["kernel_seconds"], result["kernel_calls"] = plugin.kernel_seconds(model, batch, config)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("BENCHMARK " + json.dumps(result))
+
+
+def run(command, shown, where, what, pattern, cwd=None):
+    """The last match of `pattern` in what `command` prints; a UserError naming `where` when it fails."""
+    print(f"running {shown} ...", flush=True)
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    except OSError as exc:
+        raise UserError(f"{where}: cannot run {what} ({exc})") from None
+    found = re.findall(pattern, done.stdout)
+    if done.returncode != 0 or not found:
+        sys.stderr.write(done.stderr[-3000:])
+        raise UserError(f"{where}: the {what} failed (exit {done.returncode}) or printed no time")
+    return found[-1]
 
 
 def run_variant(args, variant):
@@ -78,52 +87,24 @@ def run_variant(args, variant):
     extra = [f"{key}={value}" for key, value in variant.items()]
     command = [sys.executable, os.path.abspath(__file__), "--child", "-m", args.config,
                "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
-    if args.overrides or extra:
-        command += ["-o", *args.overrides, *extra]
     label = " ".join(extra) or "(config as is)"
-    print(f"running {label} ...", flush=True)
-    done = subprocess.run(command, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCHMARK ")]
-    if done.returncode != 0 or not lines:
-        sys.stderr.write(done.stderr)
-        raise UserError(f"{args.config}: benchmark of {label} failed (exit {done.returncode})")
-    return label, json.loads(lines[-1][len("BENCHMARK "):])
+    found = run(command + (["-o", *args.overrides, *extra] if args.overrides or extra else []), label, args.config,
+                f"benchmark of {label}", r"(?m)^BENCHMARK (.*)$")
+    return label, json.loads(found)
 
 
 PEER_FILE = "benchmark_peer.json"
 
 
 def load_peer(config):
-    """The peer described by benchmark_peer.json in the config's folder: {"label", "config" (the config file whose
-    workload it mirrors), "seconds" (a regex whose group is seconds per iteration), "commands" (one argument list
-    per variant, run in the peer's folder; "{iterations}" is replaced)}; a UserError naming the file."""
+    """benchmark_peer.json in the config's folder (doc/tools.md), checked."""
     path = os.path.join(config.config_dir, PEER_FILE)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            peer = json.load(handle)
-    except FileNotFoundError:
-        raise UserError(f"{config.path}: --peer given, but there is no {PEER_FILE} next to the config") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read the peer description ({exc})") from None
-    if not (isinstance(peer, dict) and {"label", "config", "seconds", "commands"} <= set(peer)
-            and isinstance(peer["commands"], list) and all(isinstance(c, list) for c in peer["commands"])):
-        raise UserError(f"{path}: must be an object with label, config, seconds and commands (argument lists)")
-    return peer
-
-
-def run_peer(args, peer, variant_index):
-    """Seconds per iteration of the peer's command for one variant (benchmark_peer.json), run in args.peer."""
-    command = [part.format(iterations=args.iterations) for part in peer["commands"][variant_index]]
-    print(f"running peer: {' '.join(command)} ...", flush=True)
-    try:
-        done = subprocess.run(command, cwd=args.peer, capture_output=True, text=True)
-    except OSError as exc:
-        raise UserError(f"{args.peer}: cannot run the peer ({exc})")
-    found = re.findall(peer["seconds"], done.stdout)
-    if done.returncode != 0 or not found:
-        sys.stderr.write(done.stderr[-3000:])
-        raise UserError(f"{args.peer}: the peer command failed (exit {done.returncode}) or printed no time")
-    return float(found[-1])
+    if not os.path.isfile(path):
+        raise UserError(f"{config.path}: --peer given, but there is no {PEER_FILE} next to the config")
+    return read_json_object(path, "peer description", [
+        *((key, lambda value: isinstance(value, str), "a string") for key in ("label", "config", "seconds")),
+        ("commands", lambda value: isinstance(value, list) and all(isinstance(c, list) for c in value),
+         "a list of argument lists")])
 
 
 def compare(args):
@@ -142,7 +123,9 @@ def compare(args):
     for index, variant in enumerate(variants):
         rows.append(run_variant(args, variant))
         if peer:  # right after our run of the same variant: the machine's speed drifts over minutes
-            rows[-1][1]["peer_seconds"] = run_peer(args, peer, index)
+            command = [part.format(iterations=args.iterations) for part in peer["commands"][index]]
+            rows[-1][1]["peer_seconds"] = float(run(command, f"peer: {' '.join(command)}", args.peer, "peer command",
+                                                    peer["seconds"], args.peer))
     base, first = rows[0][1]["seconds"], rows[0][1]
     print(f"\nmedian of {args.iterations} iterations after {args.warmup} warm-up, device {first['device']}, "
           f"{first['threads']} CPU threads")
@@ -163,7 +146,7 @@ def main():
     parser = config_arg_parser(__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
-    parser.add_argument("--peer", metavar="DIR", help=f"also time the commands of {PEER_FILE} next to the config, run in DIR")
+    parser.add_argument("--peer", metavar="DIR", help=f"also time the commands of {PEER_FILE} by the config, in DIR")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.iterations < 1 or args.warmup < 0:

@@ -15,33 +15,30 @@ if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
 # None of these import paddle at import time: environment.load_run_config prepares the environment first.
-from tools.utils.checkpoint import check_output_file, load_checkpoint  # noqa: E402
-from tools.utils.console import UserError, config_arg_parser, format_results, log, run_tool  # noqa: E402
+from tools.utils.checkpoint import check_output_file  # noqa: E402
+from tools.utils.console import config_arg_parser, format_results, log, run_tool  # noqa: E402
 from tools.utils.distributed import setup_data_parallel  # noqa: E402
 from tools.utils.environment import load_run_config, seed_everything, select_device  # noqa: E402
-from tools.utils.evaluation import BEST_FILE, checkpoint_folders, evaluate, evaluation_loader  # noqa: E402
+from tools.utils.evaluation import BEST_FILE, checkpoint_folders, evaluate, evaluation_loader, load_models  # noqa
 from tools.utils.metrics import MetricsLog, VisualLog  # noqa: E402
 from tools.utils.plugin import evaluation_note, load_model_plugin  # noqa: E402
+
 
 def infer(args):
     config, plugin_module = load_run_config(args.config, args.overrides, data_parallel=True)
     load_dir, folders, chosen = checkpoint_folders(config)
-    note = evaluation_note(plugin_module, config)
-    config.require("runner.print_interval", int, minimum=1)
-    seed = config.require("runner.seed", int)
-    device = select_device(config)
-    parallel = setup_data_parallel(config, device)
+    seed, ensemble = config["runner.seed"], config["runner.infer_ensemble"] > 1
+    parallel = setup_data_parallel(config, select_device(config))
     seed_everything(seed)
-    model_obj = load_model_plugin(config)
-    ensemble = config["runner.infer_ensemble"] > 1
-    if ensemble and not callable(model_obj.ensemble):
-        raise UserError(f"{config.config_dir}: runner.infer_ensemble: the model plugin's DygraphModel has no "
-                        "ensemble() method (how models combine is up to the model)")
-    model = model_obj.create_model(config)
-    best = chosen is not None
-    if best:
+    plugin = load_model_plugin(config)
+    if ensemble:
+        plugin.require("ensemble", f"{config.config_dir}: runner.infer_ensemble")
+    if chosen is not None:
         parallel.check_same(sorted(folders), f"the epoch named in {os.path.join(load_dir, BEST_FILE)}")
         log(chosen)
+    # What is evaluated: each epoch alone, or (runner.infer_ensemble) all of them as one ensemble.
+    runs = [(list(folders), list(folders.values()))] if ensemble else [([e], [f]) for e, f in folders.items()]
+    models = load_models(plugin, config, runs[0][1])  # made before seeding: each run draws the same numbers
     # Built before the results file is opened, so a bad data folder or reader fails without touching it.
     loader = evaluation_loader(config, "infer", parallel, seed)
     results_path = os.path.join(load_dir, "infer_metrics.jsonl")
@@ -51,24 +48,21 @@ def infer(args):
     steps_before = 0  # VisualDL steps count batches over all checkpoints, as in PaddleRec
     results_log = MetricsLog(results_path if parallel.is_main else None, append=True)
     with contextlib.closing(results_log), contextlib.closing(visual):
-        # What is evaluated: each epoch alone, or (runner.infer_ensemble) all of them as one ensemble.
-        runs = [(list(folders), list(folders.values()))] if ensemble else [([e], [f]) for e, f in folders.items()]
         for index, (epochs, paths) in enumerate(runs):
-            members = [model] + [model_obj.create_model(config) for _ in paths[1:]]
-            for member, path in zip(members, paths):
-                load_checkpoint(path, member)
             if index > 0:  # every checkpoint is evaluated on the same data with the same seed
+                models = load_models(plugin, config, paths)
                 loader = evaluation_loader(config, "infer", parallel, seed)
-            label = epochs[0] if len(epochs) == 1 else "+".join(map(str, epochs))
+            label = "+".join(map(str, epochs))
             values, counts = evaluate(
-                model_obj, model_obj.ensemble(members, config) if ensemble else model, config, label, loader, parallel,
+                plugin, plugin.ensemble(models, config) if ensemble else models[0], config, label, loader, parallel,
                 on_interval=lambda batch_id, shown: visual.add(shown, steps_before + batch_id))
             steps_before += counts["batches"]
             log(f"epoch {label}: {format_results(values)}")
             which = ({"epochs": epochs, "checkpoints": paths, "ensemble": len(epochs)} if ensemble else
                      {"epoch": epochs[0], "checkpoint": paths[0]})
-            results_log.write("infer", {**which, **({"best": True} if best else {})}, {**values, **counts})
+            results_log.write("infer", {**which, **({"best": True} if chosen else {})}, {**values, **counts})
     log(f"infer done: {len(folders)} checkpoint(s) from {load_dir}; results appended to {results_path}")
+    note = evaluation_note(plugin_module, config)
     if note:
         log(f"evaluation: {note}")
 

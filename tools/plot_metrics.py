@@ -12,7 +12,7 @@ import sys
 if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
-from tools.utils.checkpoint import check_output_file  # noqa: E402
+from tools.utils.checkpoint import check_output_file, read_file  # noqa: E402
 from tools.utils.config import is_number  # noqa: E402
 from tools.utils.console import UserError, log, run_tool, warn  # noqa: E402
 from tools.utils.metrics import read_metrics  # noqa: E402
@@ -21,7 +21,7 @@ EVALUATION_EVENTS = ("infer", "eval", "valid")
 
 
 def panel_points(records, key):
-    """([(step, value)] of the train records, [(step, value, ci95 or 0)] of the evaluation records) of `key`."""
+    """([(step, value)] of the train records, [(step, value, ci95 or 0)] of the evaluation records)."""
     epoch_ends = {record["epoch"]: record["step"] for record in records  # the last "epoch" record of an epoch wins
                   if record["event"] == "epoch" and is_number(record.get("epoch")) and is_number(record.get("step"))}
     train, evaluation, unplaced = [], [], 0
@@ -41,7 +41,7 @@ def panel_points(records, key):
 
 
 def build_figure(records, keys, title):
-    """A matplotlib Figure with one panel per key that has data, or None when no key has any."""
+    """A matplotlib Figure with one panel per key that has data, or None."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     panels = [(key, *panel_points(records, key)) for key in keys]
@@ -63,14 +63,6 @@ def build_figure(records, keys, title):
     return figure
 
 
-def is_png(path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(8) == b"\x89PNG\r\n\x1a\n"
-    except OSError:
-        return False
-
-
 def plot(args):
     try:
         import matplotlib  # noqa: F401
@@ -83,7 +75,7 @@ def plot(args):
     if figure is None:
         raise UserError(f"{args.metrics_files[0]}: no train or evaluation records with {', '.join(args.keys)} to plot")
     output = args.output or os.path.splitext(args.metrics_files[0])[0] + ".png"
-    check_output_file(output, "PNG", "-o", is_png)  # a chart replaces only a chart
+    check_output_file(output, "PNG", "-o", lambda path: read_file(path, "PNG", 7)[:8] == b"\x89PNG\r\n\x1a\n")
     try:
         figure.savefig(output, format="png")
     except OSError as reason:

@@ -13,12 +13,11 @@ if not __package__:  # run as a script, not imported as tools.<name>
     import _repo_path  # noqa: F401  (puts the repository root, not tools/, on sys.path)
 
 # None of these import paddle at import time: environment.load_run_config prepares the environment first.
-from tools.utils.checkpoint import check_output_file, is_json_object_with, load_checkpoint  # noqa: E402
-from tools.utils.checkpoint import write_json_atomically  # noqa: E402
+from tools.utils.checkpoint import check_output_file, is_run_file, write_json_atomically  # noqa: E402
 from tools.utils.console import UserError, config_arg_parser, format_values, log, run_tool, warn  # noqa: E402
 from tools.utils.distributed import single_process  # noqa: E402
 from tools.utils.environment import load_run_config, select_device  # noqa: E402
-from tools.utils.evaluation import RANGE_KEYS, checkpoint_folders  # noqa: E402
+from tools.utils.evaluation import RANGE_KEYS, checkpoint_folders, load_models  # noqa: E402
 from tools.utils.plugin import load_model_plugin  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -26,7 +25,7 @@ NOT_REGULAR = "not a regular file (a FIFO, device or socket); only image files c
 
 
 def _images(folder, recursive):
-    """Sorted image files in `folder` (and with `recursive` its subfolders); hidden entries skipped."""
+    """Sorted image files in `folder` (and with `recursive` its subfolders), hidden entries skipped."""
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(name for name in dirs if not name.startswith(".")) if recursive else []
@@ -45,7 +44,7 @@ def _readable_file(path, label=""):
 
 
 def support_classes(folder):
-    """[(class name, [image paths])] of a support folder, in class-name order; one-line errors naming the path."""
+    """[(class name, [image paths])] of a support folder, in class-name order."""
     if not os.path.isdir(folder):
         raise UserError(f"--support {folder}: " + ("not a folder (expected one subfolder per class)"
                                                    if os.path.exists(folder) else "folder not found"))
@@ -64,7 +63,7 @@ def support_classes(folder):
 
 
 def query_images(paths):
-    """The query image files: each PATH as it is, or a folder's images; one-line errors naming the path."""
+    """The query image files: each PATH as it is, or a folder's images."""
     images = []
     for path in paths:
         if not os.path.exists(path):
@@ -79,7 +78,7 @@ def query_images(paths):
 
 
 def report(config, folder, epoch, support, queries, result):
-    """The predictions as a JSON-ready dict: one row per query (best class, its probability, all of them)."""
+    """The predictions as a JSON-ready dict, one row per query (best class, its probability, all of them)."""
     classes, rows = list(result["classes"]), []
     for path, row in zip(queries, result["probabilities"]):
         row = [float(p) for p in row]
@@ -99,25 +98,22 @@ def report(config, folder, epoch, support, queries, result):
 
 def predict(args):
     if args.json:  # only a predictions file of an earlier run may be replaced
-        check_output_file(args.json, "predictions", "--json", lambda path: is_json_object_with(path, "queries"))
+        check_output_file(args.json, "predictions", "--json", lambda path: is_run_file(path, "queries"))
     support = support_classes(args.support)  # folder mistakes fail before paddle is imported
     queries = query_images(args.query)
     config, _ = load_run_config(args.config, args.overrides)
     single_process("predict.py", config)
-    model_obj = load_model_plugin(config)
-    if not callable(model_obj.predict):
-        raise UserError(f"{config.config_dir}: the model plugin's DygraphModel has no predict() method "
-                        "(few-shot prediction is up to the model)")
+    plugin = load_model_plugin(config)
+    plugin.require("predict", config.config_dir)
     _, folders, chosen = checkpoint_folders(config)  # the last epoch infer.py would evaluate
     epoch = max(folders)
     how = chosen or f"epoch {epoch}, the last of {RANGE_KEYS} [{min(folders)}, {epoch + 1})"
     select_device(config)
-    model = model_obj.create_model(config)
-    load_checkpoint(folders[epoch], model)
+    (model,) = load_models(plugin, config, [folders[epoch]])
     log(f"checkpoint: {folders[epoch]} ({how})")
     log(f"support: {len(support)} classes, {sum(len(paths) for _, paths in support)} images from {args.support}")
     start = time.perf_counter()
-    result = model_obj.predict(model, config, support, queries)
+    result = plugin.predict(model, config, support, queries)
     seconds = time.perf_counter() - start
     found = report(config, folders[epoch], epoch, support, queries, result)
     if args.json:

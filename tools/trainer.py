@@ -19,17 +19,15 @@ if not __package__:  # run as a script, not imported as tools.<name>
 from tools.utils.checkpoint import (check_epoch_folders, check_output_file, file_in_the_way,  # noqa: E402
                                     latest_checkpoint, load_checkpoint, lock_run_folder, read_checkpoint_meta,
                                     replace_old_run, save_checkpoint)
-from tools.utils.console import (UserError, config_arg_parser, format_results, format_values, log,  # noqa: E402
-                                 progress_bar, run_tool, warn)
-from tools.utils.data import batches_then_none, count_samples, create_data_loader, expected_batches  # noqa: E402
-from tools.utils.data import loader_batch_size  # noqa: E402
+from tools.utils.console import UserError, config_arg_parser, format_results, format_values, log, progress_bar  # noqa
+from tools.utils.console import run_tool, warn  # noqa: E402
 from tools.utils.distributed import setup_data_parallel  # noqa: E402
 from tools.utils.environment import cpu_thread_count, environment_snapshot, epoch_seed, seed_everything  # noqa: E402
 from tools.utils.environment import load_run_config, select_device  # noqa: E402
-from tools.utils.evaluation import BEST_FILE, MODES, ModelSelection, evaluate, evaluation_loader  # noqa: E402
-from tools.utils.evaluation import validation_config  # noqa: E402
+from tools.utils.evaluation import BEST_FILE, ModelSelection, evaluate, evaluation_loader, validation_config  # noqa
 from tools.utils.metrics import MetricsLog, NumericGuard, VisualLog, likely_causes, scalar_dict  # noqa: E402
-from tools.utils.plugin import evaluation_note, load_model_plugin, plugin_declaration  # noqa: E402
+from tools.utils.plugin import (batches_then_none, count_samples, create_data_loader, evaluation_note,  # noqa: E402
+                                expected_batches, load_model_plugin, loader_batch_size, plugin_declaration)
 
 AUTO_RESUME = "auto"
 INTERVAL_SUMS = ("loss", "batches", "samples", "reader", "batch")  # summed over the batches since the last log line
@@ -43,59 +41,34 @@ def learning_rate_scheduler(optimizer):
     return learning_rate if isinstance(learning_rate, paddle.optimizer.lr.LRScheduler) else None
 
 
-def remove_file(path):
-    try:
-        os.remove(path)
-    except OSError as reason:
-        raise UserError(f"{path}: cannot remove: {reason.strerror}") from None
-
-
-class Validation:
-    """runner.valid_*: which epochs are validated, on what, and the best epoch so far (best.json)."""
-
-    def __init__(self, config, save_dir, world_size):
-        self.config = validation_config(config)  # the view the reader and the plugin see
-        self.interval = config.require("runner.valid_interval", int, minimum=1)
-        metric, mode = config.require("runner.valid_metric", str), config.require("runner.valid_mode", str)
-        if not metric:
-            raise config.error("runner.valid_metric", "must name a validation result, e.g. acc")
-        if mode not in MODES:
-            raise config.error("runner.valid_mode", f"expected one of {', '.join(MODES)}, got {mode!r}")
-        loader_batch_size(self.config, "valid", world_size)  # checked before training
-        settings = {"valid_data_dir": config.resolve_path("runner.valid_data_dir"),
-                    "valid_tasks": self.config.get("runner.infer_tasks")}
-        self.selection = ModelSelection(os.path.join(save_dir, BEST_FILE), metric, mode, settings)
-
-    def best_text(self) -> str:
-        best, metric = self.selection.best, self.selection.metric
-        if best is None:
-            return f"none (no finite validation {metric})"
-        return f"{best['epoch']} by validation {metric} ({self.selection.mode}): {format_results(best['values'])}"
-
-
 class Trainer:
     """One training run: set up in __init__ (everything checked before anything is written), then fit()."""
 
     def __init__(self, args):
         config, plugin_module = load_run_config(args.config, args.overrides, data_parallel=True)
-        self.config, self.overrides = config, list(args.overrides)
-        self.epochs = config.require("runner.epochs", int, minimum=1)
-        config.require("runner.print_interval", int, minimum=1)
+        self.config, self.overrides = config, args.overrides
+        self.epochs, self.seed = config["runner.epochs"], config["runner.seed"]
         self.save_dir = config.resolve_path("runner.model_save_path")
         self.metrics_path = (config.resolve_path("runner.metrics_path", required=False)
                              or os.path.join(self.save_dir, "metrics.jsonl"))
-        self.seed = config.require("runner.seed", int)
         self.device = select_device(config)
         self.parallel = parallel = setup_data_parallel(config, self.device)
-        overwrite = config.require("runner.overwrite", bool)
         in_the_way = file_in_the_way(self.save_dir)
         if in_the_way:
             raise config.error("runner.model_save_path", f"{in_the_way} is a file, not a folder")
         if parallel.is_main:  # the one writer holds the folder for its whole life (doc/reliability.md)
             lock_run_folder(self.save_dir)
         self.batch_size = loader_batch_size(config, "train", parallel.world_size)
-        self.validation = (Validation(config, self.save_dir, parallel.world_size)
-                           if config.get("runner.valid_data_dir") else None)
+        self.valid_config = self.selection = None
+        if config["runner.valid_data_dir"]:  # runner.valid_*: the reader and the plugin see the view
+            self.valid_config = validation_config(config)
+            if not config["runner.valid_metric"]:
+                raise config.error("runner.valid_metric", "must name a validation result, e.g. acc")
+            loader_batch_size(self.valid_config, "valid", parallel.world_size)  # checked before training
+            settings = {"valid_data_dir": config.resolve_path("runner.valid_data_dir"),
+                        "valid_tasks": self.valid_config.get("runner.infer_tasks")}
+            self.selection = ModelSelection(os.path.join(self.save_dir, BEST_FILE), config["runner.valid_metric"],
+                                            config["runner.valid_mode"], settings)
         self.note = evaluation_note(plugin_module, config)
         causes = likely_causes(config, plugin_declaration(plugin_module, "NON_FINITE_KEYS"))
         self.numeric_guard = NumericGuard(causes, warn)  # stops the run at a NaN or infinite number
@@ -105,15 +78,11 @@ class Trainer:
         self.optimizer = self.model_obj.create_optimizer(self.model, config)
         self.load_starting_point()
         if parallel.is_main:
-            self.check_outputs(overwrite)
-        # One run per folder: only a resume from the folder's own checkpoints continues in it.
-        if parallel.is_main and (self.resumed_from is None or os.path.dirname(self.resumed_from) != self.save_dir):
-            replace_old_run(self.save_dir, overwrite)
-        parallel.broadcast_state(self.model, "sharing rank 0's parameters")  # as paddle.DataParallel does
+            self.check_outputs(config["runner.overwrite"])
+        parallel.broadcast_state(self.model, "sharing rank 0's parameters")
 
     def load_starting_point(self):
-        """Warm start (runner.model_init_path, PaddleRec's: parameters only, epoch 0, a fresh optimizer) or resume
-        (runner.resume_path: a checkpoint folder, or "auto": the newest in runner.model_save_path, if any)."""
+        """Warm start (runner.model_init_path: parameters only) or resume (runner.resume_path, "auto": the newest)."""
         config, save_dir = self.config, self.save_dir
         self.warm_from = config.resolve_path("runner.model_init_path", required=False)
         if self.warm_from is not None:
@@ -150,8 +119,8 @@ class Trainer:
             f"resumed from {path}: continuing at epoch {epoch + 1}")
 
     def check_outputs(self, overwrite):
-        """A run owns only what it writes: before anything is written, refuse (naming the path) an output that
-        would replace what another run or the user keeps there."""
+        """A run owns only what it writes: before anything is written, refuse an output that would replace what
+        another run or the user keeps there; one run per folder, so a fresh start replaces the old run as a whole."""
         check_epoch_folders(self.save_dir, range(self.start_epoch, self.epochs))
         check_output_file(os.path.join(self.save_dir, BEST_FILE), "best.json")
         check_output_file(self.metrics_path, "metrics", "runner.metrics_path")
@@ -160,29 +129,32 @@ class Trainer:
                 and os.path.isfile(self.metrics_path) and os.path.getsize(self.metrics_path) > 0):
             raise self.config.error("runner.metrics_path", f"{self.metrics_path} holds the metrics of another run; "
                                     "choose another path, or replace it with runner.overwrite=True")
+        if self.resumed_from is None or os.path.dirname(self.resumed_from) != self.save_dir:
+            replace_old_run(self.save_dir, overwrite)
 
     def carry_over_best(self):
-        """Bring best.json in line with this run (rank 0): a fresh start removes an earlier run's; a resumed run
-        keeps the results of the epochs before its first, selected again (with or without validation now)."""
-        path, validation = os.path.join(self.save_dir, BEST_FILE), self.validation
+        """best.json in line with this run (rank 0): a fresh start removes an earlier run's; a resumed run keeps the
+        results of the epochs before its first, selected again."""
+        path = os.path.join(self.save_dir, BEST_FILE)
         if not self.parallel.is_main or not os.path.isfile(path):
             return
-        if self.resumed_from is None:
-            remove_file(path)
-            log(f"removed {path} of an earlier run (a fresh start overwrites its checkpoints)")
-            return
-        old = validation and validation.selection
-        selection, changed = ModelSelection.resume(path, old and old.metric, old and old.mode, old and old.settings,
-                                                   self.start_epoch)
-        if changed and selection.history:  # results of epochs trained again were dropped, or selected again
+        selection, changed = (ModelSelection.resume(path, self.selection, self.start_epoch) if self.resumed_from
+                              else (None, True))
+        if changed and selection and selection.history:  # results of epochs trained again dropped, or reselected
             selection.save()
         elif changed:
-            remove_file(path)
+            try:
+                os.remove(path)
+            except OSError as reason:
+                raise UserError(f"{path}: cannot remove: {reason.strerror}") from None
+            if selection is None:
+                log(f"removed {path} of an earlier run (a fresh start overwrites its checkpoints)")
+                return
         if selection.best is not None:
             log(f"best epoch so far (from {path}): {selection.best['epoch']}, "
                 f"{format_results({selection.metric: selection.best_value})}")
-        if validation is not None:
-            validation.selection = selection
+        if self.selection is not None:
+            self.selection = selection
 
     def log_interval(self, epoch, batch_id, sums, values, learning_rate):
         """PaddleRec's training line (values and speed since the last one), a "train" record, VisualDL scalars."""
@@ -199,9 +171,8 @@ class Trainer:
         self.visual.add(values, self.step)
 
     def run_epoch(self, epoch, loader):
-        """Train one epoch; return (summary values, batches, samples, seconds). Data-parallel ranks go through this
-        loop in step: one gradient all-reduce per batch, which also tells when all ranks are out of batches (a
-        rank without one still steps), and metric merges at the log lines and at the end."""
+        """(summary values, batches, samples, seconds) of one epoch. Ranks go in step: one gradient all-reduce per
+        batch, which also tells when all are out of batches (a rank without one still steps), and metric merges."""
         model_obj, model, optimizer, parallel = self.model_obj, self.model, self.optimizer, self.parallel
         parallel.barrier(f"epoch {epoch}: start")  # ranks may arrive far apart (data building, rank 0 saving)
         model.train()
@@ -254,7 +225,7 @@ class Trainer:
 
     def validate(self, epoch, folder):
         """Evaluate the model after `epoch` on the validation data; log, record, and keep the best."""
-        view, selection = self.validation.config, self.validation.selection
+        view, selection = self.valid_config, self.selection
         loader = evaluation_loader(view, "valid", self.parallel, self.seed)
         values, counts = evaluate(self.model_obj, self.model, view, epoch, loader, self.parallel, "valid")
         self.optimizer.clear_grad()  # evaluation may leave gradients (a model may adapt with them)
@@ -276,7 +247,7 @@ class Trainer:
             selection.save()
 
     def fit(self):
-        config, parallel, validation, seed = self.config, self.parallel, self.validation, self.seed
+        config, parallel, selection, seed = self.config, self.parallel, self.selection, self.seed
         start_epoch, epochs, save_dir = self.start_epoch, self.epochs, self.save_dir
         if start_epoch >= epochs:
             warn(f"nothing to train: the run already reached runner.epochs={epochs} "
@@ -284,8 +255,8 @@ class Trainer:
             return
         # The first loaders are built before anything is written, so a bad data folder or reader fails without
         # leaving a metrics file behind (each validation builds its own loader).
-        if validation is not None:
-            evaluation_loader(validation.config, "valid", parallel, seed)
+        if selection is not None:
+            evaluation_loader(self.valid_config, "valid", parallel, seed)
         seed_everything(epoch_seed(seed, start_epoch))
         loader = create_data_loader(config, "train", parallel.rank, parallel.world_size, epoch=start_epoch)
         self.visual = VisualLog(config, "train", parallel.is_main)  # a missing visualdl stops the run here
@@ -302,10 +273,11 @@ class Trainer:
                  if parallel.enabled else "")
         log(f"training {config.path} on {self.device} ({threads} CPU threads{ranks}), epochs {start_epoch}-"
             f"{epochs - 1}, seed {seed}")
-        if validation is not None:
-            every = "every epoch" if validation.interval == 1 else f"every {validation.interval} epochs and the last"
-            log(f"validation: {validation.config.resolve_path('runner.test_data_dir')}, {every}; best epoch by "
-                f"{validation.selection.metric} ({validation.selection.mode}) in {validation.selection.path}")
+        interval = config["runner.valid_interval"]
+        if selection is not None:
+            every = "every epoch" if interval == 1 else f"every {interval} epochs and the last"
+            log(f"validation: {self.valid_config.resolve_path('runner.test_data_dir')}, {every}; best epoch by "
+                f"{selection.metric} ({selection.mode}) in {selection.path}")
         run_start, summary = time.perf_counter(), {}
         with contextlib.closing(self.metrics_log), contextlib.closing(self.visual):
             for epoch in range(start_epoch, epochs):
@@ -325,13 +297,17 @@ class Trainer:
                 self.metrics_log.write("epoch", {"epoch": epoch, "step": self.step, "batches": batches,
                                                  "samples": samples, "seconds": round(seconds, 3)},
                                        {**summary, "checkpoint": folder})
-                if validation is not None and ((epoch + 1) % validation.interval == 0 or epoch == epochs - 1):
+                if selection is not None and ((epoch + 1) % interval == 0 or epoch == epochs - 1):
                     self.validate(epoch, folder)
         log(f"training done: epochs {start_epoch}-{epochs - 1} ({epochs - start_epoch} run) in "
             f"{time.perf_counter() - run_start:.1f} s on {self.device}")
         log(f"last epoch: {format_values(summary)}")
-        if validation is not None:
-            log(f"best epoch: {validation.best_text()}; {validation.selection.path}")
+        if selection is not None:
+            selection = self.selection  # carry_over_best may have replaced it
+            best = (f"{selection.best['epoch']} by validation {selection.metric} ({selection.mode}): "
+                    f"{format_results(selection.best['values'])}" if selection.best else
+                    f"none (no finite validation {selection.metric})")
+            log(f"best epoch: {best}; {selection.path}")
             if self.note:
                 log(f"evaluation: {self.note}")
         log(f"checkpoints: {os.path.join(save_dir, '<epoch>')} (rec.pdparams, rec.pdopt); metrics: {self.metrics_path}")

@@ -1,6 +1,5 @@
 """What a run keeps on disk: per-epoch checkpoints in PaddleRec's layout, small JSON files, and the run folder
-(doc/tools.md, doc/reliability.md). Everything is written atomically (staged()); nothing read back is trusted.
-"""
+(doc/tools.md, doc/reliability.md). Everything is written atomically (staged()); nothing read back is trusted."""
 import atexit
 import collections
 import contextlib
@@ -26,15 +25,9 @@ from tools.utils.console import UserError, log, warn
 PARAMS_FILE, OPTIMIZER_FILE, META_FILE, LOCK_FILE = "rec.pdparams", "rec.pdopt", "meta.json", ".trainer.lock"
 CHECKPOINT_FILES = (PARAMS_FILE, OPTIMIZER_FILE, META_FILE)  # all an epoch folder written here holds
 RUN_FILES = ("metrics.jsonl", "best.json", "infer_metrics.jsonl")  # what a run writes beside its epoch folders
-# What interrupted saves and removals leave (staged()'s temporary siblings, replace_old_run's .replaced-*)
+# What interrupted saves and removals leave (staged()'s temporary siblings, replace_old_run's .replaced-*).
 _STAGING = re.compile(r"^\.(\d+\.(saving|old)-.*|.*\.json\..*\.tmp|replaced-.*)$")
 MAX_JSON_BYTES = 4 * 1024 * 1024  # best.json of thousands of validated epochs stays far below
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def is_count(value) -> bool:
@@ -42,7 +35,7 @@ def is_count(value) -> bool:
 
 
 def json_safe(value):
-    """JSON has no NaN/Infinity: write null instead."""
+    """NaN and infinities as null, which JSON has."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -51,7 +44,7 @@ def json_safe(value):
 
 
 def read_file(path, what, limit=-1) -> bytes:
-    """The bytes of `path` (at most `limit` + 1); UserError '<path>: <what> not found' or 'cannot read <what>'."""
+    """The bytes of `path` (at most `limit` + 1), else a UserError naming it."""
     try:
         with open(path, "rb") as handle:
             return handle.read(limit + 1 if limit >= 0 else -1)
@@ -61,36 +54,40 @@ def read_file(path, what, limit=-1) -> bytes:
         raise UserError(f"{path}: cannot read {what}: {reason.strerror}") from None
 
 
-def read_json_object(path, what) -> dict:
-    """The JSON object in `path` (at most MAX_JSON_BYTES); UserError '<path>: corrupt <what> (...)' otherwise."""
+def read_json_object(path, what, fields=()) -> dict:
+    """The JSON object in `path` (at most MAX_JSON_BYTES) whose [(dotted name, fits, rule)] `fields` fit (an absent
+    one is None), else UserError '<path>: corrupt <what> (...)': every JSON file the tools read back is read here."""
     data = read_file(path, what, MAX_JSON_BYTES)
-    if len(data) > MAX_JSON_BYTES:
-        raise UserError(f"{path}: corrupt {what} (larger than {MAX_JSON_BYTES} bytes)")
     try:
+        if len(data) > MAX_JSON_BYTES:
+            raise ValueError(f"larger than {MAX_JSON_BYTES} bytes")
         value = json.loads(data.decode("utf-8"))
+        if not isinstance(value, dict):
+            raise ValueError(f"expected an object, got {type(value).__name__}")
+        for name, fits, rule in fields:
+            field = value
+            for part in name.split("."):
+                field = field.get(part) if isinstance(field, dict) else None
+            if not fits(field):
+                raise ValueError(f"\"{name}\" must be {rule}, got {str(field)[:40]}")
     except RecursionError:
         raise UserError(f"{path}: corrupt {what} (nested too deeply)") from None
-    except (UnicodeDecodeError, ValueError) as reason:
+    except ValueError as reason:  # UnicodeDecodeError too
         raise UserError(f"{path}: corrupt {what} ({reason})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: corrupt {what} (expected an object, got {type(value).__name__})")
     return value
 
 
-def check_fields(path, what, fields):
-    """Raise UserError '<path>: corrupt <what> (<name> must be <rule>, got <value>)' for the first field of
-    [(name, value, fits, rule)] that does not fit: one check for every JSON file the tools read back."""
-    for name, value, fits, rule in fields:
-        if not fits:
-            raise UserError(f"{path}: corrupt {what} (\"{name}\" must be {rule}, got {str(value)[:40]})")
+def optional(check):
+    return lambda value: value is None or check(value)
 
 
 @contextlib.contextmanager
 def staged(path, folder=False, what=""):
-    """Yield a hidden temporary sibling of `path` (a file, or with `folder` a folder) to write, then rename it into
-    place (an old folder is renamed aside first): readers see the old or the new `path`, never half of one."""
+    """Yield a hidden temporary sibling of `path` (a file, or a folder) to write, then rename it into place (an old
+    folder aside first): readers see the old or the new `path`, never half of one."""
     parent, name = os.path.split(os.path.abspath(path))
-    temporary = None
+    temporary, mask = None, os.umask(0)
+    os.umask(mask)
     try:
         os.makedirs(parent, exist_ok=True)
         if folder:
@@ -98,7 +95,7 @@ def staged(path, folder=False, what=""):
         else:
             descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
             os.close(descriptor)
-        os.chmod(temporary, (0o777 if folder else 0o666) & ~_umask())  # like any folder or file made here
+        os.chmod(temporary, (0o777 if folder else 0o666) & ~mask)  # like any folder or file made here
         yield temporary
         for file in [os.path.join(temporary, entry) for entry in os.listdir(temporary)] if folder else [temporary]:
             with open(file, "rb") as handle:
@@ -114,10 +111,8 @@ def staged(path, folder=False, what=""):
         os.fsync(descriptor)  # the renames themselves
         os.close(descriptor)
     except BaseException as reason:
-        if temporary is not None and folder:
-            shutil.rmtree(temporary, ignore_errors=True)
-        elif temporary is not None:
-            os.remove(temporary)
+        if temporary is not None:
+            _remove(temporary)
         if isinstance(reason, OSError) and reason.strerror:
             raise UserError(f"{path}: cannot write{what}: {reason.strerror}") from None
         raise
@@ -158,7 +153,7 @@ class _StateUnpickler(pickle.Unpickler):
 
 
 def _plain(value, depth=0) -> bool:
-    """Whether `value` is what a state dict holds: number arrays, names, numbers, nested dicts, lists and tuples."""
+    """Whether `value` holds only what a state dict does: number arrays, names, numbers, dicts, lists, tuples."""
     if isinstance(value, np.ndarray):
         return not value.dtype.hasobject
     if isinstance(value, (dict, list, tuple)) and depth < 32:  # a state dict nests two or three levels
@@ -168,7 +163,7 @@ def _plain(value, depth=0) -> bool:
 
 
 def _load_state(path):
-    """The state dict in `path`: checked by _StateUnpickler, then loaded by Paddle from the same bytes."""
+    """The state dict in `path`, checked by _StateUnpickler before Paddle loads the same bytes."""
     import paddle
 
     data = read_file(path, "checkpoint file")
@@ -187,7 +182,7 @@ def _load_state(path):
 
 
 def save_checkpoint(model, optimizer, save_dir, epoch, extra=None) -> str:
-    """Write <save_dir>/<epoch>/ atomically (it replaces an older folder of that epoch); return its path."""
+    """Write <save_dir>/<epoch>/ atomically, replacing an older folder of that epoch; return its path."""
     import paddle
 
     final = os.path.join(save_dir, str(epoch))
@@ -204,33 +199,33 @@ def save_checkpoint(model, optimizer, save_dir, epoch, extra=None) -> str:
     return final
 
 
+def _epoch_of(path):
+    name = os.path.basename(os.path.normpath(path))
+    return int(name) if name.isascii() and name.isdigit() else None
+
+
 def read_checkpoint_meta(path) -> dict:
-    """meta.json of a checkpoint folder, checked ({} when it has none)."""
+    """meta.json of a checkpoint folder, checked; {} without one."""
     meta_path = os.path.join(path, META_FILE)
     if not os.path.isfile(meta_path):
         return {}
-    meta = read_json_object(meta_path, "checkpoint metadata")
-    extra = meta.get("extra", {})
-    step = extra.get("step", 0) if isinstance(extra, dict) else 0
-    check_fields(meta_path, "checkpoint metadata", [
-        ("epoch", meta.get("epoch"), is_count(meta.get("epoch", 0)), "a non-negative integer"),
-        ("extra", extra, isinstance(extra, dict), "an object"),
-        ("extra.step", step, is_count(step), "a non-negative integer"),
-        ("optimizer", meta.get("optimizer"), isinstance(meta.get("optimizer", ""), (str, type(None))), "a class name")])
-    name = os.path.basename(os.path.normpath(path))
-    if name.isascii() and name.isdigit() and meta.get("epoch", int(name)) != int(name):
-        raise UserError(f"{meta_path}: says epoch {meta['epoch']}, but the folder is epoch {int(name)}: not a "
+    meta = read_json_object(meta_path, "checkpoint metadata", [
+        ("epoch", optional(is_count), "a non-negative integer"),
+        ("extra", optional(lambda extra: isinstance(extra, dict)), "an object"),
+        ("extra.step", optional(is_count), "a non-negative integer"),
+        ("optimizer", optional(lambda name: isinstance(name, str)), "a class name")])
+    epoch = _epoch_of(path)
+    if epoch is not None and meta.get("epoch", epoch) != epoch:
+        raise UserError(f"{meta_path}: says epoch {meta['epoch']}, but the folder is epoch {epoch}: not a "
                         "checkpoint written here")
     return meta
 
 
 def load_checkpoint(path, model, optimizer=None):
-    """Load an epoch folder into `model` (and `optimizer`); return its epoch (the folder's name when it is a number,
-    else meta.json's, else None). Every problem is a UserError naming the file."""
+    """Load an epoch folder into `model` (and `optimizer`); its epoch: the folder's name if a number, else meta's."""
     if not os.path.isdir(path):
         raise UserError(f"{path}: checkpoint folder not found")
     meta = read_checkpoint_meta(path)
-    name = os.path.basename(os.path.normpath(path))
     saved_optimizer = meta.get("optimizer")
     if optimizer is not None and saved_optimizer and saved_optimizer != type(optimizer).__name__:
         # Paddle would silently ignore the other optimizer's state (Adam moments into SGD, or none into Adam).
@@ -254,85 +249,59 @@ def load_checkpoint(path, model, optimizer=None):
     model.set_state_dict(state)
     if optimizer_state is not None:
         optimizer.set_state_dict(optimizer_state)
-    return int(name) if name.isascii() and name.isdigit() else meta.get("epoch")
+    return meta.get("epoch") if _epoch_of(path) is None else _epoch_of(path)
 
 
-def _epoch_names(folder):
-    return [name for name in os.listdir(folder) if name.isascii() and name.isdigit()] if os.path.isdir(folder) else []
-
-
-def is_checkpoint_folder(path) -> bool:
-    """Whether `path` is an epoch folder as save_checkpoint writes it: a real folder holding rec.pdparams and
-    nothing but checkpoint files. A folder named by a number that holds anything else is the user's, not a run's."""
-    if os.path.islink(path) or not os.path.isdir(path):
-        return False
+def is_checkpoint_folder(path, strict=True) -> bool:
+    """A real folder with rec.pdparams and (`strict`) only checkpoint files; one holding more is the user's."""
     try:
-        entries = os.listdir(path)
+        entries = set(os.listdir(path)) if not (strict and os.path.islink(path)) else set()
     except OSError:
         return False
     return PARAMS_FILE in entries and os.path.isfile(os.path.join(path, PARAMS_FILE)) \
-        and set(entries) <= set(CHECKPOINT_FILES)
+        and (not strict or entries <= set(CHECKPOINT_FILES))
 
 
-def checkpoint_epochs(folder):
-    """The sorted epochs of the checkpoint folders in `folder`: named as save_checkpoint names them (no leading
-    zeros) and recognised by is_checkpoint_folder."""
-    return sorted(int(name) for name in _epoch_names(folder)
-                  if name == str(int(name)) and is_checkpoint_folder(os.path.join(folder, name)))
+def checkpoint_epochs(folder, strict=True):
+    """The sorted epochs of the checkpoint folders in `folder`, named as save_checkpoint names them."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(_epoch_of(name) for name in names if _epoch_of(name) is not None and name == str(_epoch_of(name))
+                  and is_checkpoint_folder(os.path.join(folder, name), strict))
 
 
 def latest_checkpoint(save_dir):
-    """The newest complete epoch folder <save_dir>/<epoch> (saves are atomic: one with rec.pdparams), or None.
-    Only read from, so a checkpoint folder the user added a file to still resumes."""
-    epochs = [(int(name), name) for name in _epoch_names(save_dir)
-              if os.path.isfile(os.path.join(save_dir, name, PARAMS_FILE))]
-    return os.path.join(save_dir, max(epochs)[1]) if epochs else None
+    """The newest epoch folder with rec.pdparams (saves are atomic), or None; read only, so not `strict`."""
+    epochs = checkpoint_epochs(save_dir, strict=False)
+    return os.path.join(save_dir, str(epochs[-1])) if epochs else None
 
 
 def file_in_the_way(folder):
-    """The first existing path of `folder` and its parents that is not a folder (a file where a folder must be
-    made), or None."""
+    """The first existing path of `folder` and its parents, if it is not a folder."""
     path = os.path.abspath(folder)
     while not os.path.lexists(path):
         path = os.path.dirname(path)
     return None if os.path.isdir(path) else path
 
 
-def _first_line_is_a_record(path) -> bool:
-    """Whether the file's first line is a JSON object with an "event": a metrics file the tools wrote."""
-    try:
-        with open(path, "rb") as handle:
-            line = handle.readline(MAX_JSON_BYTES)
-        record = json.loads(line.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return False
-    return isinstance(record, dict) and isinstance(record.get("event"), str)
-
-
-def is_json_object_with(path, field) -> bool:
-    """Whether `path` holds a JSON object with `field`: the mark of a JSON file the tools wrote."""
-    try:
-        return field in read_json_object(path, "JSON file")
-    except UserError:
-        return False
-
-
-def is_run_file(path) -> bool:
-    """Whether `path` is a regular file in the format the tools write under its name: a metrics file (JSON lines
-    of records) or best.json. An empty file holds nothing to lose."""
+def is_run_file(path, field=None) -> bool:
+    """Whether `path` is a regular file the tools write: empty, a JSON object with `field` (best.json's: "history"),
+    or else a metrics file, whose first line is a JSON object with an "event"."""
     if os.path.islink(path) or not os.path.isfile(path):
         return False
-    if os.path.getsize(path) == 0:
-        return True
-    if os.path.basename(path) == "best.json":
-        return is_json_object_with(path, "history")
-    return _first_line_is_a_record(path)
+    field = field or ("history" if os.path.basename(path) == "best.json" else None)
+    try:
+        if field is not None:
+            return field in read_json_object(path, "JSON file")
+        with open(path, "rb") as handle:
+            line = handle.readline(MAX_JSON_BYTES)
+        return not line or isinstance(json.loads(line.decode("utf-8")).get("event"), str)
+    except (UserError, OSError, ValueError, RecursionError, AttributeError):
+        return os.path.getsize(path) == 0
 
 
 def check_output_file(path, what, key=None, owned=is_run_file):
-    """Refuse, in one line naming `path`, to write `what` (e.g. "metrics") over a file the tools did not write: a
-    checkpoint, a config, anything else. Absent files, character devices (/dev/null) and the files `owned`
-    recognises as the tools' own pass."""
+    """Refuse to write `what` (e.g. "metrics") over a file the tools did not write; absent files, character devices
+    (/dev/null) and the files `owned` recognises as the tools' own pass."""
     where = f" ({key})" if key else ""
     if not os.path.lexists(path):
         in_the_way = file_in_the_way(os.path.dirname(os.path.abspath(path)))
@@ -351,26 +320,24 @@ def check_output_file(path, what, key=None, owned=is_run_file):
                         f"it{where}: choose another path or move the file")
 
 
-def check_epoch_folders(save_dir, epochs, key="runner.model_save_path"):
-    """Refuse, naming the folder, a run that would write its checkpoint of one of `epochs` where a folder or file
-    that is not a checkpoint stands (saving replaces the old epoch folder as a whole)."""
+def check_epoch_folders(save_dir, epochs):
+    """Refuse a run that would save one of `epochs` where a folder or file that is not a checkpoint stands."""
     for epoch in epochs:
         path = os.path.join(save_dir, str(epoch))
         if os.path.lexists(path) and not is_checkpoint_folder(path):
             kind = "folder" if os.path.isdir(path) and not os.path.islink(path) else "file"
             raise UserError(f"{path}: a {kind} that is not a checkpoint of this trainer stands where the checkpoint "
-                            f"of epoch {epoch} goes; move it or choose another {key}")
+                            f"of epoch {epoch} goes; move it or choose another runner.model_save_path")
 
 
 def _holder(descriptor) -> str:
-    os.lseek(descriptor, 0, os.SEEK_SET)
-    return " ".join(os.read(descriptor, 300).decode("utf-8", "replace").split())[:200]  # another process wrote it
+    return " ".join(os.pread(descriptor, 300, 0).decode("utf-8", "replace").split())[:200]  # another process wrote it
 
 
 def lock_run_folder(folder):
     """Hold an exclusive flock on <folder>/.trainer.lock for the life of this process, then remove what interrupted
-    saves left. The file names the holder for a second trainer's error; the kernel drops a dead holder's lock, so
-    its file is taken over (a warning). A clean exit removes it, and the folders made here if they stayed empty."""
+    saves left. The file names the holder for a second trainer's error; a dead holder's lock is taken over (the
+    kernel dropped it). A clean exit removes it, and the folders made here if they stayed empty."""
     path, created, parent = os.path.join(folder, LOCK_FILE), [], folder
     while parent and not os.path.exists(parent):
         created.append(parent)
@@ -400,14 +367,17 @@ def lock_run_folder(folder):
         warn(f"{folder}: took over the lock of {previous} (that trainer is no longer running)")
     removed = sorted(name for name in os.listdir(folder) if _STAGING.match(name))  # safe now: no save is running
     for name in removed:
-        path = os.path.join(folder, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.remove(path)
+        _remove(os.path.join(folder, name))
     if removed:
         log(f"{folder}: removed what interrupted saves left: {', '.join(removed)}")
+
+
+def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def _release(path, descriptor, created):
@@ -421,17 +391,15 @@ def _release(path, descriptor, created):
             break
 
 
-def replace_old_run(folder, overwrite, key="runner.overwrite"):
+def replace_old_run(folder, overwrite):
     """Before a fresh start: refuse a folder that holds checkpoints, or with `overwrite` remove the old run (its
-    checkpoint folders and RUN_FILES, each recognised by its contents) as a whole: moved into one hidden folder
-    first, so no part of it stays in use."""
+    checkpoint folders and RUN_FILES) as a whole, moved into one hidden folder first."""
     epochs = checkpoint_epochs(folder)
     if not epochs:
         return
     if not overwrite:
         raise UserError(f"{folder}: holds the checkpoints of another run (epochs {', '.join(map(str, epochs))}); "
-                        f"resume it with runner.resume_path=auto, or replace it with {key}=True")
-    # Only what a run writes goes: checkpoint folders and run files in their own format, never a user's files.
+                        "resume it with runner.resume_path=auto, or replace it with runner.overwrite=True")
     entries = sorted([str(epoch) for epoch in epochs] + [name for name in RUN_FILES
                                                          if is_run_file(os.path.join(folder, name))])
     moved = []
@@ -447,4 +415,4 @@ def replace_old_run(folder, overwrite, key="runner.overwrite"):
             raise UserError(f"{folder}: cannot move the old run aside: {reason.strerror}") from None
         raise
     shutil.rmtree(aside, ignore_errors=True)  # an interrupted removal is finished by the next lock
-    log(f"{folder}: removed the old run ({', '.join(entries)}) as {key}=True asks")
+    log(f"{folder}: removed the old run ({', '.join(entries)}) as runner.overwrite=True asks")

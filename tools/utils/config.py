@@ -1,7 +1,5 @@
-"""The run's settings: a PaddleRec YAML config as a flat dict of dotted keys, `-o key=value` overrides typed like
-the value they replace (`-o runner.epochs=0.5` fails), and the runner.* key table (`python -m tools.utils.config`
-prints it for doc/tools.md). Imports no paddle: the config is read before Paddle starts.
-"""
+"""The run's settings, read before Paddle starts: a PaddleRec YAML config as a flat dict of dotted keys, `-o` overrides
+typed like the value they replace, and the runner.* key table (`python -m tools.utils.config` prints it)."""
 import difflib
 import math
 import numbers
@@ -14,14 +12,11 @@ from tools.utils.console import UserError, warn
 
 
 class Bounds:
-    """The values a number key accepts, low..high inclusive (None: no bound). `high` may be a function of the
-    machine (then `text` says what it is in the doc), and `choices` lists the only values of a text key."""
+    """The values a setting accepts: low..high inclusive (None: unbounded; `high` may be a function of the machine,
+    described by `text`), or only the text `choices`. Runner keys and environment variables share it."""
 
     def __init__(self, low=None, high=None, text=None, choices=None):
         self.low, self.high, self.text, self.choices = low, high, text, choices
-
-    def upper(self):
-        return self.high() if callable(self.high) else self.high
 
     def problem(self, value):
         """Why `value` is out of range (a short phrase), or None."""
@@ -31,53 +26,41 @@ class Bounds:
             return None  # the type check speaks about it
         if isinstance(value, float) and not math.isfinite(value):
             return f"must be a finite number, got {value}"
-        high = self.upper()
+        high = self.high() if callable(self.high) else self.high
         if (self.low is not None and value < self.low) or (high is not None and value > high):
-            why = f" ({self.text})" if callable(self.high) else ""
-            return f"must be {self.describe(high)}{why}, got {value}"
+            return f"must be {self.describe(high)}{f' ({self.text})' if self.text else ''}, got {value}"
         return None
 
     def describe(self, high=None):
-        high = self.text if high is None and callable(self.high) else self.high if high is None else high
         if self.choices is not None:
             return " or ".join(self.choices)
-        high = _number_text(high)
-        if high is None:
-            return f"at least {self.low}"
-        return f"at most {high}" if self.low is None else f"from {self.low} to {high}"
+        high = _number_text(high if high is not None else self.text or self.high)
+        return f"at least {self.low}" if high is None else f"from {self.low} to {high}"
 
 
 def _number_text(value):
     """2147483647 as 2^31-1, 1048576 as 2^20: the doc's ranges read as what they are."""
-    if not is_number(value, int) or value < 2 ** 16:
-        return value
     for offset, suffix in ((0, ""), (1, "-1")):
-        if (value + offset) & (value + offset - 1) == 0:
+        if is_number(value, int) and value >= 2 ** 16 and (value + offset) & (value + offset - 1) == 0:
             return f"2^{(value + offset).bit_length() - 1}{suffix}"
     return value
 
 
-def _machine_threads():
-    return 4 * (os.cpu_count() or 1)
-
-
-# The bounds the runner keys share. Counts stop at int32's largest value (what Paddle's and numpy's index types
-# hold); a batch is built in memory at once, so its size stops far lower.
-COUNT, POSITIVE = Bounds(0, 2 ** 31 - 1), Bounds(1, 2 ** 31 - 1)
-BATCH = Bounds(1, 2 ** 20)
-THREADS = Bounds(0, _machine_threads, "4 x the CPUs")  # more OpenMP threads than that only thrash, then abort
+# Counts stop at int32's largest value (what Paddle's and numpy's index types hold); a batch is built in memory at
+# once, so its size stops far lower.
+COUNT, POSITIVE, BATCH = Bounds(0, 2 ** 31 - 1), Bounds(1, 2 ** 31 - 1), Bounds(1, 2 ** 20)
+THREADS = Bounds(0, lambda: 4 * (os.cpu_count() or 1), "4 x the CPUs")  # more OpenMP threads only thrash, then abort
 SEED = Bounds(0, 2 ** 32 - 1)  # numpy's seed range (Paddle takes up to 2**64 - 1)
 SECONDS = Bounds(1, 7 * 24 * 3600)  # a week: any longer wait is a hang
 ENSEMBLE = Bounds(1, 1000)  # every member is a model held in memory
 
-# paddlerec: how the key relates to PaddleRec's tools/trainer.py and infer.py: "same", "extended" (same meaning,
-# more to it, said in the doc), NO_EFFECT + why (accepted; a warning when set), or "" (not a PaddleRec key).
-# bounds: the range of a number key (Bounds), checked after the type; None for keys whose values need no range.
+# paddlerec: how the key relates to PaddleRec's tools: "same", "extended" (more to it, said in the doc), NO_EFFECT
+# (accepted; a warning when set) or "" (not a PaddleRec key). A default of None means none (a tool that needs the key
+# says "missing required key") or, where the doc says so, one derived from another key.
 RunnerKey = namedtuple("RunnerKey", ["default", "type", "doc", "paddlerec", "bounds"], defaults=["", None])
 NO_EFFECT = "no effect here"
 
-# The runner.* keys the tools understand; `type` checks YAML and -o values. A default of None means none (a tool
-# that needs the key says "missing required key") or, where the doc says so, one derived from another key.
+# The runner.* keys the tools understand; `type` checks YAML and -o values, `bounds` the range of a number.
 RUNNER_DEFAULTS = {
     "runner.use_gpu": RunnerKey(False, bool, "Run on a GPU when this Paddle build and the machine have one; else warn and use the CPU.", "extended: default False, and a GPU that is missing gives a warning and the CPU"),
     "runner.epochs": RunnerKey(1, int, "Number of training epochs (counted from 0; a resumed run continues up to this number).", "same", bounds=POSITIVE),
@@ -150,8 +133,7 @@ def check_type(value, type_):
 
 
 def convert_value(text: str, type_, none_allowed=False):
-    """Override text read as YAML and checked like a YAML value (else ValueError naming the text); a str key takes
-    the text as it is, a bool key 1/0 too, a float key what float() reads (YAML 1.1 reads 1e-3 as text)."""
+    """Override text as a YAML value of `type_`; a bool also 1/0, a float as float() reads it (YAML: 1e-3 is text)."""
     if none_allowed and text.strip().lower() in ("null", "none", "~"):
         return None
     if type_ is str:
@@ -159,7 +141,7 @@ def convert_value(text: str, type_, none_allowed=False):
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
-        value = text  # not YAML on its own: plain text
+        value = text
     if type_ is bool and value in (0, 1) and is_number(value, int):
         value = bool(value)
     if type_ is float and isinstance(value, str):
@@ -173,11 +155,12 @@ def convert_value(text: str, type_, none_allowed=False):
         raise ValueError(f"expected {_type_text(type_)}, got {text!r}") from None
 
 
-def suggest_keys(key, known, limit=3):
-    """Known keys close to a mistyped `key`, best first: only those about as close as the best, as the long shared
-    prefixes ("runner.") make many look alike."""
+def unknown_key(key, known) -> str:
+    """'unknown key (did you mean a, b?)': the known keys about as close as the best (the long shared prefixes,
+    "runner.", make many look alike)."""
     scored = sorted(((difflib.SequenceMatcher(None, key, other).ratio(), other) for other in known), reverse=True)
-    return [other for ratio, other in scored[:limit] if ratio >= max(0.6, scored[0][0] - 0.05)] if scored else []
+    hint = [other for ratio, other in scored[:3] if ratio >= max(0.6, scored[0][0] - 0.05)] if scored else []
+    return "unknown key" + (f" (did you mean {', '.join(hint)}?)" if hint else "")
 
 
 def flatten(mapping, prefix=""):
@@ -192,9 +175,8 @@ def flatten(mapping, prefix=""):
 
 
 class Config(dict):
-    """Flat dotted-key config that knows its file (for errors) and the type each -o value must have. In a view
-    (validation's runner.test_data_dir holds runner.valid_data_dir) `aliases` make errors name the key the user set.
-    """
+    """Flat dotted-key config that knows its file and the type of each key; in a view, errors name the key the user
+    set through `aliases` (validation's runner.test_data_dir is runner.valid_data_dir)."""
 
     def __init__(self, values, path, key_types=None, aliases=None):
         super().__init__(values)
@@ -209,19 +191,19 @@ class Config(dict):
         return Config({**self, **replacements}, self.path, self.key_types, {**self.aliases, **aliases})
 
     def error(self, key_or_path, message) -> UserError:
-        """UserError('<config path>: <key_or_path>: <message>') to raise."""
         return UserError(f"{self.path}: {self.aliases.get(key_or_path, key_or_path)}: {message}")
 
-    def require(self, key, type_=None, minimum=None):
-        """The value of `key`; a UserError if it is missing, mistyped or below `minimum`."""
+    def require(self, key, type_=None, bounds=None):
+        """The value of `key`; a UserError if it is missing, mistyped or out of `bounds`."""
         if self.get(key) is None:
             raise self.error(key, "missing required key")
         try:
             value = check_type(self[key], type_)
         except ValueError as reason:
             raise self.error(key, str(reason)) from None
-        if minimum is not None and value < minimum:
-            raise self.error(key, f"must be at least {minimum}, got {value}")
+        problem = bounds and bounds.problem(value)
+        if problem:
+            raise self.error(key, problem)
         return value
 
     def resolve_path(self, key, required=True):
@@ -239,8 +221,8 @@ class Config(dict):
         if not equals or not key:
             raise self.error(f"-o {item}", "expected key=value")
         if key not in self.key_types:
-            hint = suggest_keys(key, sorted(set(self.key_types) | set(self) - {"config_abs_dir"}))
-            raise self.error(f"-o {key}", "unknown key" + (f" (did you mean {', '.join(hint)}?)" if hint else ""))
+            known = sorted(set(self.key_types) | set(self) - {"config_abs_dir"})
+            raise self.error(f"-o {key}", unknown_key(key, known))
         spec = RUNNER_DEFAULTS.get(key)
         none_allowed = self.get(key) is None or (spec is not None and spec.default is None)
         try:
@@ -251,10 +233,9 @@ class Config(dict):
 
 def read_yaml_mapping(path):
     """The YAML file as a dict; every failure is a one-line UserError."""
-    if not os.path.exists(path):
-        raise UserError(f"{path}: config file not found")
-    if os.path.isdir(path):
-        raise UserError(f"{path}: is a folder, expected a YAML config file")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: " + ("is a folder, expected a YAML config file" if os.path.isdir(path) else
+                                       "config file not found"))
     try:
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle)
@@ -277,10 +258,8 @@ def _type_of(value):
 
 
 def load_config(path, overrides=(), plugin_defaults=None, plugin_keys=()) -> Config:
-    """The config: plugin CONFIG_DEFAULTS, runner defaults, the YAML, then `-o key=value` overrides, each over the
-    last. An override must name a key of the first three, typed by RUNNER_DEFAULTS, the plugin default or the YAML.
-    Every runner.* value is checked against its range; with the plugin's defaults (and its CONFIG_KEYS, the keys
-    it reads without a default), a YAML key none of them declares is warned about."""
+    """Plugin CONFIG_DEFAULTS, runner defaults, the YAML, then `-o` overrides, each over the last, the runner.* values
+    checked; with the plugin's keys, a YAML key none of them declares gets a warning."""
     yaml_values = flatten(read_yaml_mapping(path))
     yaml_values.pop("config_abs_dir", None)  # computed, never read
     with_plugin, plugin_defaults = plugin_defaults is not None, plugin_defaults or {}
@@ -290,47 +269,28 @@ def load_config(path, overrides=(), plugin_defaults=None, plugin_keys=()) -> Con
     types.update({key: spec.type for key, spec in RUNNER_DEFAULTS.items()})
     defaults = {key: spec.default for key, spec in RUNNER_DEFAULTS.items()}
     config = Config({**plugin_defaults, **defaults, **yaml_values}, path, types)
-    for key in RUNNER_DEFAULTS.keys() & yaml_values.keys():
-        if yaml_values[key] is None and defaults[key] in (None, ""):
-            config[key] = defaults[key]
-        else:
-            config[key] = config.require(key, types[key])
     for item in overrides:
         config.apply_override(item)
-    check_bounds(config)
-    if with_plugin:  # once, when the plugin's keys are known too
-        warn_unknown_keys(config, yaml_values, {**dict.fromkeys(plugin_keys), **plugin_defaults})
-    return config
-
-
-def check_bounds(config):
-    """Every runner.* value within its key's Bounds, else a UserError naming the key."""
     for key, spec in RUNNER_DEFAULTS.items():
-        if spec.bounds is not None and config.get(key) is not None:
-            problem = spec.bounds.problem(config[key])
-            if problem:
-                raise config.error(key, problem)
-
-
-def warn_unknown_keys(config, yaml_values, plugin_keys):
-    """One warning per YAML key no table declares (a typo would otherwise be read as nothing), with the
-    suggestions an unknown -o key gets. Outside runner.* only when the plugin declares its keys."""
-    known = set(RUNNER_DEFAULTS) | set(plugin_keys)
-    for key in sorted(yaml_values):
-        if key in known or (not plugin_keys and not key.startswith("runner.")):
-            continue
-        hint = suggest_keys(key, sorted(known))
-        warn(f"{config.path}: {key}: unknown key" + (f" (did you mean {', '.join(hint)}?)" if hint else ""))
+        if config[key] is None and spec.default in (None, ""):
+            config[key] = spec.default  # null in the YAML: unset
+        else:
+            config[key] = config.require(key, spec.type, spec.bounds)
+    if with_plugin:  # once, when the plugin's keys are known too; outside runner.* only when it declares its keys
+        known = set(RUNNER_DEFAULTS) | set(plugin_keys) | set(plugin_defaults)
+        for key in sorted(yaml_values.keys() - known):
+            if plugin_keys or plugin_defaults or key.startswith("runner."):
+                warn(f"{config.path}: {key}: {unknown_key(key, sorted(known))}")
+    return config
 
 
 def runner_keys_markdown() -> str:
     lines = ["| key | type | range | default | PaddleRec | meaning |", "| --- | --- | --- | --- | --- | --- |"]
     for key, spec in RUNNER_DEFAULTS.items():
         default = "(unset)" if spec.default is None else '`""`' if spec.default == "" else f"`{spec.default}`"
-        cells = [spec.paddlerec or "not a PaddleRec key", spec.doc]
-        paddlerec, doc = (cell.replace("|", "\\|") for cell in cells)  # a bare | would split the table cell
-        bounds = spec.bounds.describe() if spec.bounds else ""
-        lines.append(f"| `{key}` | {spec.type.__name__} | {bounds} | {default} | {paddlerec} | {doc} |")
+        paddlerec, doc = (cell.replace("|", "\\|") for cell in (spec.paddlerec or "not a PaddleRec key", spec.doc))
+        lines.append(f"| `{key}` | {spec.type.__name__} | {spec.bounds.describe() if spec.bounds else ''} | {default} "
+                     f"| {paddlerec} | {doc} |")
     return "\n".join(lines) + "\n"
 
 

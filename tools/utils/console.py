@@ -1,9 +1,6 @@
 """The process every tool runs as: its arguments, the errors that end it (one `error:` line) and their exit codes,
-the signals it ends or goes on by, and what the user sees: PaddleRec-style log lines, warnings, progress bars.
-
-Lines go through `logging` in PaddleRec's format with tqdm.write, so a progress bar (stderr, terminals only) is
-redrawn below them, not torn. Data-parallel: lines start with `[rank R/N] `; only rank 0 logs and draws bars.
-"""
+the signals it ends or goes on by, and what the user sees: PaddleRec-style log lines, warnings, progress bars
+(doc/tools.md). Data-parallel: lines start with `[rank R/N] `; only rank 0 logs and draws bars."""
 import argparse
 import contextlib
 import ctypes
@@ -15,42 +12,33 @@ import sys
 from tqdm import tqdm
 
 
-def one_line(message) -> str:
-    """Tools print exactly one line per error; collapse stray newlines from wrapped library messages."""
-    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+class ToolError(Exception):
+    """An error that ends a tool with one `error:` line (other errors are bugs and keep their traceback)."""
+
+    def __init__(self, message):
+        super().__init__(" ".join(line.strip() for line in str(message).splitlines() if line.strip()))
 
 
-class UserError(ValueError):
-    """A mistake the user can fix: one line naming the file and key or path at fault, exit 2 (other errors are bugs
-    and keep their traceback)."""
-
-    def __init__(self, message: str):
-        super().__init__(one_line(message))
+class UserError(ToolError, ValueError):
+    """A mistake the user can fix, named by file and key or path: exit 2."""
 
 
-class DistributedError(Exception):
-    """A data-parallel run cannot go on (a peer rank died, hung or disagrees): one `error:` line, exit 3."""
-
-    def __init__(self, message: str):
-        super().__init__(one_line(message))
+class DistributedError(ToolError):
+    """A data-parallel run cannot go on (a peer rank died, hung or disagrees): exit 3."""
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP arrived (kill, a scheduler, a container stop, a closed terminal or ssh connection):
-    unwinds like Ctrl-C, so saves stay atomic."""
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C, so saves stay atomic."""
 
     def __init__(self, signum=signal.SIGTERM):
         super().__init__()
         self.signum = signum
 
 
-# Exit codes shared by every tool (documented in doc/tools.md); a signal that ends a tool gives 128 + its number
-# (SIGTERM: 143), as shells report a process the signal ended.
+# Exit codes (doc/tools.md); a signal that ends a tool gives 128 + its number, as shells report it.
 EXIT_OK, EXIT_USER_ERROR, EXIT_DISTRIBUTED, EXIT_INTERRUPTED = 0, 2, 3, 130
-# The signals that end a tool (each like Ctrl-C: one line, the lock released, no partial checkpoint), and those
-# it ignores with a warning rather than dying by their default action without a word.
 ENDING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # a warning, rather than their default action: death
 _rank, _world_size = 0, 1
 signals_received, _holding = [], False  # while _holding, the ending signals are only recorded
 
@@ -58,48 +46,24 @@ signals_received, _holding = [], False  # while _holding, the ending signals are
 def _interrupt(signum):
     global _holding
     _holding = True  # the tool is ending now: Paddle's launcher sends SIGTERM up to 3 times in a row
-    _native_errors_only()
+    # An interrupt raised inside Paddle's autograd engine (a SIGTERM mid-backward) unwinds through C++ code that
+    # logs a warning line above our one-line error; from now on Paddle's glog (FLAGS_minloglevel) logs errors only.
+    root = os.path.dirname(getattr(sys.modules.get("paddle"), "__file__", None) or ".")
+    for library in ("base/libpaddle.so", "libs/libphi_core.so"):
+        with contextlib.suppress(OSError, ValueError):
+            handle = ctypes.CDLL(os.path.join(root, library), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            ctypes.c_int.in_dll(handle, "_ZN3fLI17FLAGS_minloglevelE").value = 2
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
-# glog's minimum level variable (C++ symbol fLI::FLAGS_minloglevel) in the Paddle libraries that log through
-# their own copy of glog; 2 = ERROR.
-_GLOG_MINLOGLEVEL, _GLOG_ERROR = "_ZN3fLI17FLAGS_minloglevelE", 2
-_PADDLE_GLOG_LIBRARIES = (("base", "libpaddle.so"), ("libs", "libphi_core.so"))
-
-
-def _native_errors_only():
-    """From now on Paddle's C++ logs errors only. An interrupt raised while Paddle's autograd engine runs a
-    Python backward (a SIGTERM mid-meta-iteration) unwinds through that engine, which logs a warning line
-    ("While running Node (...) raises an EnforceNotMet exception") above the tool's own one-line error: noise
-    from an exit the tool chose. Only libraries already loaded are touched; builds without the symbol keep
-    their logging."""
-    paddle = sys.modules.get("paddle")
-    if paddle is None or not getattr(paddle, "__file__", None):
-        return
-    root = os.path.dirname(paddle.__file__)
-    for parts in _PADDLE_GLOG_LIBRARIES:
-        try:
-            library = ctypes.CDLL(os.path.join(root, *parts), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-            ctypes.c_int.in_dll(library, _GLOG_MINLOGLEVEL).value = _GLOG_ERROR
-        except (OSError, ValueError, AttributeError):
-            pass
-
-
 def on_signal(signum, frame):
-    """The tools' handler of ENDING_SIGNALS (handle_signals): the first ends the tool like Ctrl-C."""
+    """The handler of ENDING_SIGNALS (the first ends the tool like Ctrl-C) and IGNORED_SIGNALS."""
+    if signum in IGNORED_SIGNALS:
+        warn(f"{signal.Signals(signum).name} received and ignored (the tools end on SIGTERM, SIGINT or SIGHUP)")
+        return
     signals_received.append(signum)
     if not _holding:
         _interrupt(signum)
-
-
-def on_ignored_signal(signum, frame):
-    warn(f"{signal.Signals(signum).name} received and ignored (the tools end on SIGTERM, SIGINT or SIGHUP)")
-
-
-def hold_signals():
-    global _holding
-    _holding = True
 
 
 @contextlib.contextmanager
@@ -118,15 +82,12 @@ def signals_held():
 
 
 def handle_signals():
-    """Make SIGTERM and SIGHUP end the tool like Ctrl-C (one line, exit 128 + the signal), remember which signal
-    arrived, and ignore SIGUSR1/SIGUSR2 with a warning. Call after `import paddle`, whose own SIGTERM handler,
-    installed at import, prints a C++ stack dump and dies mid-write."""
-    import paddle  # noqa: F401  (installs Paddle's handler now, if the plugin has not imported it yet)
+    """Install on_signal over the handler `import paddle` installs, which prints a C++ stack dump and dies
+    mid-write."""
+    import paddle  # noqa: F401
 
-    for signum in ENDING_SIGNALS:
+    for signum in ENDING_SIGNALS + IGNORED_SIGNALS:
         signal.signal(signum, on_signal)
-    for signum in IGNORED_SIGNALS:
-        signal.signal(signum, on_ignored_signal)
 
 
 def config_arg_parser(description) -> argparse.ArgumentParser:
@@ -140,19 +101,19 @@ def config_arg_parser(description) -> argparse.ArgumentParser:
 
 
 def run_tool(body, args) -> int:
-    """Run body(args); end a UserError with one `error:` line and exit code 2 (DistributedError: 3; Ctrl-C: 130;
-    SIGTERM: 143, SIGHUP: 129). In a data-parallel run the line starts with the rank, e.g. `[rank 1/2] error: ...`."""
+    """Run body(args); end a UserError with one `error:` line and its exit code (doc/tools.md)."""
+    global _holding
     try:
         body(args)
         return EXIT_OK
-    except (UserError, DistributedError) as error:
-        hold_signals()  # a SIGTERM now must not cut this line short
-        message, code = str(error), EXIT_USER_ERROR if isinstance(error, UserError) else EXIT_DISTRIBUTED
+    except ToolError as error:
+        _holding = True  # a SIGTERM now must not cut this line short
+        message, code = str(error), EXIT_DISTRIBUTED if isinstance(error, DistributedError) else EXIT_USER_ERROR
     except BaseException as error:
         # Paddle re-raises an exception from Python code it calls (a PyLayer's backward) as its own OSError, so
         # the exception may not say which signal it comes from: the signal received does.
         if isinstance(error, KeyboardInterrupt):
-            signum = error.signum if isinstance(error, Terminated) else signal.SIGINT
+            signum = getattr(error, "signum", signal.SIGINT)
         elif isinstance(error, Exception) and signals_received:
             signum = signals_received[-1]
         else:
@@ -165,7 +126,8 @@ def run_tool(body, args) -> int:
 
 
 class _TqdmHandler(logging.Handler):
-    """Writes records with tqdm.write: INFO to stdout, WARNING and above to stderr (looked up per record)."""
+    """Writes with tqdm.write, so a progress bar is redrawn below the line, not torn: INFO to stdout, WARNING and
+    above to stderr (looked up per record)."""
 
     def emit(self, record):
         try:
@@ -218,8 +180,7 @@ def format_values(values: dict) -> str:
 
 
 def format_results(values: dict) -> str:
-    """'acc 0.9712 ± 0.0040 (95% CI, 1000 tasks)': a key X with a companion X_ci95 is shown with its interval,
-    and a "tasks" (or "samples") count goes into that parenthesis; 'no results' when there is nothing."""
+    """'acc 0.9712 ± 0.0040 (95% CI, 1000 tasks)': X with its X_ci95, and the "tasks" or "samples" count."""
     count_key = next((key for key in ("tasks", "samples") if key in values), None)
     with_interval = any(f"{key}_ci95" in values for key in values)
     parts = []

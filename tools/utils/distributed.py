@@ -1,12 +1,13 @@
 """Data-parallel runs under `python -m paddle.distributed.launch` (doc/distributed.md): fleet's collective group
 (gloo between CPU processes, NCCL between GPUs), its parameter broadcast and fused gradient all-reduce, and a
-barrier with runner.sync_timeout. A dead or hung rank ends every other rank with a DistributedError (exit 3).
-"""
+barrier with runner.sync_timeout. A dead or hung rank ends every other rank with a DistributedError (exit 3)."""
 import hashlib
 import os
 import pickle
 import socket
 import time
+
+import numpy as np
 
 from tools.utils.console import DistributedError, UserError, log, set_rank, signals_held, warn
 
@@ -20,17 +21,16 @@ def _first_line(error) -> str:
 
 
 class Ranks:
-    """This process's place among the data-parallel ranks and the collectives the tools use; with world_size 1
-    every collective is a local no-op, so the tools run the same code with and without a launcher."""
+    """This process's place among the ranks and the collectives the tools use; with one rank every collective is a
+    local no-op, so the tools run the same code with and without a launcher."""
 
     def __init__(self, rank=0, world_size=1, timeout=1800.0, store=None):
         self.rank, self.world_size, self.timeout, self._store, self._sync_points = rank, world_size, timeout, store, 0
-        self.enabled, self.is_main = world_size > 1, rank == 0
+        self.enabled, self.is_main, self._warned = world_size > 1, rank == 0, set()
 
     def barrier(self, label):
-        """Wait up to runner.sync_timeout until every rank gets here, or fail naming those that did not. Where ranks
-        may drift far apart (data building, rank 0 saving) gloo's fixed timeout is too short: this polls counters in
-        the launcher's store instead."""
+        """Wait up to runner.sync_timeout for every rank, or fail naming those missing. Ranks may drift far apart
+        (data building, rank 0 saving), past gloo's fixed timeout: this polls counters in the launcher's store."""
         if not self.enabled:
             return
         self._sync_points += 1
@@ -61,10 +61,7 @@ class Ranks:
                                    "died (see workerlog.<rank> in the launcher's --log_dir)") from None
 
     def sum(self, numbers, label):
-        """The element-wise sum of `numbers` over the ranks (float64 numpy); no barrier, as a store round trip at
-        every batch would cost too much."""
-        import numpy as np
-
+        """The element-wise sum of `numbers` over the ranks (float64); no barrier: a store round trip per batch."""
         totals = np.asarray(numbers, dtype="float64")
         if self.enabled:
             import paddle
@@ -76,7 +73,6 @@ class Ranks:
         return totals
 
     def all_gather_object(self, value, label) -> list:
-        """[value of rank 0, value of rank 1, ...] on every rank (value must be picklable)."""
         if not self.enabled:
             return [value]
         import paddle.distributed as dist
@@ -86,7 +82,7 @@ class Ranks:
         return gathered
 
     def check_same(self, value, what):
-        """Raise on every rank when the ranks' `value`s differ (`what` describes it). Starts with a barrier."""
+        """Raise on every rank when the ranks' `value`s differ (`what` describes it)."""
         if self.enabled:
             self.barrier(f"checking {what}")
             values = self.all_gather_object(value, f"checking {what}")
@@ -96,17 +92,16 @@ class Ranks:
         return value
 
     def broadcast_state(self, model, label):
-        """Give every rank rank 0's parameters and buffers (they should already agree: same seed or checkpoint)."""
+        """Rank 0's parameters and buffers on every rank, as paddle.DataParallel does at start."""
         if self.enabled:
-            from paddle.distributed.parallel import sync_params_buffers  # what paddle.DataParallel does at start
+            from paddle.distributed.parallel import sync_params_buffers
 
             self.barrier(label)
             self._collective(label, lambda: sync_params_buffers(model, src_rank=0))
 
     def sync_gradients(self, parameters, samples, loss, label):
-        """Make each trainable parameter's .grad the mean over the ranks weighted by their `samples` (0, and loss
-        None, for a rank without a batch; a missing gradient counts as zero), so one step on N ranks is one step on
-        the union of their samples. Returns (ranks that had a batch, total samples, weighted mean loss)."""
+        """(ranks that had a batch, total samples, weighted mean loss), each .grad made the mean over the ranks
+        weighted by their `samples` (a missing one counts as zero): one step on N ranks is one on all their samples."""
         import paddle
 
         if not self.enabled:
@@ -128,8 +123,7 @@ class Ranks:
 
     def merged_results(self, metrics, names, create_metrics, label, values=None, weight=0.0):
         """(values, metric results) over all ranks: `values` ({key: number}) averaged with the ranks' `weight`s;
-        metrics with state() and merge_states(states) merged exactly into fresh ones from `create_metrics()`, any
-        other reports rank 0's share (with a warning)."""
+        metrics with state() and merge_states(states) merged exactly into fresh ones, any other rank 0's share."""
         from tools.utils.metrics import metric_results
 
         values = dict(values or {})
@@ -150,44 +144,36 @@ class Ranks:
                 fresh[index].merge_states([rank_states[index] for _, _, rank_states in gathered])
                 combined.append(fresh[index])
                 continue
-            if self.is_main and name not in _warned_unmergeable:
-                _warned_unmergeable.add(name)
+            if self.is_main and name not in self._warned:
+                self._warned.add(name)
                 warn(f"metric {name!r} has no state()/merge_states(); reporting rank 0's share of the samples only")
             combined.append(metric)
         return values, metric_results(combined, names)
 
 
-_warned_unmergeable = set()
-
-
 def launched_rank(config):
-    """(rank, world size) from the launcher's environment, (0, 1) without one, checked against runner.use_fleet,
-    which must match: alone it would silently train alone, and N runs without it overwrite each other. Needs no
-    Paddle: the tools call it first, so every launched rank reaches a refusal within moments of the others."""
-    use_fleet = config.require("runner.use_fleet", bool)
+    """(rank, world size) from the launcher's environment (checked by environment.check_environment), (0, 1)
+    without one, which must match runner.use_fleet: alone it would silently train alone, and N runs without it
+    overwrite each other. Needs no Paddle, so every launched rank reaches a refusal within moments of the others."""
     rank, size = os.environ.get("PADDLE_TRAINER_ID"), os.environ.get("PADDLE_TRAINERS_NUM")
     if rank is None or size is None:
-        if use_fleet:
+        if config["runner.use_fleet"]:
             raise config.error("runner.use_fleet", "True, but no distributed launcher started this process; "
                                f"run: {LAUNCH_HINT} (or set runner.use_fleet: False)")
         return 0, 1
-    if not (rank.isdigit() and size.isdigit() and int(rank) < int(size)):
-        raise UserError(f"environment: PADDLE_TRAINER_ID={rank!r}, PADDLE_TRAINERS_NUM={size!r}: expected a rank "
-                        "of the world size (set by paddle.distributed.launch)")
     if int(size) > 1:
         set_rank(int(rank), int(size))
-        if not use_fleet:
+        if not config["runner.use_fleet"]:
             raise config.error("runner.use_fleet", f"False, but the launcher started {size} processes; each would "
                                "run alone and overwrite the others' files; add -o runner.use_fleet=True")
     return int(rank), int(size)
 
 
 def single_process(tool, config):
-    """For the tools that run in one process (predict, benchmark): an error under a multi-process launcher, whose
-    ranks would each run the whole job and write the same files. runner.use_fleet, which only the trainer and infer
-    act on, is then ignored, with a note."""
+    """For predict and benchmark, which run in one process: an error under a multi-process launcher, whose ranks
+    would each run the whole job and write the same files; runner.use_fleet is ignored, with a note."""
     size = os.environ.get("PADDLE_TRAINERS_NUM", "1")
-    if size.isdigit() and int(size) > 1:
+    if int(size) > 1:
         raise UserError(f"tools/{tool} runs in one process, but paddle.distributed.launch started {size}; "
                         "run it without the launcher")
     if config.get("runner.use_fleet"):
@@ -195,15 +181,15 @@ def single_process(tool, config):
 
 
 def setup_data_parallel(config, device) -> Ranks:
-    """The ranks of this run (launched_rank()) joined in fleet's collective group (call after select_device())."""
+    """The ranks of this run joined in fleet's collective group (call after select_device())."""
     rank, world_size = launched_rank(config)
     if world_size == 1:
         if config["runner.use_fleet"]:
             warn("runner.use_fleet is True but the launcher started a single process; training single-process")
         return Ranks()
-    timeout = config.require("runner.sync_timeout", int, minimum=1)
-    if device == "cpu":
-        os.environ["PADDLE_DISTRI_BACKEND"] = "gloo"  # on a CUDA build Paddle would pick NCCL
+    backend = "gloo" if device == "cpu" else "nccl"
+    if backend == "gloo":
+        os.environ["PADDLE_DISTRI_BACKEND"] = backend  # on a CUDA build Paddle would pick NCCL
     import warnings
 
     from paddle.base import core
@@ -216,12 +202,11 @@ def setup_data_parallel(config, device) -> Ranks:
         store = core.create_or_get_global_tcp_store()
     except (RuntimeError, ValueError, AssertionError) as error:
         raise DistributedError(f"joining the process group failed: {_first_line(error)}") from None
-    parallel = Ranks(rank, world_size, float(timeout), store)
+    parallel = Ranks(rank, world_size, float(config["runner.sync_timeout"]), store)
     # Every rank must run the same settings (config_abs_dir may differ between hosts).
     items = sorted((key, repr(value)) for key, value in config.items() if key != "config_abs_dir")
     digest = hashlib.sha256(pickle.dumps(items)).hexdigest()[:16]
     parallel.check_same(digest, "the config (config file and -o overrides)")
     hosts = parallel.all_gather_object(socket.gethostname(), "listing the ranks")
-    backend = "gloo" if device == "cpu" else "nccl"
     log(f"data-parallel: {world_size} ranks ({backend}) on {', '.join(sorted(set(hosts)))}")
     return parallel

@@ -1,10 +1,9 @@
-"""The process a tool runs in: its start-up order (load_run_config), environment variables Paddle reads at start,
-the device, CPU threads, seeds. Paddle reads its FLAGS_* once, at import: prepare_environment() runs first, and
-paddle is imported in functions.
+"""A tool's start-up (load_run_config): the environment variables checked and prepared before Paddle reads them at
+import (paddle is imported in functions), then the plugin, the device, CPU threads, seeds.
 """
 import os
 import random
-import sys
+import re
 import warnings
 from collections import namedtuple
 
@@ -17,9 +16,8 @@ from tools.utils.plugin import import_plugin_module, plugin_declaration
 # metrics file's start record so a run shows what its process really ran with.
 ENVIRONMENT_VARIABLES = ("FLAGS_cudnn_deterministic", "MKL_DEBUG_CPU_TYPE", "GLIBC_TUNABLES")
 
-# The variables the project reads, each with its range (Bounds on the integer it must hold, or the choices of its
-# text), checked by check_environment() before Paddle is imported: Paddle and the model read some at import,
-# where a bad value is a traceback. `python -m tools.utils.environment` prints this table for doc/tools.md.
+# The variables the project reads, each with its range (the integer it holds, or the choices of its text), checked
+# before Paddle and the model read them at import. `python -m tools.utils.environment` prints it for doc/tools.md.
 Variable = namedtuple("Variable", ["bounds", "reader", "doc"])
 ENVIRONMENT_TABLE = {
     "PADDLE_TRAINER_ID": Variable(Bounds(0, 2 ** 31 - 1), "Paddle, the tools (distributed.py)", "This process's rank in a data-parallel job, set by paddle.distributed.launch; below PADDLE_TRAINERS_NUM."),
@@ -32,30 +30,21 @@ ENVIRONMENT_TABLE = {
 }
 
 
-def _variable_value(name, text, bounds):
-    """`text` as the variable's value (an int unless it has choices), else a UserError naming the variable."""
-    if bounds.choices is not None:
-        problem = bounds.problem(text)
-        value = text
-    else:
-        digits = text.strip()
-        value = int(digits) if digits.lstrip("-").isascii() and digits.lstrip("-").isdigit() else None
-        problem = f"expected an integer, got {text!r}" if value is None else bounds.problem(value)
-    if problem:
-        raise UserError(f"environment variable {name}: {problem}")
-    return value
-
-
 def check_environment(environ=None):
-    """Check every variable of ENVIRONMENT_TABLE that is set, each on its own; one UserError naming the first bad
+    """The values of the variables of ENVIRONMENT_TABLE that are set, each checked; a UserError naming the first bad
     one. Call before `import paddle`."""
-    environ = os.environ if environ is None else environ
-    values = {name: _variable_value(name, environ[name], spec.bounds)
-              for name, spec in ENVIRONMENT_TABLE.items() if name in environ and spec.bounds is not None}
+    environ, values = os.environ if environ is None else environ, {}
+    for name, spec in ENVIRONMENT_TABLE.items():
+        if name in environ and spec.bounds is not None:
+            text = environ[name]
+            value = text if spec.bounds.choices else int(text) if re.fullmatch(r"\s*-?[0-9]+\s*", text) else None
+            problem = f"expected an integer, got {text!r}" if value is None else spec.bounds.problem(value)
+            if problem:
+                raise UserError(f"environment variable {name}: {problem}")
+            values[name] = value
     rank, size = values.get("PADDLE_TRAINER_ID"), values.get("PADDLE_TRAINERS_NUM")
     if rank is not None and size is not None and rank >= size:
-        raise UserError(f"environment variable PADDLE_TRAINER_ID: must be below PADDLE_TRAINERS_NUM={size}, got "
-                        f"{rank}")
+        raise UserError(f"environment variable PADDLE_TRAINER_ID: must be below PADDLE_TRAINERS_NUM={size}, got {rank}")
     return values
 
 
@@ -68,9 +57,6 @@ def environment_markdown() -> str:
 
 
 def prepare_environment(deterministic: bool):
-    if "paddle" in sys.modules:
-        warnings.warn("prepare_environment() called after paddle was imported; "
-                      "FLAGS_cudnn_deterministic may be ignored", RuntimeWarning, stacklevel=2)
     if deterministic:  # PaddleRec's switch: deterministic cuDNN algorithms (CPU kernels are deterministic already)
         os.environ["FLAGS_cudnn_deterministic"] = "1"
     # Paddle warns about a missing ccache on every import (it matters only when compiling C++ extensions); it
@@ -79,16 +65,15 @@ def prepare_environment(deterministic: bool):
 
 
 def load_run_config(config_path, overrides=(), data_parallel=False):
-    """(config, plugin_module): the environment variables checked, the YAML and runner.* overrides read without
-    Paddle (with `data_parallel`, the launcher's ranks checked against them), the environment prepared (Paddle
-    reads it at import), the plugin imported, and the config read again with the plugin's defaults so every -o is
-    checked; then our SIGTERM handler replaces the one Paddle installs at import."""
-    check_environment()  # Paddle and the model read some of these at import, where a bad value is a traceback
+    """(config, plugin_module) in doc/tools.md's start-up order: no Paddle until the environment, the YAML and the
+    runner.* overrides (with `data_parallel`, the launcher's ranks too) are checked; then the plugin, the config
+    again with its defaults so every -o is checked, and our SIGTERM handler over the one Paddle installs."""
+    check_environment()
     early = load_config(config_path, [item for item in overrides
                                       if "=" not in item or item.split("=", 1)[0].strip() in RUNNER_DEFAULTS])
     if data_parallel:
         launched_rank(early)
-    prepare_environment(early.require("runner.deterministic", bool))
+    prepare_environment(early["runner.deterministic"])
     plugin_module = import_plugin_module(early)
     config = load_config(config_path, overrides, plugin_declaration(plugin_module, "CONFIG_DEFAULTS"),
                          plugin_declaration(plugin_module, "CONFIG_KEYS"))
@@ -112,23 +97,19 @@ def seed_everything(seed: int):
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed an epoch starts from. Reseeding every epoch from (seed, epoch) makes epoch k draw the same random
-    numbers whether or not the run was resumed before it; the odd multiplier keeps epoch seeds away from the
-    seed the model was initialised with."""
+    """Epoch k draws the same random numbers whether or not the run was resumed before it; the odd multiplier keeps
+    epoch seeds away from the seed the model was initialised with."""
     return (seed * 1_000_003 + (epoch + 1) * 7_919) % (2 ** 31 - 1)
 
 
 def cpu_thread_count(config) -> int:
-    """runner.num_threads, 0 meaning all cores shared evenly by the data-parallel ranks of this host (ranks that
-    together ask for more threads than there are cores run slower than with their share each)."""
-    requested = config.require("runner.num_threads", int, minimum=0)
-    ranks = os.environ.get("PADDLE_LOCAL_SIZE", "1") if config.get("runner.use_fleet") else "1"
-    return requested or max(1, (os.cpu_count() or 1) // max(1, int(ranks) if ranks.isdigit() else 1))
+    """runner.num_threads, 0 meaning all cores shared evenly by the data-parallel ranks of this host."""
+    ranks = int(os.environ.get("PADDLE_LOCAL_SIZE", 1)) if config.get("runner.use_fleet") else 1
+    return config["runner.num_threads"] or max(1, (os.cpu_count() or 1) // ranks)
 
 
 def select_device(config) -> str:
-    """Set Paddle's device from runner.use_gpu and the CPU threads; return the device. A GPU this Paddle build or
-    machine cannot provide is no error (configs travel between machines): one warning line, then the CPU."""
+    """Paddle's device (and CPU threads) set; a GPU the build or machine lacks is a warning: configs travel."""
     import paddle
 
     device = "cpu"
@@ -140,11 +121,8 @@ def select_device(config) -> str:
         else:
             device = "gpu"
     paddle.set_device(device)
-    core = getattr(getattr(paddle, "base", None), "core", None)
-    if hasattr(core, "set_num_threads"):
-        core.set_num_threads(cpu_thread_count(config))
-    else:
-        warn("this Paddle build cannot set the CPU thread count; runner.num_threads ignored")
+    from paddle.base import core
+    core.set_num_threads(cpu_thread_count(config))
     return device
 
 

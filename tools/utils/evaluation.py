@@ -1,16 +1,16 @@
 """Evaluation, shared by infer.py and validation so both compute their figures alike; the best epoch by
-validation, kept in <runner.model_save_path>/best.json (doc/tools.md); and the checkpoints infer.py and predict.py
-read (checkpoint_folders)."""
+validation, kept in <runner.model_save_path>/best.json; the checkpoints infer.py and predict.py load."""
 import math
 import os
 import time
 
-from tools.utils.checkpoint import PARAMS_FILE, check_fields, is_count, read_json_object, write_json_atomically
+from tools.utils.checkpoint import PARAMS_FILE, is_count, load_checkpoint, optional, read_json_object
+from tools.utils.checkpoint import write_json_atomically
 from tools.utils.config import is_number
 from tools.utils.console import UserError, format_number, format_values, log, progress_bar, warn
-from tools.utils.data import batches_then_none, count_samples, create_data_loader, expected_batches
 from tools.utils.environment import seed_everything
 from tools.utils.metrics import scalar_dict
+from tools.utils.plugin import batches_then_none, count_samples, create_data_loader, expected_batches
 
 BEST_FILE = "best.json"
 MODES = ("max", "min")
@@ -18,28 +18,23 @@ SETTING_KEYS = ("valid_data_dir", "valid_tasks")  # what validation values were 
 
 
 def validation_config(config):
-    """The config view validation runs with: runner.test_data_dir and runner.infer_tasks, which readers and plugins
-    read, hold runner.valid_data_dir and runner.valid_tasks (if set); errors name those."""
-    replacements = {"runner.test_data_dir": config.get("runner.valid_data_dir")}
-    aliases = {"runner.test_data_dir": "runner.valid_data_dir"}
-    if config.get("runner.valid_tasks") is not None:
-        replacements["runner.infer_tasks"] = config.get("runner.valid_tasks")
-        aliases["runner.infer_tasks"] = "runner.valid_tasks"
-    return config.view(replacements, aliases)
+    """The config validation runs with: runner.test_data_dir and runner.infer_tasks, which readers and plugins read,
+    hold runner.valid_data_dir and runner.valid_tasks (if set); errors name those."""
+    aliases = {"runner.test_data_dir": "runner.valid_data_dir", "runner.infer_tasks": "runner.valid_tasks"}
+    aliases = {key: alias for key, alias in aliases.items() if config.get(alias) is not None}
+    return config.view({key: config[alias] for key, alias in aliases.items()}, aliases)
 
 
 def evaluation_loader(config, mode, parallel, seed):
-    """A loader of the evaluation data ("infer" or "valid") built after seeding: every evaluation sees the same data
-    (reader epoch 0) and random state, so checkpoints compare."""
+    """A loader of the evaluation data ("infer" or "valid"), seeded: every evaluation sees the same data (reader
+    epoch 0) and random state, so checkpoints compare."""
     seed_everything(seed)
     return create_data_loader(config, mode, parallel.rank, parallel.world_size, epoch=0)
 
 
-def evaluate(model_obj, model, config, epoch, loader, parallel, name="infer", on_interval=None):
-    """The plugin's infer_forward over the loader: (metric values, counts) of all ranks, which go in step (a sum per
-    batch says how many still have one); counts holds the batches, samples and seconds, as the records give them.
-    No model.eval() or paddle.no_grad(): the plugin chooses (a model may adapt with gradients).
-    on_interval(batch_id, values) gets each logged line's values."""
+def evaluate(model_obj, model, config, epoch, loader, parallel, name="infer", on_interval=lambda *_: None):
+    """The plugin's infer_forward over the loader: (metric values, {batches, samples, seconds}) of all ranks, which
+    go in step (a sum per batch says how many still have one); on_interval(batch_id, values) gets each log line's."""
     prefix, start = "" if name == "infer" else f"{name} ", time.perf_counter()
     parallel.barrier(f"{name} epoch {epoch}: start")  # ranks may arrive far apart (loading, data building)
     metrics, names = model_obj.create_metrics()
@@ -57,11 +52,10 @@ def evaluate(model_obj, model, config, epoch, loader, parallel, name="infer", on
         batches, samples = batches + 1, samples + int(batch_samples)
         if batch_id % config["runner.print_interval"] == 0:
             shown, metric_values = parallel.merged_results(
-                metrics, names, model_obj.create_metrics, f"{name} epoch {epoch}, batch {batch_id}: merging metrics",
-                scalar_dict(print_dict), own_samples)
+                metrics, names, model_obj.create_metrics, f"{label}: merging metrics", scalar_dict(print_dict),
+                own_samples)
             log(f"{prefix}epoch: {epoch}, batch_id: {batch_id}, {format_values({**shown, **metric_values})}")
-            if on_interval is not None:
-                on_interval(batch_id, {**shown, **metric_values})
+            on_interval(batch_id, {**shown, **metric_values})
         bar.update(1)
     bar.close()
     counts = {"batches": batches, "samples": samples, "seconds": round(time.perf_counter() - start, 3)}
@@ -77,39 +71,37 @@ def _finite(value) -> bool:
     return is_number(value) and math.isfinite(value)
 
 
+def _history_entry(entry) -> bool:
+    return (isinstance(entry, dict) and is_count(entry.get("epoch")) and isinstance(entry.get("values"), dict)
+            and all(isinstance(value, (int, float, str, type(None))) for value in entry["values"].values())
+            and isinstance(entry.get("checkpoint", ""), (str, type(None))))
+
+
 def read_best_file(path) -> dict:
     """best.json, checked; a missing or corrupt file is a UserError naming it."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: not found (written by training with runner.valid_data_dir set)")
-    data = read_json_object(path, "best.json")
-    history = data.get("history", [])
-    plain = (int, float, str, type(None))
-    check_fields(path, "best.json", [
-        ("history", history, isinstance(history, list) and all(
-            isinstance(entry, dict) and is_count(entry.get("epoch")) and isinstance(entry.get("values"), dict)
-            and all(isinstance(value, plain) for value in entry["values"].values())
-            and isinstance(entry.get("checkpoint", ""), (str, type(None))) for entry in history),
+    return read_json_object(path, "best.json", [
+        ("history", optional(lambda history: isinstance(history, list) and all(map(_history_entry, history))),
          'a list of {"epoch": <int>, "values": {<name>: <number>}} objects'),
-        ("epoch", data.get("epoch"), data.get("epoch") is None or is_count(data["epoch"]), "a non-negative integer"),
-        ("metric", data.get("metric"), isinstance(data.get("metric", ""), str), "a string"),
-        ("mode", data.get("mode"), data.get("mode", "max") in MODES, "max or min"),
-        ("value", data.get("value"), data.get("value") is None or _finite(data["value"]), "a finite number"),
-        ("valid_data_dir", data.get("valid_data_dir"), isinstance(data.get("valid_data_dir", ""), str), "a path"),
-        ("valid_tasks", data.get("valid_tasks"), data.get("valid_tasks") is None or is_count(data["valid_tasks"]),
-         "a count")])
-    return data
+        ("epoch", optional(is_count), "a non-negative integer"),
+        ("metric", optional(lambda metric: isinstance(metric, str)), "a string"),
+        ("mode", optional(MODES.__contains__), "max or min"),
+        ("value", optional(_finite), "a finite number"),
+        ("valid_data_dir", optional(lambda folder: isinstance(folder, str)), "a path"),
+        ("valid_tasks", optional(is_count), "a count")])
 
 
 def best_epochs_of(path, count=1):
     """(the `count` best validated epochs, best first; best.json contents) for runner.infer_best and
-    runner.infer_ensemble; UserError when the file names no epoch or has fewer validated epochs."""
+    runner.infer_ensemble."""
     data = read_best_file(path)
-    metric = data.get("metric", "acc")  # what ModelSelection.resume takes a file without one to be ranked by
+    metric = data.get("metric") or "acc"  # what ModelSelection.resume takes a file without one to be ranked by
     if data.get("epoch") is None:
         raise UserError(f"{path}: names no best epoch (no validated epoch had a finite {metric} value)")
     if count == 1:
         return [data["epoch"]], data
-    ranked = ModelSelection(path, metric, data.get("mode", "max"), history=data.get("history", [])).ranked
+    ranked = ModelSelection(path, metric, data.get("mode") or "max", history=data.get("history") or []).ranked
     if len(ranked) < count:
         raise UserError(f"{path}: {len(ranked)} validated epoch(s) with a finite {metric} value, fewer than "
                         f"runner.infer_ensemble = {count}")
@@ -121,8 +113,6 @@ class ModelSelection:
     earlier on ties."""
 
     def __init__(self, path, metric, mode, settings=None, history=()):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.path, self.metric, self.mode = path, metric, mode
         self.settings = dict(settings or {})  # what the values were measured on (SETTING_KEYS)
         self.history = sorted(history, key=lambda entry: entry["epoch"])  # [{"epoch", "checkpoint", "values"}]
@@ -135,8 +125,7 @@ class ModelSelection:
 
     @property
     def best(self):
-        ranked = self.ranked
-        return ranked[0] if ranked else None
+        return (self.ranked or [None])[0]
 
     @property
     def best_value(self):
@@ -157,18 +146,19 @@ class ModelSelection:
             "history": self.history})
 
     @classmethod
-    def resume(cls, path, metric, mode, settings, before_epoch):
+    def resume(cls, path, current, before_epoch):
         """(selection, changed) of a run resumed at `before_epoch` from best.json: later epochs are dropped (trained
-        again), the best chosen again by `metric` and `mode` (None: the file's own); log lines say what changed."""
-        if not os.path.isfile(path):
-            return cls(path, metric or "acc", mode or "max", settings), False
+        again), the best chosen again as the `current` selection does (None: as the file's), with a log line each."""
         data = read_best_file(path)
-        if metric is None or mode is None:
-            metric, mode = data.get("metric", "acc"), data.get("mode", "max")
+        if current is None:
+            metric, mode = data.get("metric") or "acc", data.get("mode") or "max"
             settings = {key: data[key] for key in SETTING_KEYS if key in data}
+        else:
+            metric, mode, settings = current.metric, current.mode, current.settings
+        history = data.get("history") or []
         kept = [{key: entry.get(key) for key in ("epoch", "checkpoint", "values")}
-                for entry in data.get("history", []) if entry["epoch"] < before_epoch]
-        dropped = sorted(entry["epoch"] for entry in data.get("history", []) if entry["epoch"] >= before_epoch)
+                for entry in history if entry["epoch"] < before_epoch]
+        dropped = sorted(entry["epoch"] for entry in history if entry["epoch"] >= before_epoch)
         if dropped:
             log(f"{path}: dropped the validation results of epoch(s) {dropped}, which are trained again")
         reselected = (data.get("metric"), data.get("mode")) != (metric, mode) and bool(kept)
@@ -191,8 +181,8 @@ def checkpoint_folders(config):
     else None) for the requested epochs, all checked before any work."""
     load_dir = (config.resolve_path("runner.infer_load_path", required=False)
                 or config.resolve_path("runner.model_save_path"))
-    ensemble = config.require("runner.infer_ensemble", int, minimum=1)
-    if config.require("runner.infer_best", bool):
+    ensemble = config["runner.infer_ensemble"]
+    if config["runner.infer_best"]:
         best_path = os.path.join(load_dir, BEST_FILE)
         epochs, best = best_epochs_of(best_path, ensemble)
         folders = {}
@@ -219,3 +209,11 @@ def checkpoint_folders(config):
             raise config.error(RANGE_KEYS, f"no checkpoint {os.path.join(folder, PARAMS_FILE)} "
                                f"for epoch {epoch} of [{start}, {end})")
     return load_dir, folders, None
+
+
+def load_models(plugin, config, folders):
+    """A model of the plugin for each checkpoint folder, loaded (parameters only)."""
+    models = [plugin.create_model(config) for _ in folders]
+    for model, folder in zip(models, folders):
+        load_checkpoint(folder, model)
+    return models

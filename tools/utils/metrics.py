@@ -1,6 +1,5 @@
 """The numbers of a run: plain values from tensors and metrics, the metrics file (JSON lines, doc/tools.md),
-VisualDL scalars, and NumericGuard, which stops training at its first NaN or infinite number.
-"""
+VisualDL scalars, and NumericGuard, which stops training at its first NaN or infinite number."""
 import io
 import json
 import math
@@ -14,7 +13,7 @@ from tools.utils.console import UserError
 
 
 def to_scalar(value):
-    """A Python bool/int/float from a number, a numpy scalar or a one-element array or tensor."""
+    """A Python bool, int or float from a number, or a one-element array or tensor."""
     if hasattr(value, "item") and not isinstance(value, numbers.Number):
         if getattr(value, "size", 1) != 1:  # tensors and arrays; a tensor's .size is its element count too
             raise TypeError(f"expected a single number, got an array of shape {list(value.shape)}")
@@ -31,8 +30,7 @@ def scalar_dict(values) -> dict:
 
 
 def metric_results(metrics, names) -> dict:
-    """{key: number} from each metric's details() if it has one, else accumulate() (PaddleRec's): a number goes
-    under the metric's name, a dict ({"acc": .97, "acc_ci95": .004}) gives its keys ("<name>.<key>" if taken)."""
+    """{key: number} from each metric's details() if it has one, else accumulate() (doc/tools.md)."""
     results = {}
     for metric, name in zip(metrics, names):
         value = metric.details() if callable(getattr(metric, "details", None)) else metric.accumulate()
@@ -45,8 +43,7 @@ def metric_results(metrics, names) -> dict:
 
 
 class MetricsLog:
-    """Appends event records to a JSON-lines file, one write each, so it stays readable while a run goes on; with
-    path None (data-parallel ranks other than 0) writes nothing."""
+    """Event records appended in one write each, so the file stays readable while a run goes on; None: nothing."""
 
     def __init__(self, path, append=False):
         self.path, self._handle = path, None
@@ -60,7 +57,7 @@ class MetricsLog:
             raise UserError(f"{path}: cannot open metrics file: {reason.strerror}") from None
 
     def write(self, event, fields, extra=None):
-        """Append `fields` and those `extra` entries whose keys are free (a plugin's value cannot replace "epoch")."""
+        """`fields`, then the `extra` whose keys are free (a plugin's value cannot replace "epoch")."""
         if self._handle is None:
             return
         record = {"event": event, **fields}
@@ -79,7 +76,7 @@ class MetricsLog:
 
 
 def read_metrics(path) -> list:
-    """All records of a metrics file (an unfinished last line is skipped); UserError naming the file and line."""
+    """All records of a metrics file but an unfinished last line; a UserError naming the file and line."""
     try:
         lines = io.StringIO(read_file(path, "metrics file").decode("utf-8")).readlines()  # split at \n only
     except UnicodeDecodeError as reason:
@@ -101,8 +98,7 @@ def read_metrics(path) -> list:
 
 
 class VisualLog:
-    """runner.use_visual: the scalars of one phase ("train" or "infer") in <config folder>/visualDL_log/<phase>,
-    tagged <phase>/<key>, as PaddleRec writes them (VisualDL is an optional extra); off, or not rank 0: nothing."""
+    """runner.use_visual: the scalars of one phase ("train" or "infer") where PaddleRec writes them; else nothing."""
 
     def __init__(self, config, phase, is_main=True):
         self.writer, self.phase = None, phase
@@ -126,7 +122,7 @@ class VisualLog:
 
 
 class NonFiniteError(UserError):
-    """Training produced a NaN or infinite value; printed as one `error:` line like any UserError."""
+    """Training produced a NaN or infinite value."""
 
 
 def _first_non_finite(named_tensors):
@@ -143,25 +139,21 @@ def _first_non_finite(named_tensors):
 
 
 def likely_causes(config, keys) -> str:
-    """'check <key> (<what it is>, now <value>) and ...' for the plugin's NON_FINITE_KEYS."""
     if not keys:
         return "check the learning rate(s) and the data"
     return "check " + " and ".join(f"{key} ({what}, now {config.get(key)!r})" for key, what in keys.items())
 
 
 class NumericGuard:
-    """Stops training at its first non-finite number, before an update spreads it into every parameter and the
-    checkpoint; `causes` (likely_causes) ends every error line."""
+    """Stops training at its first non-finite number, before an update spreads it into parameters and checkpoint."""
 
-    # A loss this many times its first value in the run gets one warning: still finite, but a run that diverges
-    # (a meta learning rate of 1e6 gives ~1e13) should not go on without a word.
-    GROWTH_WARNING = 1e4
+    GROWTH_WARNING = 1e4  # a loss this many times its first is still finite, but diverging: one warning
 
     def __init__(self, causes, warn):
         self.causes, self.warn, self.first_loss, self.warned = causes, warn, None, False
 
     def check_batch(self, loss_value, model, epoch, batch_id):
-        """Call after the gradients are final (data-parallel: all-reduced, so ranks agree), before the step."""
+        """After the gradients are final (data-parallel: all-reduced, so ranks agree), before the step."""
         where = f"epoch {epoch}, batch {batch_id}"
         stopped = f"training stopped before this update, nothing of epoch {epoch} saved; {self.causes}"
         if not math.isfinite(loss_value):
@@ -177,7 +169,7 @@ class NumericGuard:
                       f"batch: training may be diverging; {self.causes}")
 
     def check_parameters(self, model, epoch):
-        """Call before saving: finite but huge gradients in the epoch's last batch can still overflow a parameter."""
+        """Before saving: finite but huge gradients in the epoch's last batch can still overflow a parameter."""
         bad = _first_non_finite([(name, value) for name, value in model.state_dict().items()
                                  if hasattr(value, "dtype") and "float" in str(value.dtype)])
         if bad is not None:

@@ -103,7 +103,7 @@ class RecDataset(paddle.io.IterableDataset):
     (within_alphabet: the alphabets tasks are drawn from, and those left out as too small).
     """
 
-    MODES = tuple(_MODES)  # the modes this reader accepts (tools/utils/data.py reads it)
+    MODES = tuple(_MODES)  # the modes this reader accepts (tools/utils/plugin.py reads it)
 
     def __init__(self, file_list, config, mode=None):
         super().__init__()
