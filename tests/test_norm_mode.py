@@ -276,3 +276,22 @@ def test_a_bad_norm_mode_is_one_line_naming_the_key(tmp_path):
                        f"runner.model_save_path={tmp_path / 'out'}", *TOOLS_SMALL, f"{MODE}=batch")
     assert_user_error(process, "config.yaml", MODE, "'transductive', 'support', 'tasknorm_i'")
     assert not os.path.exists(tmp_path / "out" / "0")
+
+
+def test_the_checkpoint_records_its_norm_mode_and_loading_it_in_another_warns(tmp_path):
+    # The mode is not visible in the parameters (support and transductive have the same ones): the checkpoint's
+    # meta.json records it, and infer or predict under another mode says so, since the accuracy then changes.
+    config = os.path.join(MAML_DIR, "config.yaml")
+    overrides = [f"runner.model_save_path={tmp_path / 'out'}", f"runner.infer_load_path={tmp_path / 'out'}",
+                 *TOOLS_SMALL]
+    assert_ok(run_tool("trainer.py", "-m", config, "-o", *overrides))  # the default mode
+    with open(tmp_path / "out" / "0" / "meta.json") as handle:
+        assert json.load(handle)["extra"]["settings"] == {MODE: "support"}
+    same = run_tool("infer.py", "-m", config, "-o", *overrides)
+    assert_ok(same)
+    assert "trained with" not in same.stdout + same.stderr
+    other = run_tool("infer.py", "-m", config, "-o", *overrides, f"{MODE}=transductive")
+    assert_ok(other)
+    warning = [line for line in (other.stdout + other.stderr).splitlines() if "trained with" in line]
+    assert len(warning) == 1 and "WARNING" in warning[0], warning
+    assert f"{tmp_path / 'out' / '0' / 'meta.json'}: trained with {MODE} = support, loaded with transductive" in warning[0]

@@ -27,7 +27,8 @@ from tools.utils.environment import load_run_config, select_device  # noqa: E402
 from tools.utils.evaluation import BEST_FILE, ModelSelection, evaluate, evaluation_loader, validation_config  # noqa
 from tools.utils.metrics import MetricsLog, NumericGuard, VisualLog, likely_causes, scalar_dict  # noqa: E402
 from tools.utils.plugin import (batches_then_none, count_samples, create_data_loader, evaluation_note,  # noqa: E402
-                                expected_batches, load_model_plugin, loader_batch_size, plugin_declaration)
+                                expected_batches, load_model_plugin, loader_batch_size, plugin_declaration,
+                                recorded_settings)
 
 AUTO_RESUME = "auto"
 INTERVAL_SUMS = ("loss", "batches", "samples", "reader", "batch")  # summed over the batches since the last log line
@@ -93,7 +94,7 @@ class Trainer:
                 auto = config["runner.model_init_path"] == AUTO_RESUME
                 hint = " (to continue a run use runner.resume_path=auto)" if auto else ""
                 raise config.error("runner.model_init_path", f"checkpoint folder {self.warm_from} not found{hint}")
-            load_checkpoint(self.warm_from, self.model)
+            load_checkpoint(self.warm_from, self.model, settings=recorded_settings(config))
             log(f"warm start: parameters from {self.warm_from}; training starts at epoch 0 with a fresh optimizer")
         if config.get("runner.resume_path") == AUTO_RESUME:
             path = latest_checkpoint(save_dir)
@@ -109,7 +110,7 @@ class Trainer:
             return
         if not os.path.isdir(path):
             raise config.error("runner.resume_path", f"checkpoint folder {path} not found")
-        epoch = load_checkpoint(path, self.model, self.optimizer)
+        epoch = load_checkpoint(path, self.model, self.optimizer, recorded_settings(config))
         scheduler = learning_rate_scheduler(self.optimizer)
         if scheduler is not None:  # the rate at the saved step under this run's settings (more epochs stretch it)
             scheduler.step(scheduler.last_epoch)
@@ -289,7 +290,8 @@ class Trainer:
                 self.numeric_guard.check_parameters(self.model, epoch)  # every rank: they hold the same parameters
                 if parallel.is_main:
                     folder = save_checkpoint(self.model, self.optimizer, save_dir, epoch,
-                                             extra={"step": self.step, "metrics": summary})
+                                             extra={"step": self.step, "metrics": summary,
+                                                    "settings": recorded_settings(config)})
                 counts = {key: value for key, value in (("batches", batches), ("samples", samples))
                           if key not in summary}
                 log(f"epoch: {epoch} done, {format_values({**summary, **counts})}, epoch time: {seconds:.2f} s, "

@@ -221,11 +221,17 @@ def read_checkpoint_meta(path) -> dict:
     return meta
 
 
-def load_checkpoint(path, model, optimizer=None):
-    """Load an epoch folder into `model` (and `optimizer`); its epoch: the folder's name if a number, else meta's."""
+def load_checkpoint(path, model, optimizer=None, settings=None):
+    """Load an epoch folder into `model` (and `optimizer`); its epoch: the folder's name if a number, else meta's.
+    `settings` {key: value} of this run are compared with those the checkpoint recorded: a difference is a warning
+    (evaluating a model under other settings may be meant, but is rarely what a user wants)."""
     if not os.path.isdir(path):
         raise UserError(f"{path}: checkpoint folder not found")
     meta = read_checkpoint_meta(path)
+    recorded = meta.get("extra", {}).get("settings", {})
+    for key, value in (settings or {}).items():
+        if isinstance(recorded, dict) and key in recorded and recorded[key] != value:
+            warn(f"{os.path.join(path, META_FILE)}: trained with {key} = {recorded[key]}, loaded with {value}")
     saved_optimizer = meta.get("optimizer")
     if optimizer is not None and saved_optimizer and saved_optimizer != type(optimizer).__name__:
         # Paddle would silently ignore the other optimizer's state (Adam moments into SGD, or none into Adam).

@@ -11,6 +11,7 @@ from tools.utils.console import UserError, format_number, format_values, log, pr
 from tools.utils.environment import seed_everything
 from tools.utils.metrics import scalar_dict
 from tools.utils.plugin import batches_then_none, count_samples, create_data_loader, expected_batches
+from tools.utils.plugin import recorded_settings
 
 BEST_FILE = "best.json"
 MODES = ("max", "min")
@@ -215,5 +216,5 @@ def load_models(plugin, config, folders):
     """A model of the plugin for each checkpoint folder, loaded (parameters only)."""
     models = [plugin.create_model(config) for _ in folders]
     for model, folder in zip(models, folders):
-        load_checkpoint(folder, model)
+        load_checkpoint(folder, model, settings=recorded_settings(config))
     return models

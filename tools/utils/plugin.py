@@ -86,6 +86,9 @@ class ModelPlugin:
     EVALUATION_NOTE = ""  # how the plugin evaluates, in the summaries of infer and validation ({dotted.key}: value)
     BENCHMARK_VARIANTS = [{}]  # benchmark.py: the override dicts timed
     BENCHMARK_LABELS = {}  # benchmark.py: the names of its columns ({"samples": .., "kernels": ..})
+    # [dotted key]: settings a checkpoint is trained for that its parameters do not show (such as how batch norm
+    # normalises): recorded in its meta.json, and loading it under another value gets a warning.
+    RECORDED_KEYS = []
 
     CHECKS = {  # what each declaration must be: (the words of the error, the check)
         "CONFIG_DEFAULTS": ("a dict of dotted-key strings to defaults", _keyed),
@@ -96,6 +99,8 @@ class ModelPlugin:
         "BENCHMARK_VARIANTS": ("a list of dicts of dotted-key strings to values",
                                lambda value: isinstance(value, list) and value and all(map(_keyed, value))),
         "BENCHMARK_LABELS": ("a dict of strings", _keyed),
+        "RECORDED_KEYS": ("a list of dotted-key strings",
+                          lambda value: isinstance(value, (list, tuple)) and all(isinstance(key, str) for key in value)),
     }
 
     def create_model(self, config):
@@ -167,6 +172,11 @@ def load_model_plugin(config):
     if plugin_class is None:
         raise UserError(f"{module.__file__}: no class DygraphModel defined")
     return type(plugin_class.__name__, (plugin_class, ModelPlugin), {"__module__": plugin_class.__module__})()
+
+
+def recorded_settings(config) -> dict:
+    """{key: the run's value} of the plugin's RECORDED_KEYS, as checkpoints record them."""
+    return {key: config.get(key) for key in plugin_declaration(import_plugin_module(config), "RECORDED_KEYS")}
 
 
 def evaluation_note(module, config):

@@ -36,11 +36,14 @@ CONFIG_KEYS = [key for key in settings.TABLE if key not in CONFIG_DEFAULTS]
 BENCHMARK_VARIANTS = [{"hyper_parameters.first_order": True},
                       {"hyper_parameters.first_order": False, "hyper_parameters.first_order_epochs": 0}]
 BENCHMARK_LABELS = {"samples": "tasks", "kernels": "conv"}  # its columns: tasks/s, conv s, conv %
+
+# Recorded in every checkpoint's meta.json: a model trained in one norm mode and evaluated in another gets a warning.
+RECORDED_KEYS = ["hyper_parameters.norm_mode"]
+
+
 def norm_mode(config):
     """hyper_parameters.norm_mode, one of net.NORM_MODES."""
     return settings.choice(config, "hyper_parameters.norm_mode", net.NORM_MODES)
-
-
 
 
 class TaskAccuracy(paddle.metric.Metric):
