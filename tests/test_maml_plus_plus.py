@@ -15,6 +15,9 @@ STEPS, LR, TASKS, WAYS = 2, 0.3, 2, 3
 CONFIG = {
     "hyper_parameters.n_way": WAYS, "hyper_parameters.update_step": STEPS, "hyper_parameters.bn_channel": 4,
     "hyper_parameters.imgsize": 16, "hyper_parameters.base_optimizer.learning_rate": LR,
+    # The reference objectives here normalise the query images with their own statistics, as MAML does;
+    # tests/test_norm_mode.py checks the other modes against theirs.
+    "hyper_parameters.norm_mode": "transductive",
 }
 MSL, LSLR, BNWB = ("hyper_parameters.multi_step_loss_epochs", "hyper_parameters.learn_inner_lr",
                    "hyper_parameters.per_step_bn")
