@@ -294,4 +294,4 @@ def test_the_checkpoint_records_its_norm_mode_and_loading_it_in_another_warns(tm
     assert_ok(other)
     warning = [line for line in (other.stdout + other.stderr).splitlines() if "trained with" in line]
     assert len(warning) == 1 and "WARNING" in warning[0], warning
-    assert f"{tmp_path / 'out' / '0' / 'meta.json'}: trained with {MODE} = support, loaded with transductive" in warning[0]
+    assert f"{tmp_path / 'out' / '0' / 'meta.json'}: trained with {MODE} = 'support', loaded with 'transductive'" in warning[0]

@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import re
+import reprlib
 import shutil
 import socket
 import stat
@@ -231,7 +232,8 @@ def load_checkpoint(path, model, optimizer=None, settings=None):
     recorded = meta.get("extra", {}).get("settings", {})
     for key, value in (settings or {}).items():
         if isinstance(recorded, dict) and key in recorded and recorded[key] != value:
-            warn(f"{os.path.join(path, META_FILE)}: trained with {key} = {recorded[key]}, loaded with {value}")
+            warn(f"{os.path.join(path, META_FILE)}: trained with {key} = {reprlib.repr(recorded[key])}, loaded "
+                 f"with {reprlib.repr(value)}")  # repr: the file's value on one short line, whatever it holds
     saved_optimizer = meta.get("optimizer")
     if optimizer is not None and saved_optimizer and saved_optimizer != type(optimizer).__name__:
         # Paddle would silently ignore the other optimizer's state (Adam moments into SGD, or none into Adam).
