@@ -196,7 +196,7 @@ def save_checkpoint(model, optimizer, save_dir, epoch, extra=None) -> str:
         meta = {"epoch": epoch, "optimizer": optimizer and type(optimizer).__name__,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extra": extra or {}}
         with open(os.path.join(staging, META_FILE), "w", encoding="utf-8") as handle:
-            json.dump(meta, handle, indent=1, sort_keys=True)
+            json.dump(meta, handle, indent=1, sort_keys=True, default=str)  # a plugin's recorded value may be any YAML
     return final
 
 
