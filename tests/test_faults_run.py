@@ -194,6 +194,7 @@ HOSTILE_META = {
     "text step": ('{"epoch": 2, "extra": {"step": "abc"}}', '"extra.step" must be a non-negative integer'),
     "infinite step": ('{"epoch": 2, "extra": {"step": 1e400}}', '"extra.step" must be a non-negative integer'),
     "list extra": ('{"epoch": 2, "extra": []}', '"extra" must be an object'),
+    "text settings": ('{"epoch": 2, "extra": {"settings": "support"}}', '"extra.settings" must be an object'),
     "deep nesting": ('{"extra": ' + "[" * 100000 + "]" * 100000 + "}", "nested"),
     "huge epoch": ('{"epoch": 1000000000, "extra": {"step": 4}}', "says epoch 1000000000, but the folder is epoch 2"),
 }

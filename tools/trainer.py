@@ -71,6 +71,7 @@ class Trainer:
             self.selection = ModelSelection(os.path.join(self.save_dir, BEST_FILE), config["runner.valid_metric"],
                                             config["runner.valid_mode"], settings)
         self.note = evaluation_note(plugin_module, config)
+        self.recorded = recorded_settings(config)  # written into every checkpoint, compared on loading one
         causes = likely_causes(config, plugin_declaration(plugin_module, "NON_FINITE_KEYS"))
         self.numeric_guard = NumericGuard(causes, warn)  # stops the run at a NaN or infinite number
         seed_everything(self.seed)  # every rank alike: the same initial parameters
@@ -94,7 +95,7 @@ class Trainer:
                 auto = config["runner.model_init_path"] == AUTO_RESUME
                 hint = " (to continue a run use runner.resume_path=auto)" if auto else ""
                 raise config.error("runner.model_init_path", f"checkpoint folder {self.warm_from} not found{hint}")
-            load_checkpoint(self.warm_from, self.model, settings=recorded_settings(config))
+            load_checkpoint(self.warm_from, self.model, settings=self.recorded)
             log(f"warm start: parameters from {self.warm_from}; training starts at epoch 0 with a fresh optimizer")
         if config.get("runner.resume_path") == AUTO_RESUME:
             path = latest_checkpoint(save_dir)
@@ -110,7 +111,7 @@ class Trainer:
             return
         if not os.path.isdir(path):
             raise config.error("runner.resume_path", f"checkpoint folder {path} not found")
-        epoch = load_checkpoint(path, self.model, self.optimizer, recorded_settings(config))
+        epoch = load_checkpoint(path, self.model, self.optimizer, self.recorded)
         scheduler = learning_rate_scheduler(self.optimizer)
         if scheduler is not None:  # the rate at the saved step under this run's settings (more epochs stretch it)
             scheduler.step(scheduler.last_epoch)
@@ -291,7 +292,7 @@ class Trainer:
                 if parallel.is_main:
                     folder = save_checkpoint(self.model, self.optimizer, save_dir, epoch,
                                              extra={"step": self.step, "metrics": summary,
-                                                    "settings": recorded_settings(config)})
+                                                    "settings": self.recorded})
                 counts = {key: value for key, value in (("batches", batches), ("samples", samples))
                           if key not in summary}
                 log(f"epoch: {epoch} done, {format_values({**summary, **counts})}, epoch time: {seconds:.2f} s, "

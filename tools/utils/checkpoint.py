@@ -214,6 +214,7 @@ def read_checkpoint_meta(path) -> dict:
         ("epoch", optional(is_count), "a non-negative integer"),
         ("extra", optional(lambda extra: isinstance(extra, dict)), "an object"),
         ("extra.step", optional(is_count), "a non-negative integer"),
+        ("extra.settings", optional(lambda settings: isinstance(settings, dict)), "an object"),
         ("optimizer", optional(lambda name: isinstance(name, str)), "a class name")])
     epoch = _epoch_of(path)
     if epoch is not None and meta.get("epoch", epoch) != epoch:
@@ -229,9 +230,9 @@ def load_checkpoint(path, model, optimizer=None, settings=None):
     if not os.path.isdir(path):
         raise UserError(f"{path}: checkpoint folder not found")
     meta = read_checkpoint_meta(path)
-    recorded = meta.get("extra", {}).get("settings", {})
+    recorded = meta.get("extra", {}).get("settings") or {}
     for key, value in (settings or {}).items():
-        if isinstance(recorded, dict) and key in recorded and recorded[key] != value:
+        if key in recorded and recorded[key] != value:
             warn(f"{os.path.join(path, META_FILE)}: trained with {key} = {reprlib.repr(recorded[key])}, loaded "
                  f"with {reprlib.repr(value)}")  # repr: the file's value on one short line, whatever it holds
     saved_optimizer = meta.get("optimizer")

@@ -214,7 +214,7 @@ def checkpoint_folders(config):
 
 def load_models(plugin, config, folders):
     """A model of the plugin for each checkpoint folder, loaded (parameters only)."""
-    models = [plugin.create_model(config) for _ in folders]
+    models, settings = [plugin.create_model(config) for _ in folders], recorded_settings(config)
     for model, folder in zip(models, folders):
-        load_checkpoint(folder, model, settings=recorded_settings(config))
+        load_checkpoint(folder, model, settings=settings)
     return models
