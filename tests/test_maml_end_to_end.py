@@ -74,6 +74,7 @@ def test_infer_reports_mean_and_confidence_interval_over_all_tasks(two_epochs):
     assert [r["epoch"] for r in records] == [0, 1]
     for r in records:
         assert r["tasks"] == 10 and 0.0 <= r["acc"] <= 1.0 and r["acc_ci95"] > 0
+        assert r["settings"] == {"hyper_parameters.norm_mode": "support"}  # the mode it evaluated with
     assert "(95% CI, 10 tasks)" in process.stdout
 
 

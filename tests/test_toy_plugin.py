@@ -97,6 +97,11 @@ def test_infer_reports_every_epoch(full_run):
     assert all(record["samples"] == 600 and record["acc"] > 0.8 and 0 < record["acc_ci95"] < 0.1
                for record in records)
     assert isinstance(records[0]["xent"], float)  # the float-returning metric
+    # Each record says what it measured: the config, the overrides, the data folder.
+    assert records[0]["config"] == os.path.abspath(TOY_CONFIG)
+    assert records[0]["overrides"] == [f"runner.infer_load_path={out}", "runner.infer_start_epoch=0",
+                                       "runner.infer_end_epoch=2"]
+    assert records[0]["data_dir"] == os.path.join(TOY_DIR, "data", "test")  # the config's data/test, resolved
 
 
 def test_infer_missing_epoch_fails_before_any_work(full_run):

@@ -21,7 +21,7 @@ from tools.utils.distributed import setup_data_parallel  # noqa: E402
 from tools.utils.environment import load_run_config, seed_everything, select_device  # noqa: E402
 from tools.utils.evaluation import BEST_FILE, checkpoint_folders, evaluate, evaluation_loader, load_models  # noqa
 from tools.utils.metrics import MetricsLog, VisualLog  # noqa: E402
-from tools.utils.plugin import evaluation_note, load_model_plugin  # noqa: E402
+from tools.utils.plugin import evaluation_note, load_model_plugin, recorded_settings  # noqa: E402
 
 
 def infer(args):
@@ -45,6 +45,9 @@ def infer(args):
     if parallel.is_main:
         check_output_file(results_path, "metrics")  # appended to: it must be a metrics file already, or absent
     visual = VisualLog(config, "infer", parallel.is_main)
+    # Evaluations of one folder on other data or settings share the file: each record says what it measured.
+    measured = {"config": os.path.abspath(config.path), "overrides": list(args.overrides),
+                "data_dir": config.resolve_path("runner.test_data_dir"), "settings": recorded_settings(config)}
     steps_before = 0  # VisualDL steps count batches over all checkpoints, as in PaddleRec
     results_log = MetricsLog(results_path if parallel.is_main else None, append=True)
     with contextlib.closing(results_log), contextlib.closing(visual):
@@ -60,7 +63,8 @@ def infer(args):
             log(f"epoch {label}: {format_results(values)}")
             which = ({"epochs": epochs, "checkpoints": paths, "ensemble": len(epochs)} if ensemble else
                      {"epoch": epochs[0], "checkpoint": paths[0]})
-            results_log.write("infer", {**which, **({"best": True} if chosen else {})}, {**values, **counts})
+            results_log.write("infer", {**which, **({"best": True} if chosen else {}), **measured},
+                              {**values, **counts})
     log(f"infer done: {len(folders)} checkpoint(s) from {load_dir}; results appended to {results_path}")
     note = evaluation_note(plugin_module, config)
     if note:
