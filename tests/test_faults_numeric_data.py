@@ -5,6 +5,7 @@ naming the path; no progress bar reaches a log file.
 
 Every subprocess has a timeout (tests/tool_helpers.run_tool, or its own): the defects these tests pin
 down used to hang."""
+import datetime
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 
 from tests.tool_helpers import REPO_ROOT, TOY_CONFIG, TOY_DIR, assert_ok, assert_user_error, run_tool
 from tools.utils.console import UserError
-from tools.utils.metrics import NonFiniteError, NumericGuard, likely_causes
+from tools.utils.metrics import MetricsLog, NonFiniteError, NumericGuard, likely_causes, read_metrics
 from tools.utils.plugin import plugin_declaration
 
 MAML_CONFIG = os.path.join(REPO_ROOT, "models", "multitask", "maml", "config.yaml")
@@ -467,3 +468,13 @@ def test_an_unreadable_or_looping_split_folder_is_one_prepare_error(tmp_path, mo
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(PrepareError, match=rf"^{split / 'A' / 'c'}: cannot read this folder \(Permission denied"):
         splits.count(str(split))
+
+
+def test_a_metrics_record_holds_any_value_a_yaml_config_gives(tmp_path):
+    """Records carry config values (a plugin's recorded settings): a YAML date is no JSON number or string."""
+    path = str(tmp_path / "metrics.jsonl")
+    log = MetricsLog(path)
+    log.write("infer", {"settings": {"hyper_parameters.when": datetime.date(2026, 12, 7)}}, {"acc": float("nan")})
+    log.close()
+    (record,) = read_metrics(path)
+    assert record["settings"] == {"hyper_parameters.when": "2026-12-07"} and record["acc"] is None
