@@ -36,12 +36,15 @@ def is_count(value) -> bool:
 
 
 def json_safe(value):
-    """NaN and infinities as null, which JSON has."""
+    """NaN and infinities as null, which JSON has; a value JSON has no type for (a YAML date in a config value) as
+    its text."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {key: json_safe(item) for key, item in value.items()}
-    return [json_safe(item) for item in value] if isinstance(value, (list, tuple)) else value
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value if value is None or isinstance(value, (str, int, float)) else str(value)
 
 
 def read_file(path, what, limit=-1) -> bytes:
@@ -196,7 +199,7 @@ def save_checkpoint(model, optimizer, save_dir, epoch, extra=None) -> str:
         meta = {"epoch": epoch, "optimizer": optimizer and type(optimizer).__name__,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extra": extra or {}}
         with open(os.path.join(staging, META_FILE), "w", encoding="utf-8") as handle:
-            json.dump(meta, handle, indent=1, sort_keys=True, default=str)  # a plugin's recorded value may be any YAML
+            json.dump(json_safe(meta), handle, indent=1, sort_keys=True)  # recorded settings may be any YAML value
     return final
 
 

@@ -63,7 +63,7 @@ class MetricsLog:
         record = {"event": event, **fields}
         for key, value in {**(extra or {}), "timestamp": round(time.time(), 3)}.items():
             record.setdefault(key, value)
-        line = memoryview((json.dumps(json_safe(record), default=str) + "\n").encode("utf-8"))  # str: a YAML date
+        line = memoryview((json.dumps(json_safe(record)) + "\n").encode("utf-8"))
         try:
             while line:
                 line = line[self._handle.write(line):]
