@@ -150,6 +150,34 @@ def test_too_many_classes_for_the_network_is_an_error_naming_n_way(loaded):
         few_shot.adapt_and_classify(model, config, np.concatenate([x_spt, x_spt[:1]]), np.append(y_spt, 5), x_qry)
 
 
+def test_prediction_adapts_on_evaluations_support_copies(loaded, tmp_path):
+    """predict_files with support_copies_test adapts on the support drawings plus that many shifted copies of
+    each (labelled as it, drawn from runner.seed's generators), as evaluation's reader gives them."""
+    import omniglot_reader
+
+    config, _, model, few_shot = loaded
+    support_dir, query_dir = _task_folders(tmp_path, CLASSES, [1] * 5, 2)
+    support = [(name, sorted(str(p) for p in (support_dir / name).iterdir())) for name in CLASSES]
+    queries = sorted(str(p) for p in query_dir.rglob("*.png"))
+    copied = dict(config, **{"hyper_parameters.train_shift": 1, "hyper_parameters.support_copies_test": 2})
+    result = few_shot.predict_files(model, copied, support, queries)
+    assert result["settings"]["support_copies"] == 2
+    drawings = np.stack([omniglot_reader.decode_image(paths[0], 28, config) for _, paths in support])
+    seed = config["runner.seed"]
+    copies, labels = omniglot_reader.with_copies(
+        drawings, np.arange(5), 2, omniglot_reader.Distortion(0.0, 0.0, 0.0, 1),
+        np.random.default_rng([seed, omniglot_reader.COPY_SHIFT_STREAM]),
+        np.random.default_rng([seed, omniglot_reader.COPY_AFFINE_STREAM]))
+    np.testing.assert_array_equal(labels, np.repeat(np.arange(5), 2))
+    x_spt = omniglot_reader.to_network_input(np.concatenate([drawings, copies]))
+    expected = few_shot.adapt_and_classify(model, copied, x_spt, np.concatenate([np.arange(5), labels]),
+                                           few_shot.load_images(queries, config))
+    np.testing.assert_allclose(result["probabilities"], expected, rtol=1e-5, atol=1e-6)
+    without = few_shot.predict_files(model, config, support, queries)
+    assert without["settings"]["support_copies"] == 0
+    assert not np.allclose(result["probabilities"], without["probabilities"], atol=1e-4)
+
+
 # ----- the command -----
 def test_command_end_to_end_with_json(checkpoint, tmp_path):
     support, query = _task_folders(tmp_path, CLASSES, [1] * 5, 4)

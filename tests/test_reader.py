@@ -423,6 +423,60 @@ def test_distortions_never_touch_validation_or_test(sample):
             np.testing.assert_array_equal(a, b)
 
 
+def test_support_copies_are_moved_drawings_with_their_labels_and_change_no_other_draw(sample):
+    """Each of a task's support drawings gets its copies, each the drawing moved by at most train_shift (with the
+    shift alone, checked pixel for pixel), labelled as it; the task's own images, distortions included, are those
+    of the same config without copies. In evaluation the support drawings themselves stay as drawn."""
+    shift_only = dict(SMALL, hyper_parameters__train_shift=2)
+    for mode, folder in (("train", "train"), ("infer", "test"), ("valid", "test")):
+        plain = RecDataset(entries(sample / folder), config(**shift_only), mode)
+        copied = RecDataset(entries(sample / folder), config(**shift_only, hyper_parameters__support_copies=3), mode)
+        drawn = RecDataset(entries(sample / folder), config(**SMALL), mode)  # the drawings, never moved
+        assert copied.support_copies == 3
+        for index in (0, 1):
+            base, task, raw = plain.task(1, index), copied.task(1, index), drawn.task(1, index)
+            n = len(base[1])
+            assert task[0].shape == (4 * n,) + base[0].shape[1:] and task[1].shape == (4 * n,)
+            np.testing.assert_array_equal(task[0][:n], base[0])
+            np.testing.assert_array_equal(task[1], np.concatenate([base[1], np.repeat(base[1], 3)]))
+            for a, b in zip(task[2:], base[2:]):
+                np.testing.assert_array_equal(a, b)
+            copies = as_uint8(task[0][n:])
+            for i, image in enumerate(as_uint8(raw[0])):
+                shifts = {(down, right): moved(image, down, right) for down in range(-2, 3) for right in range(-2, 3)}
+                for copy in copies[3 * i:3 * i + 3]:
+                    assert any(np.array_equal(copy, candidate) for candidate in shifts.values())
+            assert len({copy.tobytes() for copy in copies}) > n  # moved at random, not all alike
+    first, again = (RecDataset(entries(sample / "test"), config(**shift_only, hyper_parameters__support_copies=3),
+                               "infer") for _ in range(2))
+    for a, b in zip(first.task(1, 0), again.task(1, 0)):  # a fresh reader: the same copies
+        np.testing.assert_array_equal(a, b)
+
+
+def test_support_copies_test_decides_evaluation_and_falls_back_to_training(sample):
+    cfg = config(**SMALL, hyper_parameters__train_rotate=10.0, hyper_parameters__support_copies=2)
+    assert RecDataset(entries(sample / "train"), cfg).support_copies == 2
+    assert RecDataset(entries(sample / "test"), cfg, "infer").support_copies == 2
+    cfg["hyper_parameters.support_copies_test"] = 5
+    assert RecDataset(entries(sample / "train"), cfg).support_copies == 2
+    for mode in ("infer", "valid"):
+        evaluation = RecDataset(entries(sample / "test"), cfg, mode)
+        assert evaluation.support_copies == 5 and evaluation.task(0, 0)[0].shape[0] == 5 * 6
+    cfg["hyper_parameters.support_copies_test"] = 0
+    assert RecDataset(entries(sample / "test"), cfg, "infer").task(0, 0)[0].shape[0] == 5
+
+
+@pytest.mark.parametrize("key", ["hyper_parameters.support_copies", "hyper_parameters.support_copies_test"])
+def test_support_copies_without_a_distortion_is_an_error_naming_the_key(sample, key):
+    cfg = config(**SMALL)
+    cfg[key] = 2
+    with pytest.raises(ValueError, match=f"^{key}: 2 copies .* no distortion is on"):
+        RecDataset(entries(sample / "test"), cfg, "infer")
+    cfg[key] = -1
+    with pytest.raises(ValueError, match=f"^{key}: must be a non-negative integer"):
+        RecDataset(entries(sample / "test"), cfg, "infer")
+
+
 def test_affine_distorted_turns_like_pil_and_moves_like_shifted(sample, train):
     glyphs = train.task(0, 0)[0]  # 5 drawings of the sample
     images = as_uint8(glyphs)

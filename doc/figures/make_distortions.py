@@ -32,9 +32,8 @@ COLUMNS = 7  # random distortions per drawing
 
 def distorted_copies(dataset, image, count, seed):
     """`count` random distortions of one uint8 image, drawn by the reader from generators seeded with `seed`."""
-    copies = np.repeat(image[None], count, axis=0)
     shifts, affine = (np.random.default_rng([seed, stream]) for stream in (1, 2))
-    return dataset._distorted(copies, shifts, affine)
+    return omniglot_reader.with_copies(image[None], [0], count, dataset.distortion, shifts, affine)[0]
 
 
 def main(output):

@@ -18,7 +18,9 @@ query images it is classified with), or "support", those of the support set agai
 probabilities then depend only on it and the support set: classified alone or with others, the same), or
 "tasknorm_i", those of the support set blended with each image's own, while adapting too (also independent of
 the other query images). Images are decoded and scaled as the reader does (omniglot_reader.decode_image,
-to_network_input). Nothing random is drawn: the same inputs give the same probabilities.
+to_network_input). predict_files adds distorted copies of the support images as evaluation does
+(hyper_parameters.support_copies_test, or support_copies), drawn from generators seeded with runner.seed: the
+same inputs give the same probabilities.
 
 The network has n_way outputs. A task with fewer classes uses the first `classes` of them and masks the
 others out of the support loss and the query prediction (maml.MetaBatch's `classes`); more classes than
@@ -104,8 +106,26 @@ def _imgsize(config):
 def load_images(paths, config):
     """Image files as the network's input [n, 1, imgsize, imgsize], converted as the reader converts
     Omniglot (grayscale, resized, ink -1 and paper 1); an unreadable file is a one-line error naming it."""
+    return omniglot_reader.to_network_input(_drawings(paths, config))
+
+
+def _drawings(paths, config):
     size = _imgsize(config)
-    return omniglot_reader.to_network_input(np.stack([omniglot_reader.decode_image(p, size, config) for p in paths]))
+    return np.stack([omniglot_reader.decode_image(p, size, config) for p in paths])
+
+
+def _support_with_copies(paths, labels, config):
+    """The support images as the network's input and their labels, with evaluation's distorted copies."""
+    drawings = _drawings(paths, config)
+    copies = omniglot_reader.support_copies(config, "infer")
+    if copies:
+        seed = settings.nonnegative_int(config, "runner.seed")
+        extra, extra_labels = omniglot_reader.with_copies(
+            drawings, labels, copies, omniglot_reader.distortion_ranges(config),
+            np.random.default_rng([seed, omniglot_reader.COPY_SHIFT_STREAM]),
+            np.random.default_rng([seed, omniglot_reader.COPY_AFFINE_STREAM]))
+        drawings, labels = np.concatenate([drawings, extra]), np.concatenate([labels, extra_labels])
+    return omniglot_reader.to_network_input(drawings), labels
 
 
 def predict_files(model, config, support, queries):
@@ -117,8 +137,8 @@ def predict_files(model, config, support, queries):
     """
     check_class_count(config, model, len(support))  # before decoding anything
     start = time.perf_counter()
-    support_images = load_images([path for _, paths in support for path in paths], config)
     labels = np.asarray([index for index, (_, paths) in enumerate(support) for _ in paths], dtype=np.int64)
+    support_images, labels = _support_with_copies([path for _, paths in support for path in paths], labels, config)
     query_images = load_images(queries, config)
     decoded = time.perf_counter()
     probabilities = adapt_and_classify(model, config, support_images, labels, query_images)
@@ -130,6 +150,7 @@ def predict_files(model, config, support, queries):
         "n_way": model.n_way,
         "outputs_used": len(support),
         "imgsize": _imgsize(config),
+        "support_copies": omniglot_reader.support_copies(config, "infer"),
         "norm_mode": model.norm,
         "batch_norm": BATCH_NORM_NOTES[model.norm],
     }

@@ -65,6 +65,12 @@ TABLE = {
     # "fraction": the upper bound itself is excluded.
     "hyper_parameters.train_scale": Key(0.0, "fraction", 0.0, 1.0, "reader: random scale of training images "
                                         "along each axis, by 1 +- this", "a factor of 1 - 1 would be 0"),
+    # Support augmentation: each copy is one more image to adapt on, so time grows with it.
+    "hyper_parameters.support_copies": Key(0, "int", 0, 50, "reader: distorted copies of each support drawing added "
+                                           "to the support set (within the train_* ranges)",
+                                           "each copy adds a support image to every inner step"),
+    "hyper_parameters.support_copies_test": Key(None, "int", 0, 50, "reader and predict: support_copies when "
+                                                "evaluating", "each copy adds a support image to every inner step"),
     # MAML++ (Antoniou et al., 2019), each off by default; all off is the MAML paper's algorithm.
     "hyper_parameters.multi_step_loss_epochs": Key(0, "int", 0, None,
                                                    "> 0: query loss after every inner step, annealed to the last"),

@@ -15,7 +15,10 @@ Training images can be distorted at random, each on its own (training only): tur
 up to hyper_parameters.train_rotate degrees, sheared by up to train_shear degrees
 along each axis, scaled by a factor within 1 +- train_scale along each axis, and moved
 by a whole number of pixels, at most train_shift along each axis. With train_shift
-alone the images are only moved, pixel for pixel.
+alone the images are only moved, pixel for pixel. hyper_parameters.support_copies
+(support_copies_test for validation and test) adds that many copies of each support
+drawing to the support set, each distorted at random within those same ranges, with the
+drawing's label: a one-shot task then adapts on several views of each character.
 
 Each yielded item is one task [x_spt, y_spt, x_qry, y_qry]; the DataLoader
 batches tasks into [T, ...]. Task i of epoch e is drawn from its own RNG
@@ -55,6 +58,8 @@ _MODES = {"train": 0, "infer": 1, "test": 1, "valid": 2}
 _SHIFT_STREAM = 1
 # The other distortions (turn, shear, scale) from a third one: the offsets are then the same with and without them.
 _AFFINE_STREAM = 2
+# The support copies' distortions from two more, so that adding copies changes no other draw.
+COPY_SHIFT_STREAM, COPY_AFFINE_STREAM = 3, 4
 PAPER = 255  # uint8 grey level of the paper, what a shifted image's uncovered edge shows
 
 # The ranges of the random distortions of training images (omniglot_reader's train_* keys); all 0: none.
@@ -72,6 +77,35 @@ def _mode_key(config, mode, key):
     if mode != "train" and config.get(f"{key}_test") is not None:
         return f"{key}_test"
     return key
+
+
+def distortion_ranges(config):
+    """The train_* keys' ranges of the random distortions, as a Distortion."""
+    imgsize = checks.positive_int(config, "hyper_parameters.imgsize")
+    shift = checks.nonnegative_int(config, "hyper_parameters.train_shift")
+    if 2 * shift >= imgsize:
+        raise checks.error(config, "hyper_parameters.train_shift",
+                           f"{shift} pixels would move a {imgsize}-pixel image off itself; use less than "
+                           f"{(imgsize + 1) // 2}")
+    ranges = {name: checks.number_in_range(config, f"hyper_parameters.train_{name}")
+              for name in ("rotate", "shear", "scale")}
+    return Distortion(shift=shift, **ranges)
+
+
+def support_copies(config, mode):
+    """How many distorted copies of each support drawing join the support set in `mode` (support_copies, or
+    support_copies_test when evaluating).
+
+    Support augmentation (Ni et al., "Data Augmentation for Meta-Learning", ICML 2021): a one-shot task adapts on
+    several views of each drawing. The copies stay within the distortions the network was trained on (the train_*
+    ranges), and are made when evaluating too, where the query images stay as drawn."""
+    key = _mode_key(config, mode, "hyper_parameters.support_copies")
+    copies = checks.nonnegative_int(config, key)
+    if copies and not any(distortion_ranges(config)):
+        raise checks.error(config, key, f"{copies} copies of each support drawing, but no distortion is on, so they "
+                                        "would be the drawing itself; set hyper_parameters.train_rotate, train_shear, "
+                                        "train_scale or train_shift")
+    return copies
 
 
 def _mode_of_files(file_list, config):
@@ -162,15 +196,10 @@ class RecDataset(paddle.io.IterableDataset):
         self.skip_small_alphabets = checks.boolean(config, self._skip_key)
         # Random affine distortions against over-fitting to the few training characters (Koch et al. 2015 distort
         # Omniglot images so). Training only: validation and test images stay as drawn.
-        shift = checks.nonnegative_int(config, "hyper_parameters.train_shift")
-        if 2 * shift >= self.imgsize:
-            raise checks.error(config, "hyper_parameters.train_shift",
-                               f"{shift} pixels would move a {self.imgsize}-pixel image off itself; "
-                               f"use less than {(self.imgsize + 1) // 2}")
-        ranges = {name: checks.number_in_range(config, f"hyper_parameters.train_{name}")
-                  for name in ("rotate", "shear", "scale")}
-        self.distortion = Distortion(shift=shift, **ranges) if mode == "train" else Distortion(0.0, 0.0, 0.0, 0)
+        self.copy_distortion = distortion_ranges(config)
+        self.distortion = self.copy_distortion if mode == "train" else Distortion(0.0, 0.0, 0.0, 0)
         self.train_shift = self.distortion.shift
+        self.support_copies = support_copies(config, mode)
         if mode == "train":
             self._tasks_key, self._batch_key = "runner.tasks_per_epoch", "runner.train_batch_size"
             self.tasks_per_epoch = checks.positive_int(config, self._tasks_key)
@@ -313,33 +342,49 @@ class RecDataset(paddle.io.IterableDataset):
     def task(self, epoch, index):
         """[x_spt, y_spt, x_qry, y_qry] of task `index` of `epoch` as numpy arrays."""
         ep = self.episode(epoch, index)
-        streams = None
+        key = [self.seed, self._mode_id, int(epoch), int(index)]
+        x_spt, x_qry = self._drawings(ep.spt_images, ep.spt_classes), self._drawings(ep.qry_images, ep.qry_classes)
+        y_spt = ep.y_spt
+        if self.support_copies:
+            copies, y_copies = with_copies(x_spt, y_spt, self.support_copies, self.copy_distortion,
+                                           np.random.default_rng(key + [COPY_SHIFT_STREAM]),
+                                           np.random.default_rng(key + [COPY_AFFINE_STREAM]))
         if any(self.distortion):
-            key = [self.seed, self._mode_id, int(epoch), int(index)]
-            streams = (np.random.default_rng(key + [_SHIFT_STREAM]), np.random.default_rng(key + [_AFFINE_STREAM]))
-        return [self._pixels(ep.spt_images, ep.spt_classes, streams), ep.y_spt,
-                self._pixels(ep.qry_images, ep.qry_classes, streams), ep.y_qry]
+            shifts, affine = np.random.default_rng(key + [_SHIFT_STREAM]), np.random.default_rng(key + [_AFFINE_STREAM])
+            x_spt = distorted(x_spt, self.distortion, shifts, affine)
+            x_qry = distorted(x_qry, self.distortion, shifts, affine)
+        if self.support_copies:
+            x_spt, y_spt = np.concatenate([x_spt, copies]), np.concatenate([y_spt, y_copies])
+        return [to_network_input(x_spt), y_spt, to_network_input(x_qry), ep.y_qry]
 
-    def _pixels(self, images, classes, streams=None):
-        x = self._images[images]  # uint8 [n, H, W], a copy
+    def _drawings(self, images, classes):
+        """uint8 [n, H, W]: the images, each turned as its class says (rotations)."""
+        x = self._images[images]  # a copy
         if self.rotations:
             turns = classes % ROTATIONS
             for k in range(1, ROTATIONS):
                 if (turns == k).any():
                     x[turns == k] = np.rot90(x[turns == k], k, axes=(1, 2))
-        if streams is not None:
-            x = self._distorted(x, *streams)
-        return to_network_input(x)
+        return x
 
-    def _distorted(self, x, shifts, affine):
-        """x's images, each distorted at random within self.distortion, from the task's two generators."""
-        d = self.distortion
-        offsets = shifts.integers(-d.shift, d.shift + 1, size=(len(x), 2))
-        if not (d.rotate or d.shear or d.scale):
-            return shifted(x, offsets)  # whole pixels, copied as they are: no resampling
-        # Five draws per image whatever is on, so turning one distortion on leaves the others' draws as they were.
-        u = affine.uniform(-1.0, 1.0, size=(len(x), 5))
-        return affine_distorted(x, u[:, 0] * d.rotate, u[:, 1:3] * d.shear, 1.0 + u[:, 3:5] * d.scale, offsets)
+
+def with_copies(images, labels, copies, ranges, shifts, affine):
+    """(uint8 images [n * copies, H, W], their labels): `copies` copies of each of the images, each distorted at
+    random within `ranges` (a Distortion) from the generators `shifts` and `affine`; image i's copies first."""
+    images = np.repeat(images, copies, axis=0)
+    return distorted(images, ranges, shifts, affine), np.repeat(np.asarray(labels), copies)
+
+
+def distorted(x, ranges, shifts, affine):
+    """uint8 images [n, H, W], each distorted at random within `ranges` (a Distortion), drawn from two generators:
+    the pixel offsets from `shifts`, the turn, shear and scale from `affine`."""
+    offsets = shifts.integers(-ranges.shift, ranges.shift + 1, size=(len(x), 2))
+    if not (ranges.rotate or ranges.shear or ranges.scale):
+        return shifted(x, offsets)  # whole pixels, copied as they are: no resampling
+    # Five draws per image whatever is on, so turning one distortion on leaves the others' draws as they were.
+    u = affine.uniform(-1.0, 1.0, size=(len(x), 5))
+    return affine_distorted(x, u[:, 0] * ranges.rotate, u[:, 1:3] * ranges.shear, 1.0 + u[:, 3:5] * ranges.scale,
+                            offsets)
 
 
 def shifted(images, offsets):
