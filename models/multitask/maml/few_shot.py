@@ -114,10 +114,9 @@ def _drawings(paths, config):
     return np.stack([omniglot_reader.decode_image(p, size, config) for p in paths])
 
 
-def _support_with_copies(paths, labels, config):
-    """The support images as the network's input and their labels, with evaluation's distorted copies."""
+def _support_with_copies(paths, labels, copies, config):
+    """The support images as the network's input and their labels, with `copies` distorted copies of each."""
     drawings = _drawings(paths, config)
-    copies = omniglot_reader.support_copies(config, "infer")
     if copies:
         seed = settings.nonnegative_int(config, "runner.seed")
         extra, extra_labels = omniglot_reader.with_copies(
@@ -138,7 +137,9 @@ def predict_files(model, config, support, queries):
     check_class_count(config, model, len(support))  # before decoding anything
     start = time.perf_counter()
     labels = np.asarray([index for index, (_, paths) in enumerate(support) for _ in paths], dtype=np.int64)
-    support_images, labels = _support_with_copies([path for _, paths in support for path in paths], labels, config)
+    copies = omniglot_reader.support_copies(config, "infer")  # evaluation's
+    support_images, labels = _support_with_copies([path for _, paths in support for path in paths], labels, copies,
+                                                  config)
     query_images = load_images(queries, config)
     decoded = time.perf_counter()
     probabilities = adapt_and_classify(model, config, support_images, labels, query_images)
@@ -150,7 +151,7 @@ def predict_files(model, config, support, queries):
         "n_way": model.n_way,
         "outputs_used": len(support),
         "imgsize": _imgsize(config),
-        "support_copies": omniglot_reader.support_copies(config, "infer"),
+        "support_copies": copies,
         "norm_mode": model.norm,
         "batch_norm": BATCH_NORM_NOTES[model.norm],
     }
